@@ -1,0 +1,218 @@
+"""Typed configuration of the SALM model, one dataclass per part.
+
+Every field has a docstring (LightningCLI shows it as ``--help``); invalid values raise in
+``__post_init__`` with the full key and the flag that fixes it. Data options live in
+``salm_mtp.data.datamodule.DataConfig``.
+
+Keys as seen from the CLI: ``--model.llm.path``, ``--model.mtp.num_layers``, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MTP_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+"""Block-type symbols of Nemotron-H patterns (``hybrid_override_pattern`` notation)."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{key} {msg}; set --{key}")
+
+
+def check_pattern(pattern: str, key: str) -> str:
+    """Validate a block pattern such as ``"M*E-"`` and return it."""
+    bad = sorted(set(pattern) - set(MTP_SYMBOLS))
+    if not pattern or bad:
+        raise ValueError(
+            f"{key}={pattern!r} is not a block pattern: use the symbols M (Mamba2), * (attention), "
+            f"- (MLP), E (MoE){f'; unknown symbols {bad}' if bad else ''}; set --{key}"
+        )
+    return pattern
+
+
+@dataclass
+class EncoderConfig:
+    """Parakeet / FastConformer audio encoder (``transformers.ParakeetEncoder``)."""
+
+    path: str | None = None
+    """Local HF directory of a Parakeet CTC model or bare encoder; null builds a random encoder from the fields below."""
+    hidden_size: int = 96
+    """Encoder width (inline build only)."""
+    num_hidden_layers: int = 4
+    """Number of conformer blocks (inline build only)."""
+    num_attention_heads: int = 4
+    """Attention heads per block (inline build only)."""
+    intermediate_size: int = 256
+    """Feed-forward width (inline build only)."""
+    subsampling_conv_channels: int = 64
+    """Channels of the 8x subsampling convolutions (inline build only)."""
+    conv_kernel_size: int = 9
+    """Depthwise convolution kernel of each conformer block (inline build only)."""
+    dropout: float = 0.1
+    """Dropout inside the encoder (inline build; also applied to loaded encoders)."""
+    layerdrop: float = 0.0
+    """Probability of skipping a block in training. Keep 0 for distributed runs: ranks would skip different layers."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _check(getattr(self, name) > 0, f"model.encoder.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.hidden_size % self.num_attention_heads == 0, "model.encoder.hidden_size",
+               f"({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+        _check(0.0 <= self.dropout < 1.0, "model.encoder.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.layerdrop < 1.0, "model.encoder.layerdrop", f"must be in [0, 1), got {self.layerdrop}")
+
+
+@dataclass
+class AdapterConfig:
+    """Modality adapter: stacks encoder frames and projects them to the LLM width."""
+
+    stack_frames: int = 2
+    """Encoder frames concatenated into one LLM position (2 = 160 ms per audio embedding)."""
+    hidden_size: int = 256
+    """Width of the adapter MLP."""
+
+    def __post_init__(self) -> None:
+        _check(self.stack_frames >= 1, "model.adapter.stack_frames", f"must be >= 1, got {self.stack_frames}")
+        _check(self.hidden_size >= 1, "model.adapter.hidden_size", f"must be >= 1, got {self.hidden_size}")
+
+
+@dataclass
+class LLMConfig:
+    """Nemotron-H LLM (``transformers.NemotronHForCausalLM``)."""
+
+    path: str | None = None
+    """Local HF directory of a Nemotron-H checkpoint (its tokenizer too); null builds a random LLM from the fields below."""
+    pattern: str = "M*EM-*"
+    """Block pattern of the inline LLM: M Mamba2, * attention, - MLP, E MoE (one symbol per layer)."""
+    hidden_size: int = 128
+    """LLM width (inline build only)."""
+    num_attention_heads: int = 4
+    """Query heads (inline build only)."""
+    num_key_value_heads: int = 2
+    """Key/value heads (inline build only)."""
+    head_dim: int = 32
+    """Attention head size (inline build only)."""
+    intermediate_size: int = 256
+    """MLP width of '-' blocks (inline build only)."""
+    mamba_num_heads: int = 8
+    """Mamba2 heads; mamba_num_heads * mamba_head_dim is the Mamba inner width (inline build only)."""
+    mamba_head_dim: int = 32
+    """Mamba2 head size (inline build only)."""
+    ssm_state_size: int = 16
+    """Mamba2 state size (inline build only)."""
+    n_routed_experts: int = 4
+    """Routed experts of 'E' blocks (inline build only)."""
+    num_experts_per_tok: int = 2
+    """Experts chosen per token (inline build only)."""
+    moe_intermediate_size: int = 128
+    """Expert MLP width (inline build only)."""
+    moe_shared_expert_intermediate_size: int = 128
+    """Shared-expert MLP width (inline build only)."""
+    moe_latent_size: int | None = None
+    """Latent size of the expert projections (Super-style); null = none (inline build only)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa or eager."""
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            check_pattern(self.pattern, "model.llm.pattern")
+        for name in ("hidden_size", "num_attention_heads", "head_dim", "intermediate_size", "mamba_num_heads"):
+            _check(getattr(self, name) > 0, f"model.llm.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.llm.num_key_value_heads",
+               f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")
+        _check(self.num_experts_per_tok <= self.n_routed_experts, "model.llm.num_experts_per_tok",
+               f"({self.num_experts_per_tok}) must be <= n_routed_experts ({self.n_routed_experts})")
+        _check(self.attn_implementation in ("sdpa", "eager"), "model.llm.attn_implementation",
+               f"must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+
+
+@dataclass
+class MTPConfig:
+    """Multi-Token Prediction head (DESIGN.md §2): depth k predicts token t+1+k."""
+
+    num_layers: int | None = 1
+    """Depths D (num_nextn_predict_layers). null = as the checkpoint ships (0 if none); 0 disables MTP (and drops a shipped head)."""
+    pattern: str | None = None
+    """Blocks of each depth (symbols M * - E). null = the checkpoint's own MTP pattern, else '*E' for MoE LLMs and '*-' for dense ones."""
+    use_repeated_layer: bool = False
+    """One physical depth reused for all D iterations."""
+    loss_scaling_factor: float = 0.1
+    """lambda: L_mtp = lambda / D * sum_k CE_k."""
+    detach_backbone: bool = False
+    """Stop the MTP loss at the backbone: the head sees detached hidden states, embeddings and lm_head weight."""
+    init_from_backbone: bool = False
+    """Initialise a new head's blocks from the backbone's last blocks of the same type instead of random init."""
+
+    def __post_init__(self) -> None:
+        if self.num_layers is not None:
+            _check(self.num_layers >= 0, "model.mtp.num_layers", f"must be >= 0, got {self.num_layers}")
+        if self.pattern is not None:
+            check_pattern(self.pattern, "model.mtp.pattern")
+        _check(self.loss_scaling_factor >= 0, "model.mtp.loss_scaling_factor",
+               f"must be >= 0, got {self.loss_scaling_factor}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay to a floor."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.05
+    """Floor of the cosine schedule as a fraction of lr."""
+    decay_steps: int | None = None
+    """Length of the cosine decay; null = trainer.max_steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "model.optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "model.optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "model.optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class ParallelConfig:
+    """Distributed training options (used under Lightning's ModelParallelStrategy)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each backbone block in backward to save memory."""
+    param_dtype: str | None = None
+    """FSDP2 mixed precision: parameter dtype for compute (e.g. bfloat16); null = full precision."""
+    reduce_dtype: str | None = None
+    """FSDP2 mixed precision: gradient reduction dtype (e.g. float32)."""
+    tensor_parallel_size: int = 1
+    """Tensor parallel size; must be 1 while MTP is enabled."""
+    pipeline_parallel_size: int = 1
+    """Pipeline parallel size; pipeline parallelism with MTP is not supported."""
+    scale_loss_by_dp_size: bool = True
+    """Multiply the optimised loss by dp_size (DESIGN.md §3). Test-only switch: never turn off for training."""
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            val = getattr(self, key)
+            _check(val in (None, "float32", "bfloat16", "float16"), f"model.parallel.{key}",
+                   f"must be null, float32, bfloat16 or float16, got {val!r}")
+        _check(self.tensor_parallel_size >= 1, "model.parallel.tensor_parallel_size",
+               f"must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.pipeline_parallel_size >= 1, "model.parallel.pipeline_parallel_size",
+               f"must be >= 1, got {self.pipeline_parallel_size}")
+
+
+def default_freeze() -> list[str]:
+    return []
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters to freeze, by regular expressions over names such as ``llm.model.layers.3.mixer.in_proj.weight``."""
+
+    patterns: list[str] = field(default_factory=default_freeze)
+    """re.search patterns; a matching parameter gets requires_grad=False (e.g. '^llm\\.model\\.' freezes the backbone)."""
+    unfreeze: list[str] = field(default_factory=default_freeze)
+    """Patterns re-enabled after freezing (e.g. '^llm\\.mtp\\.' to train the head of a frozen LLM)."""

@@ -1,0 +1,110 @@
+"""Token-normalised losses of the main head and the MTP depths (pure functions, DESIGN.md §3).
+
+    N      = all_reduce_sum(#valid main targets on this rank)            global count
+    L_main = sum_t CE(main) / N
+    L_mtp  = lambda / D * sum_k sum_t CE(depth k) / N
+    loss   = (L_main + L_mtp) * dp_size      DDP / FSDP2 average gradients over ranks: the factor
+                                              cancels that average, so gradients equal those of
+                                              the global-batch token mean.
+
+The lm_head runs only on target positions and in row chunks, each recomputed in backward, so no
+(B, T, V) logits tensor exists for any depth (V is 131k on real Nemotron models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from salm_mtp.modules.merge import IGNORE_INDEX, shift_left
+
+
+@dataclass
+class CEStats:
+    """Sums over one rank's valid targets of one head (main or one MTP depth)."""
+
+    ce_sum: torch.Tensor
+    """() summed cross-entropy, differentiable."""
+    correct: torch.Tensor
+    """() number of targets whose argmax is right (float, no grad)."""
+    count: torch.Tensor
+    """() number of valid targets (float, no grad)."""
+
+
+def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(h, weight).float()  # (n, V) fp32: the largest tensor of the step, one chunk at a time
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum().float()
+    return ce, correct
+
+
+def token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048) -> CEStats:
+    """Summed CE and top-1 hits of ``hidden @ weight.T`` against ``targets`` on valid positions.
+
+    Args:
+        hidden: (B, T, H) hidden states (post final norm).
+        weight: (V, H) lm_head weight.
+        targets: (B, T) target ids, IGNORE_INDEX where nothing is predicted.
+        chunk_size: rows of logits computed at once.
+    """
+    valid = targets != IGNORE_INDEX  # (B, T)
+    h = hidden[valid]  # (N, H): prompt, audio and padding positions never reach the lm_head
+    t = targets[valid]  # (N,)
+    ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), device=hidden.device)
+    for s in range(0, h.shape[0], chunk_size):
+        args = (h[s : s + chunk_size], weight, t[s : s + chunk_size])
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            ce, ok = checkpoint(_chunk_ce, *args, use_reentrant=False)  # recompute logits in backward
+        else:
+            ce, ok = _chunk_ce(*args)
+        ce_sum = ce_sum + ce
+        correct = correct + ok.detach()
+    if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
+        ce_sum = ce_sum + 0.0 * hidden.sum() + 0.0 * weight.sum()
+    return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float())
+
+
+def mtp_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Depth-k targets: main targets rolled left by k, the last k positions ignored. (B, T) -> (B, T)."""
+    return shift_left(targets, k, IGNORE_INDEX)
+
+
+def head_stats(
+    h0: torch.Tensor,
+    mtp_hiddens: list[torch.Tensor],
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mtp_weight: torch.Tensor | None = None,
+    chunk_size: int = 2048,
+) -> list[CEStats]:
+    """CE stats of the main head (index 0) and of each MTP depth k (index k).
+
+    ``mtp_weight`` lets the MTP depths use a detached lm_head weight (loss stopped at the backbone).
+    """
+    stats = [token_ce(h0, weight, targets, chunk_size)]
+    w = weight if mtp_weight is None else mtp_weight
+    for k, hk in enumerate(mtp_hiddens, start=1):
+        stats.append(token_ce(hk, w, mtp_targets(targets, k), chunk_size))
+    return stats
+
+
+def combine_losses(
+    stats: list[CEStats], num_global_tokens: torch.Tensor, loss_scaling_factor: float, dp_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(optimised loss, L_main, L_mtp) of one rank.
+
+    L_main and L_mtp are this rank's share of the global-batch values (summing them over ranks
+    gives the global values); the optimised loss is (L_main + L_mtp) * dp_size.
+    """
+    n = num_global_tokens.clamp(min=1.0)
+    main = stats[0].ce_sum / n
+    D = len(stats) - 1
+    if D:
+        mtp = loss_scaling_factor / D * sum(s.ce_sum for s in stats[1:]) / n
+    else:
+        mtp = torch.zeros_like(main)
+    return (main + mtp) * dp_size, main, mtp
