@@ -63,10 +63,11 @@ def read_tensors(files: dict[str, str], keys: list[str]) -> dict[str, torch.Tens
     return out
 
 
-def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fuse_experts(state: dict[str, torch.Tensor], num_experts: int | None = None) -> dict[str, torch.Tensor]:
     """Stack per-expert ``X.experts.{e}.P.weight`` into ``X.experts.P`` (E, out, in); other keys unchanged.
 
-    Raises CheckpointError naming the first missing expert when the indices have a gap.
+    Raises CheckpointError naming the first missing expert tensor (any of ``range(num_experts)``,
+    or a gap in the indices found when ``num_experts`` is None).
     """
     groups: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     out = {}
@@ -77,7 +78,7 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[k] = v
     for name, experts in groups.items():
-        n = max(experts) + 1
+        n = num_experts if num_experts is not None else max(experts) + 1
         gap = [e for e in range(n) if e not in experts]
         if gap:
             prefix, proj = name.rsplit(".", 1)
@@ -125,7 +126,8 @@ def load_llm_weights(llm: nn.Module, path: str, load_mtp: bool) -> None:
     files = checkpoint_files(path)
     head = getattr(llm, "mtp", None)
     backbone_keys = [k for k in files if not k.startswith("mtp.")]
-    state = fuse_experts({_to_module_key(k): v for k, v in read_tensors(files, backbone_keys).items()})
+    experts = getattr(llm.config, "n_routed_experts", None)
+    state = fuse_experts({_to_module_key(k): v for k, v in read_tensors(files, backbone_keys).items()}, experts)
     if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     target = {k: v for k, v in llm.state_dict().items() if not k.startswith("mtp.")}
@@ -136,16 +138,19 @@ def load_llm_weights(llm: nn.Module, path: str, load_mtp: bool) -> None:
     if load_mtp:
         if head is None:
             raise CheckpointError(f"load_mtp=True but the LLM has no attached mtp head to load {path!r} into")
-        load_mtp_weights(head, path, files)
+        load_mtp_weights(head, path, files, num_experts=experts)
 
 
-def load_mtp_weights(head: nn.Module, path: str, files: dict[str, str] | None = None) -> None:
+def load_mtp_weights(
+    head: nn.Module, path: str, files: dict[str, str] | None = None, num_experts: int | None = None
+) -> None:
     """Load the ``mtp.*`` tensors of a checkpoint 1:1 into ``head``; any missing or unexpected one fails by name."""
     files = files or checkpoint_files(path)
     keys = [k for k in files if k.startswith("mtp.")]
     if not keys:
         raise CheckpointError(f"MTP head from {path!r}: the checkpoint holds no mtp.* tensors")
-    state = fuse_experts({k[len("mtp.") :]: v for k, v in read_tensors(files, keys).items()})
+    state = fuse_experts(read_tensors(files, keys), num_experts)  # fused under full names: errors name them
+    state = {k[len("mtp.") :]: v for k, v in state.items()}
     _load_exact(head, state, f"MTP head from {path!r}", prefix="mtp.")
 
 
@@ -185,3 +190,70 @@ def load_encoder_weights(audio_encoder: nn.Module, path: str) -> None:
 def save_tensors(module_state: dict[str, torch.Tensor], file: str) -> None:
     """Write a state dict as safetensors (contiguous CPU copies)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in module_state.items()}, file)
+
+
+def export_hf(module, out_dir: str) -> dict[str, str]:
+    """Write an unsharded SALMModule as HF-format directories (layout in the module docstring).
+
+    Returns the paths written. ``DIR/llm`` is a plain Nemotron-H checkpoint: serving stacks and
+    ``--model.llm.path=DIR/llm`` load its head back 1:1.
+    """
+    from transformers import ParakeetCTCConfig
+
+    from salm_mtp.modules.mtp import record_mtp_in_config
+
+    llm_dir, enc_dir = os.path.join(out_dir, "llm"), os.path.join(out_dir, "encoder")
+    os.makedirs(llm_dir, exist_ok=True)
+    os.makedirs(enc_dir, exist_ok=True)
+    record_mtp_in_config(module.llm.config, module.mtp_head)
+    module.llm.save_pretrained(llm_dir)  # per-expert on-disk names, mtp.layers.{i}.* included
+    module.tokenizer.save_pretrained(llm_dir)
+
+    enc_config = module.audio.encoder.config
+    if module.audio.ctc_head is not None:
+        classes = module.audio.ctc_head.out_channels
+        cfg = ParakeetCTCConfig(encoder_config=enc_config.to_dict(), vocab_size=classes, pad_token_id=classes - 1)
+    else:
+        cfg = enc_config
+    cfg.save_pretrained(enc_dir)
+    save_tensors(module.audio.state_dict(), os.path.join(enc_dir, "model.safetensors"))
+    save_tensors(module.adapter.state_dict(), os.path.join(out_dir, "adapter.safetensors"))
+
+    salm = module.salm_config()
+    salm["llm"]["path"], salm["encoder"]["path"], salm["tokenizer_path"] = "llm", "encoder", None
+    with open(os.path.join(out_dir, "salm_config.json"), "w") as f:
+        json.dump(salm, f, indent=2, default=list)
+    return {"llm": llm_dir, "encoder": enc_dir, "root": out_dir}
+
+
+def load_export(export_dir: str, **overrides):
+    """Build a SALMModule from an ``export_hf`` directory and load every weight (head 1:1)."""
+    from safetensors.torch import load_file
+
+    from salm_mtp.model import SALMModule, config_from_dict
+
+    cfg_file = os.path.join(export_dir, "salm_config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{export_dir!r} has no salm_config.json: not a directory written by scripts/export.py")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    raw["llm"]["path"] = os.path.join(export_dir, raw["llm"]["path"])
+    raw["encoder"]["path"] = os.path.join(export_dir, raw["encoder"]["path"])
+    raw.update(overrides)
+    module = SALMModule(**config_from_dict(raw))
+    module.load_pretrained()
+    _load_exact(module.adapter, load_file(os.path.join(export_dir, "adapter.safetensors")), "adapter", "adapter.")
+    return module
+
+
+def export_checkpoint(ckpt_path: str, out_dir: str) -> dict[str, str]:
+    """Load a Lightning checkpoint (unsharded .ckpt file) into an unsharded module and export it."""
+    from salm_mtp.model import SALMModule
+
+    if os.path.isdir(ckpt_path):
+        from salm_mtp.parallel import load_sharded_checkpoint
+
+        module = load_sharded_checkpoint(ckpt_path)
+    else:
+        module = SALMModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return export_hf(module, out_dir)

@@ -1,0 +1,377 @@
+"""SALMModule: the LightningModule that wires audio features -> Parakeet encoder -> adapter ->
+Nemotron-H (+ MTP head) and computes the token-normalised losses.
+
+Lifecycle:
+  __init__          builds every part from configs (reads local config.json / tokenizer files only)
+  configure_model   loads pretrained weights (when a trainer runs it), applies freezing and FSDP2 sharding
+  prepare_inputs    features -> encoder -> adapter -> embed -> merge   (batch layout: salm_mtp.data.dataset)
+  forward           backbone over the merged embeddings -> h0 (B, T', H) after norm_f
+  training_step     main + MTP (+ CTC) losses, global-token normalised and scaled by dp_size
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from salm_mtp import checkpoint as ckpt
+from salm_mtp.config import (
+    AdapterConfig,
+    EncoderConfig,
+    FreezeConfig,
+    LLMConfig,
+    MTPConfig,
+    OptimConfig,
+    ParallelConfig,
+)
+from salm_mtp.data.tokenizer import ensure_audio_placeholder
+from salm_mtp.loss import combine_losses, head_stats
+from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
+from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
+from salm_mtp.modules.llm import build_llm
+from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
+from salm_mtp.modules.mtp import build_mtp_head, record_mtp_in_config, shipped_mtp
+from salm_mtp.parallel import all_reduce_sum, data_parallel
+
+
+def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
+    """The HF tokenizer of a local directory, with the audio placeholder added if missing."""
+    if path is None:
+        raise ValueError(
+            f"{key} is null and model.llm.path is null: no tokenizer to read. Set --{key}=data/demo/tokenizer "
+            "(made by scripts/make_demo_data.py) or point --model.llm.path at a HF directory with a tokenizer"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{key}={path!r}: no loadable tokenizer there ({e})") from e
+
+
+PART_TYPES = {
+    "encoder": EncoderConfig,
+    "adapter": AdapterConfig,
+    "llm": LLMConfig,
+    "mtp": MTPConfig,
+    "optim": OptimConfig,
+    "features": FeatureConfig,
+    "spec_augment": SpecAugmentConfig,
+    "freeze": FreezeConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def config_from_dict(raw: dict) -> dict:
+    """SALMModule keyword arguments from plain data (e.g. salm_config.json): dicts become their dataclasses."""
+    out = {}
+    for k, v in raw.items():
+        if k in PART_TYPES and isinstance(v, dict):
+            if k == "optim" and "betas" in v:
+                v = {**v, "betas": tuple(v["betas"])}
+            out[k] = PART_TYPES[k](**v)
+        else:
+            out[k] = v
+    return out
+
+
+class SALMModule(L.LightningModule):
+    """Speech-aware LLM with a Multi-Token Prediction head."""
+
+    def __init__(
+        self,
+        encoder: EncoderConfig = EncoderConfig(),
+        adapter: AdapterConfig = AdapterConfig(),
+        llm: LLMConfig = LLMConfig(),
+        mtp: MTPConfig = MTPConfig(),
+        optim: OptimConfig = OptimConfig(),
+        features: FeatureConfig = FeatureConfig(),
+        spec_augment: SpecAugmentConfig = SpecAugmentConfig(),
+        freeze: FreezeConfig = FreezeConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
+        tokenizer_path: str | None = None,
+        ctc_weight: float = 0.0,
+        lm_head_chunk_size: int = 2048,
+    ):
+        """Build the model from typed configs.
+
+        Args:
+            encoder: audio encoder (``--model.encoder.*``).
+            adapter: modality adapter (``--model.adapter.*``).
+            llm: Nemotron-H LLM (``--model.llm.*``).
+            mtp: MTP head (``--model.mtp.*``).
+            optim: optimiser and schedule (``--model.optim.*``).
+            features: log-mel front end (``--model.features.*``).
+            spec_augment: SpecAugment (``--model.spec_augment.*``).
+            freeze: parameters to freeze by regex (``--model.freeze.*``).
+            parallel: FSDP2 / DP options (``--model.parallel.*``).
+            tokenizer_path: tokenizer directory; null = the LLM directory's tokenizer.
+            ctc_weight: weight of an encoder CTC auxiliary loss on the transcript (0 = off).
+            lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
+        """
+        super().__init__()
+        if ctc_weight < 0:
+            raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
+        self.save_hyperparameters()
+        self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_optim = encoder, llm, mtp, optim
+        self.cfg_freeze, self.cfg_parallel = freeze, parallel
+        self.ctc_weight = ctc_weight
+        self.lm_head_chunk_size = lm_head_chunk_size
+
+        self.tokenizer = load_tokenizer(tokenizer_path or llm.path)
+        self.placeholder_id = ensure_audio_placeholder(self.tokenizer)
+
+        self.features = LogMelFeatures(features)
+        self.spec_augment = SpecAugment(spec_augment)
+        enc_cfg, ctc_cfg = encoder_config_from(encoder)
+        ctc_classes = None
+        if ctc_weight > 0:
+            ctc_classes = ctc_cfg.vocab_size if ctc_cfg is not None else len(self.tokenizer) + 1
+            if ctc_classes != len(self.tokenizer) + 1:
+                raise ValueError(
+                    f"model.ctc_weight > 0 but the encoder's CTC head has {ctc_classes} classes while the tokenizer "
+                    f"has {len(self.tokenizer)} tokens (+1 blank expected): pretrain the encoder with this tokenizer "
+                    "or set --model.ctc_weight=0"
+                )
+        self.audio = AudioEncoder(enc_cfg, ctc_classes)
+        self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
+        self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
+
+        self.mtp_shipped = shipped_mtp(self.llm.config) is not None
+        head = build_mtp_head(self.llm, mtp)
+        if head is not None:
+            self.llm.mtp = head
+        record_mtp_in_config(self.llm.config, head)
+        self.num_mtp_depths = head.num_depths if head is not None else 0
+        self._pretrained_loaded = False
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self._t_last: float | None = None
+
+    # ------------------------------------------------------------------ building blocks
+    @property
+    def mtp_enabled(self) -> bool:
+        """Whether an MTP head is attached and trained."""
+        return self.num_mtp_depths > 0
+
+    @property
+    def mtp_head(self):
+        return getattr(self.llm, "mtp", None)
+
+    def load_pretrained(self) -> None:
+        """Load the encoder and LLM (+ shipped MTP head) weights from their local HF directories."""
+        if self.cfg_encoder.path is not None:
+            ckpt.load_encoder_weights(self.audio, self.cfg_encoder.path)
+        if self.cfg_llm.path is not None:
+            path = self.cfg_llm.path
+            has_mtp = ckpt.has_mtp_tensors(path)
+            if self.mtp_enabled and self.mtp_shipped and not has_mtp:
+                raise ckpt.CheckpointError(
+                    f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
+                    "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
+                    " to train without it"
+                )
+            ckpt.load_llm_weights(self.llm, path, load_mtp=self.mtp_enabled and self.mtp_shipped)
+        self._pretrained_loaded = True
+
+    def apply_freeze(self) -> list[str]:
+        """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names."""
+        frozen = []
+        for name, p in self.named_parameters():
+            hit = any(re.search(pat, name) for pat in self.cfg_freeze.patterns)
+            if hit and not any(re.search(pat, name) for pat in self.cfg_freeze.unfreeze):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+    def configure_model(self) -> None:
+        if self._trainer is not None and not self._pretrained_loaded:
+            self.load_pretrained()  # outside a trainer (load_from_checkpoint) the checkpoint holds the weights
+        self.apply_freeze()
+        from salm_mtp.parallel import apply_parallelism
+
+        apply_parallelism(self)
+
+    # ------------------------------------------------------------------ forward
+    def prepare_inputs(self, batch: dict) -> tuple[MergedInputs, torch.Tensor, torch.Tensor]:
+        """Encode audio, embed the prompt and merge.
+
+        Returns (merged inputs, encoder output (B, F', He), encoder lengths (B,)).
+        """
+        feats, fmask = self.features(batch["audios"], batch["audio_lens"])  # (B, F, 80), (B, F)
+        feats = self.spec_augment(feats, fmask)
+        enc, enc_lens = self.audio(feats, fmask)  # (B, F/8, He)
+        audio_emb, audio_lens = self.adapter(enc, enc_lens)  # (B, A, H)
+        ids = batch["input_ids"]
+        vocab = self.llm.config.vocab_size
+        safe_ids = ids.masked_fill(ids == self.placeholder_id, 0)  # placeholder may lie outside the LLM vocab
+        if int(safe_ids.max()) >= vocab:
+            raise ValueError(f"input_ids hold token id {int(safe_ids.max())} >= the LLM vocab size {vocab}: "
+                             "tokenizer and LLM do not match (check model.tokenizer_path / model.llm.path)")
+        text_emb = self.llm.get_input_embeddings()(safe_ids)  # (B, T, H)
+        merged = merge_audio_into_prompt(
+            text_emb, ids, batch["input_lens"], batch["loss_mask"], audio_emb, audio_lens, self.placeholder_id
+        )
+        return merged, enc, enc_lens
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Backbone over right-padded merged embeddings (B, T', H) -> h0 (B, T', H) after norm_f.
+
+        No padding mask is needed: every block is causal, so padding at the end never reaches a
+        real position.
+        """
+        return self.llm.model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+
+    def mtp_hiddens(self, h0: torch.Tensor, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """The D MTP depth outputs (B, T', H); detached inputs when the MTP loss must not reach the backbone."""
+        if not self.mtp_enabled:
+            return []
+        if self.cfg_mtp.detach_backbone:
+            h0, inputs_embeds = h0.detach(), inputs_embeds.detach()
+        return self.mtp_head(h0, inputs_embeds)
+
+    # ------------------------------------------------------------------ losses
+    def compute_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(optimised loss, globally summed statistics vector, batch size).
+
+        The statistics vector is laid out by :meth:`_stat_names`: summed CE, hits and counts of the
+        main head and each depth, then CTC sum and count; all-reduced over the dp group.
+        """
+        merged, enc, enc_lens = self.prepare_inputs(batch)
+        dp_size, _ = data_parallel(self._trainer)
+        n_global = all_reduce_sum((merged.targets != IGNORE_INDEX).sum().float(), self._trainer)
+        h0 = self(merged.inputs_embeds)
+        weight = self.llm.lm_head.weight
+        stats = head_stats(
+            h0,
+            self.mtp_hiddens(h0, merged.inputs_embeds),
+            weight,
+            merged.targets,
+            mtp_weight=weight.detach() if self.cfg_mtp.detach_backbone else None,
+            chunk_size=self.lm_head_chunk_size,
+        )
+        scale = dp_size if self.cfg_parallel.scale_loss_by_dp_size else 1
+        loss, _, _ = combine_losses(stats, n_global, self.cfg_mtp.loss_scaling_factor, scale)
+        ctc_sum = ctc_count = torch.zeros((), device=h0.device)
+        if self.ctc_weight > 0:
+            ctc_sum, ctc_count = self.ctc_stats(enc, enc_lens, batch)
+            ctc_global = all_reduce_sum(ctc_count, self._trainer).clamp(min=1.0)
+            loss = loss + self.ctc_weight * ctc_sum / ctc_global * scale
+        vec = [t for s in stats for t in (s.ce_sum.detach(), s.correct, s.count)]
+        vec += [ctc_sum.detach(), ctc_count]
+        summed = all_reduce_sum(torch.stack([v.float() for v in vec]), self._trainer)
+        return loss, summed, int(batch["input_ids"].shape[0])
+
+    def ctc_stats(self, enc: torch.Tensor, enc_lens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count."""
+        logits = self.audio.ctc_head(enc).float()  # (B, F', V+1)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (F', B, V+1)
+        targets = batch["ctc_ids"].clamp(min=0)
+        loss = F.ctc_loss(log_probs, targets, enc_lens, batch["ctc_lens"], blank=self.audio.blank_id,
+                          reduction="sum", zero_infinity=True)
+        return loss, batch["ctc_lens"].sum().float()
+
+    def _stat_names(self) -> list[str]:
+        names = ["main"] + [f"depth_{k}" for k in range(1, self.num_mtp_depths + 1)]
+        return [f"{n}.{f}" for n in names for f in ("ce", "correct", "count")] + ["ctc.ce", "ctc.count"]
+
+    def summarise(self, summed: torch.Tensor) -> dict[str, float]:
+        """Global metrics from a summed statistics vector (what is logged)."""
+        s = dict(zip(self._stat_names(), summed.tolist()))
+        n = max(s["main.count"], 1.0)
+        out = {"main_loss": s["main.ce"] / n, "main_acc": s["main.correct"] / n, "target_tokens": s["main.count"]}
+        mtp = 0.0
+        for k in range(1, self.num_mtp_depths + 1):
+            nk = max(s[f"depth_{k}.count"], 1.0)
+            out[f"mtp_loss/depth_{k}"] = s[f"depth_{k}.ce"] / nk
+            out[f"mtp_acc/depth_{k}"] = s[f"depth_{k}.correct"] / nk
+            mtp += s[f"depth_{k}.ce"] / n
+        if self.num_mtp_depths:
+            out["mtp_loss"] = self.cfg_mtp.loss_scaling_factor / self.num_mtp_depths * mtp
+        out["loss"] = out["main_loss"] + out.get("mtp_loss", 0.0)
+        if self.ctc_weight > 0:
+            out["ctc_loss"] = s["ctc.ce"] / max(s["ctc.count"], 1.0)
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"].shape[0] == 0:
+            return None  # every clip of the batch was unreadable (counted by the dataset)
+        loss, summed, bsz = self.compute_losses(batch)
+        metrics = self.summarise(summed)
+        bar = {"loss", "mtp_loss", "ctc_loss"}
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)
+        self.log("padding_ratio", 1.0 - float(batch["audio_lens"].sum()) / max(batch["audios"].numel(), 1),
+                 on_step=True, on_epoch=False, batch_size=bsz)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                     batch_size=bsz)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False, batch_size=bsz)
+        self._t_last = now
+        return loss
+
+    def _eval_step(self, batch: dict) -> None:
+        if batch["input_ids"].shape[0] == 0:
+            return
+        _, summed, _ = self.compute_losses(batch)
+        self._val_sums["sum"] = self._val_sums.get("sum", 0) + summed
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        if "sum" not in self._val_sums:
+            return
+        for name, value in self.summarise(self._val_sums.pop("sum")).items():
+            self.log(f"{prefix}_{name}", value, prog_bar=name in ("loss", "mtp_loss"), sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        from salm_mtp.generate import greedy_generate
+
+        hyps = greedy_generate(self, batch)
+        return [{"id": i, "task": t, "ref": r, "hyp": h}
+                for i, t, r, h in zip(batch["ids"], batch["tasks"], batch["answers"], hyps)]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        o = self.cfg_optim
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("model.freeze froze every parameter: nothing to train; relax --model.freeze.patterns")
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas),
+        )
+        total = o.decay_steps or max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def schedule(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def salm_config(self) -> dict:
+        """The constructor arguments as plain data (written next to exports)."""
+        return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in self.hparams.items()}

@@ -1,0 +1,152 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tiny
+from salm_mtp.checkpoint import CheckpointError, export_hf, load_export
+from salm_mtp.config import EncoderConfig, LLMConfig, MTPConfig
+from salm_mtp.model import SALMModule
+
+E = 4  # experts of the tiny config
+
+
+def _super_like(tok_dir, seed=0, **kw):
+    """Super-like tiny model: backbone M/E/* with moe_latent_size, MTP D=1 pattern '*E'."""
+    torch.manual_seed(seed)
+    kwargs = tiny.tiny_kwargs(tok_dir, pattern="MEM*E", mtp_layers=1, mtp_pattern="*E", **kw)
+    kwargs["llm"].moe_latent_size = 8
+    return SALMModule(**kwargs)
+
+
+def _keys(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+
+def test_export_writes_design_key_list(tok_dir, tmp_path):
+    m = _super_like(tok_dir)
+    export_hf(m, str(tmp_path / "exp"))
+    keys = _keys(tmp_path / "exp/llm/model.safetensors")
+    mtp = {k for k in keys if k.startswith("mtp.")}
+    expected = {
+        "mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
+        "mtp.layers.0.norm.weight",
+        *(f"mtp.layers.0.mixer.{p}_proj.weight" for p in "qkvo"),
+        "mtp.layers.1.norm.weight", "mtp.layers.1.mixer.gate.weight", "mtp.layers.1.mixer.gate.e_score_correction_bias",
+        "mtp.layers.1.mixer.fc1_latent_proj.weight", "mtp.layers.1.mixer.fc2_latent_proj.weight",
+        *(f"mtp.layers.1.mixer.experts.{e}.{p}_proj.weight" for e in range(E) for p in ("up", "down")),
+        "mtp.layers.1.mixer.shared_experts.up_proj.weight", "mtp.layers.1.mixer.shared_experts.down_proj.weight",
+        "mtp.layers.1.final_layernorm.weight",
+    }
+    assert mtp == expected
+    assert keys["mtp.layers.0.eh_proj.weight"] == [32, 64]  # [H, 2H]
+    assert keys["mtp.layers.1.mixer.experts.0.up_proj.weight"] == [16, 8]  # per expert, latent input
+    assert any(k.startswith("backbone.layers.1.mixer.experts.3.") for k in keys)
+    cfg = json.load(open(tmp_path / "exp/llm/config.json"))
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["mtp_layers_block_type"] == ["full_attention", "moe"]
+    assert os.path.isfile(tmp_path / "exp/llm/tokenizer.json")
+
+
+def test_export_reload_round_trip(tok_dir, tmp_path):
+    m = _super_like(tok_dir, ctc_weight=0.3)
+    export_hf(m, str(tmp_path / "exp"))
+    back = load_export(str(tmp_path / "exp"))
+    assert back.mtp_shipped and back.num_mtp_depths == 1
+    ref, got = m.state_dict(), back.state_dict()
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    # the LLM dir alone, through model.llm.path, loads the head back 1:1
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=None))
+    kw["llm"] = LLMConfig(path=str(tmp_path / "exp/llm"))
+    kw["tokenizer_path"] = None
+    torch.manual_seed(123)  # a different init: everything must come from the files
+    via_path = SALMModule(**kw)
+    via_path.load_pretrained()
+    for k, v in m.llm.state_dict().items():
+        assert torch.equal(v, via_path.llm.state_dict()[k]), k
+
+
+def _drop_tensor(file, name):
+    t = load_file(file)
+    del t[name]
+    save_file(t, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("victim", ["mtp.layers.1.mixer.experts.2.up_proj.weight", "mtp.layers.1.mixer.experts.3.down_proj.weight",
+                                    "mtp.layers.0.eh_proj.weight"])
+def test_missing_mtp_tensor_fails_by_name(tok_dir, tmp_path, victim):
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    _drop_tensor(str(tmp_path / "exp/llm/model.safetensors"), victim)
+    with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
+        load_export(str(tmp_path / "exp"))
+
+
+def test_unexpected_mtp_tensor_fails_by_name(tok_dir, tmp_path):
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    f = str(tmp_path / "exp/llm/model.safetensors")
+    t = load_file(f)
+    t["mtp.layers.1.bogus.weight"] = torch.zeros(2)
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['mtp\.layers\.1\.bogus\.weight'\]"):
+        load_export(str(tmp_path / "exp"))
+
+
+def test_declared_head_without_tensors_is_refused(tok_dir, tmp_path):
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    f = str(tmp_path / "exp/llm/model.safetensors")
+    save_file({k: v for k, v in load_file(f).items() if not k.startswith("mtp.")}, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="declares an MTP head .* no mtp.* tensors; refusing to re-initialise"):
+        load_export(str(tmp_path / "exp"))
+
+
+def test_base_checkpoint_without_head_gets_a_new_head(tok_dir, tmp_path):
+    base = _super_like(tok_dir, mtp=MTPConfig(num_layers=0))
+    export_hf(base, str(tmp_path / "base"))
+    assert json.load(open(tmp_path / "base/llm/config.json"))["num_nextn_predict_layers"] == 0
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=2))
+    kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "base/llm")), None
+    m = SALMModule(**kw)
+    m.load_pretrained()
+    assert not m.mtp_shipped and m.num_mtp_depths == 2 and m.mtp_head.pattern == "*E"
+    assert m.llm.config.num_nextn_predict_layers == 2  # recorded so exports carry it
+    for k, v in base.llm.state_dict().items():
+        assert torch.equal(v, m.llm.state_dict()[k]), k
+
+
+def test_loads_dirs_written_by_transformers_itself(tok_dir, tmp_path):
+    """An LLM and a Parakeet CTC encoder saved with HF save_pretrained load through model.*.path."""
+    from transformers import ParakeetCTCConfig, ParakeetForCTC
+
+    torch.manual_seed(1)
+    src = _super_like(tok_dir, mtp=MTPConfig(num_layers=0))
+    src.llm.save_pretrained(tmp_path / "llm")
+    src.tokenizer.save_pretrained(tmp_path / "llm")
+    enc_cfg = src.audio.encoder.config
+    ctc = ParakeetForCTC(ParakeetCTCConfig(encoder_config=enc_cfg.to_dict(), vocab_size=len(src.tokenizer) + 1,
+                                           pad_token_id=len(src.tokenizer)))
+    ctc.save_pretrained(tmp_path / "enc")
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=0), ctc_weight=0.5)
+    kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "llm")), None
+    kw["encoder"] = EncoderConfig(path=str(tmp_path / "enc"), dropout=0.0)
+    m = SALMModule(**kw)
+    m.load_pretrained()
+    for k, v in src.llm.state_dict().items():
+        assert torch.equal(v, m.llm.state_dict()[k]), k
+    for k, v in ctc.state_dict().items():
+        assert torch.equal(v, m.audio.state_dict()[k]), k
+
+
+def test_bad_paths_name_the_key(tok_dir, tmp_path):
+    kw = tiny.tiny_kwargs(tok_dir)
+    kw["encoder"] = EncoderConfig(path=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="model.encoder.path=.*nope.* has no config.json"):
+        SALMModule(**kw)
+    kw = tiny.tiny_kwargs(tok_dir)
+    kw["llm"] = LLMConfig(path=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="model.llm.path=.*nope.* has no config.json"):
+        SALMModule(**kw)

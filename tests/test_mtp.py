@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+import tiny
+from salm_mtp.config import MTPConfig
+from salm_mtp.model import SALMModule
+from salm_mtp.modules.merge import shift_left
+from salm_mtp.modules.mtp import MTPHead, resolve_mtp
+
+
+def _module(tok_dir, seed=0, **kw):
+    torch.manual_seed(seed)
+    return SALMModule(**tiny.tiny_kwargs(tok_dir, **kw))
+
+
+def test_default_patterns_and_property(tok_dir):
+    moe = _module(tok_dir, pattern="M*E")
+    dense = _module(tok_dir, pattern="M*-")
+    off = _module(tok_dir, mtp_layers=0)
+    assert moe.mtp_head.pattern == "*E" and dense.mtp_head.pattern == "*-"
+    assert moe.mtp_enabled and not off.mtp_enabled and off.mtp_head is None
+    assert moe.llm.config.num_nextn_predict_layers == 1
+    assert moe.llm.config.mtp_layers_block_type == ["full_attention", "moe"]
+    assert off.llm.config.num_nextn_predict_layers == 0
+
+
+def test_layer_indices_and_names(tok_dir):
+    m = _module(tok_dir, pattern="M*E-", mtp_layers=2, mtp_pattern="*E")
+    head = m.mtp_head
+    assert [b.layer_idx for b in head.layers] == [4, 5, 6, 7]  # global: after the 4 backbone layers
+    assert [b.block_type for b in head.layers] == ["full_attention", "moe"] * 2
+    names = {n for n, _ in head.named_parameters()}
+    assert {"layers.0.enorm.weight", "layers.0.hnorm.weight", "layers.0.eh_proj.weight",
+            "layers.2.eh_proj.weight", "layers.1.final_layernorm.weight", "layers.3.final_layernorm.weight",
+            "layers.1.mixer.experts.up_proj"} <= names
+    assert "layers.1.eh_proj.weight" not in names and "layers.0.final_layernorm.weight" not in names
+    assert head.layers[0].eh_proj.weight.shape == (32, 64)
+    for p in head.parameters():  # experts are allocated with torch.empty: the init must reach them
+        assert torch.isfinite(p).all()
+    assert head.layers[1].mixer.experts.up_proj.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_embeddings_rolled_and_audio_positions_carry_audio(tok_dir):
+    m = _module(tok_dir, mtp_layers=2)
+    batch = tiny.make_batch(m.tokenizer, ["one two", "three"], [8000, 12000])
+    merged, _, _ = m.prepare_inputs(batch)
+    seen = {}
+    orig = m.mtp_head.forward_depth
+
+    def spy(k, h_prev, e_k, **kw):
+        seen[k] = e_k
+        return orig(k, h_prev, e_k, **kw)
+
+    m.mtp_head.forward_depth = spy
+    h0 = m(merged.inputs_embeds)
+    m.mtp_hiddens(h0, merged.inputs_embeds)
+    E = merged.inputs_embeds
+    T = E.shape[1]
+    for k in (1, 2):
+        torch.testing.assert_close(seen[k][:, : T - k], E[:, k:], rtol=0, atol=0)
+        assert seen[k][:, T - k :].abs().sum() == 0  # zero tail, no wrap-around
+        b, t = merged.audio_mask.nonzero()[0].tolist()  # first audio position of row b
+        torch.testing.assert_close(seen[k][b, t - k], E[b, t], rtol=0, atol=0)  # carried k steps earlier
+
+
+def test_mtp_does_not_change_main_logits(tok_dir):
+    on = _module(tok_dir, mtp_layers=2)
+    off = _module(tok_dir, mtp_layers=0)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if ".mtp." not in k})
+    on.eval(), off.eval()
+    batch = tiny.make_batch(on.tokenizer, ["one two three", "cat"], [9000, 16000])
+    with torch.no_grad():
+        h_on = on(on.prepare_inputs(batch)[0].inputs_embeds)
+        h_off = off(off.prepare_inputs(batch)[0].inputs_embeds)
+        on.mtp_hiddens(h_on, on.prepare_inputs(batch)[0].inputs_embeds)
+    assert torch.equal(on.llm.lm_head(h_on), off.llm.lm_head(h_off))
+
+
+def test_detach_backbone_stops_mtp_gradient(tok_dir):
+    m = _module(tok_dir, mtp=MTPConfig(num_layers=1, detach_backbone=True, loss_scaling_factor=1.0))
+    batch = tiny.make_batch(m.tokenizer, ["one two three"], [8000])
+    merged, _, _ = m.prepare_inputs(batch)
+    h0 = m(merged.inputs_embeds)
+    hk = m.mtp_hiddens(h0, merged.inputs_embeds)
+    from salm_mtp.loss import head_stats
+
+    W = m.llm.lm_head.weight
+    stats = head_stats(h0, hk, W, merged.targets, mtp_weight=W.detach())
+    stats[1].ce_sum.backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if ".mtp." not in n)
+    assert m.mtp_head.layers[0].eh_proj.weight.grad.abs().sum() > 0
+
+
+def test_repeated_layer_has_one_physical_depth(tok_dir):
+    m = _module(tok_dir, mtp=MTPConfig(num_layers=3, use_repeated_layer=True))
+    assert len(m.mtp_head.layers) == 2 and m.num_mtp_depths == 3
+    assert m.llm.config.num_nextn_predict_layers == 1
+    h = torch.randn(1, 5, 32)
+    assert len(m.mtp_head(h, torch.randn(1, 5, 32))) == 3
+
+
+def test_init_from_backbone_copies_last_block_of_type(tok_dir):
+    m = _module(tok_dir, pattern="*E*E", mtp=MTPConfig(num_layers=1, init_from_backbone=True))
+    torch.testing.assert_close(m.mtp_head.layers[0].mixer.q_proj.weight, m.llm.model.layers[2].mixer.q_proj.weight)
+    torch.testing.assert_close(m.mtp_head.layers[1].mixer.experts.up_proj, m.llm.model.layers[3].mixer.experts.up_proj)
+
+
+@pytest.mark.parametrize(
+    "mtp, pattern, match",
+    [
+        (dict(num_layers=1, pattern="*X"), "M*E", r"model.mtp.pattern='\*X' is not a block pattern"),
+        (dict(num_layers=-1), "M*E", r"model.mtp.num_layers must be >= 0, got -1"),
+        (dict(num_layers=1, pattern="*E"), "M*-", r"uses block types \['E'\] that the backbone \('M\*-'\)"),
+    ],
+)
+def test_invalid_mtp_configs_raise(tok_dir, mtp, pattern, match):
+    with pytest.raises(ValueError, match=match):
+        SALMModule(**tiny.tiny_kwargs(tok_dir, pattern=pattern, mtp=MTPConfig(**mtp)))
+
+
+def test_shipped_head_cannot_be_rebuilt_differently(tok_dir):
+    m = _module(tok_dir, pattern="M*E")
+    cfg = m.llm.config  # now declares D=1, "*E"
+    with pytest.raises(ValueError, match=r"ships an MTP head .* pattern '\*E'"):
+        resolve_mtp(cfg, MTPConfig(num_layers=2))
+    assert resolve_mtp(cfg, MTPConfig(num_layers=None)) == (1, "*E")
+    assert resolve_mtp(cfg, MTPConfig(num_layers=0))[0] == 0
+    with pytest.raises(ValueError, match="must be >= 1"):
+        MTPHead(cfg, 0, "*E")

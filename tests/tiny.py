@@ -1,0 +1,71 @@
+"""Tiny models and batches shared by the tests (and by multi-process test workers)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from salm_mtp.config import AdapterConfig, EncoderConfig, LLMConfig, MTPConfig
+from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.data.tokenizer import train_tokenizer
+
+TEXTS = [
+    "one two three four five six seven eight nine zero",
+    "the cat sat on the mat", "a dog ran home", "1 2 3 4 5 6 7 8 9 0",
+] * 5
+
+
+def tokenizer_dir(root: str) -> str:
+    """Train (once) and save the tiny test tokenizer under ``root``; returns its directory."""
+    path = os.path.join(root, "tokenizer")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        train_tokenizer(TEXTS, path, vocab_size=80)
+    return path
+
+
+def tiny_kwargs(tok_dir: str, pattern: str = "M*E-", mtp_layers: int = 1, mtp_pattern: str | None = None,
+                **overrides) -> dict:
+    """SALMModule kwargs of a ~100k-parameter model using every block type."""
+    kw = dict(
+        tokenizer_path=tok_dir,
+        encoder=EncoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              subsampling_conv_channels=8, dropout=0.0),
+        adapter=AdapterConfig(stack_frames=2, hidden_size=32),
+        llm=LLMConfig(pattern=pattern, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                      n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      moe_shared_expert_intermediate_size=16),
+        mtp=MTPConfig(num_layers=mtp_layers, pattern=mtp_pattern),
+    )
+    kw.update(overrides)
+    return kw
+
+
+def make_batch(tokenizer, answers: list[str], audio_samples: list[int], tasks: list[str] | None = None,
+               seed: int = 0) -> dict:
+    """A collated batch (layout of salm_mtp.data.dataset) with random audio of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = PromptFormatter(tokenizer, PromptConfig())
+    tasks = tasks or ["asr"] * len(answers)
+    encs = [fmt.encode(t, a) for t, a in zip(tasks, answers)]
+    B, T, S = len(encs), max(len(e.input_ids) for e in encs), max(audio_samples)
+    ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    audios = torch.zeros(B, S)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.loss_mask)] = torch.tensor(e.loss_mask)
+        audios[i, : audio_samples[i]] = torch.randn(audio_samples[i], generator=g) * 0.1
+    ctc = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    U = max(len(c) for c in ctc)
+    ctc_ids = torch.full((B, U), -100, dtype=torch.long)
+    for i, c in enumerate(ctc):
+        ctc_ids[i, : len(c)] = torch.tensor(c)
+    return {
+        "audios": audios, "audio_lens": torch.tensor(audio_samples),
+        "input_ids": ids, "input_lens": torch.tensor([len(e.input_ids) for e in encs]), "loss_mask": mask,
+        "prompt_lens": torch.tensor([e.prompt_len for e in encs]),
+        "ctc_ids": ctc_ids, "ctc_lens": torch.tensor([len(c) for c in ctc]),
+        "ids": [f"utt{i}" for i in range(B)], "tasks": tasks, "answers": answers, "num_dropped": 0,
+    }
