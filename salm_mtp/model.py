@@ -12,6 +12,7 @@ Lifecycle:
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import asdict
@@ -195,6 +196,15 @@ class SALMModule(L.LightningModule):
         from salm_mtp.parallel import apply_parallelism
 
         apply_parallelism(self)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "set_tokenizer"):
+            dm.set_tokenizer(self.tokenizer)  # one tokenizer (with the placeholder) for model and data
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))  # saved with the run
 
     # ------------------------------------------------------------------ forward
     def prepare_inputs(self, batch: dict) -> tuple[MergedInputs, torch.Tensor, torch.Tensor]:

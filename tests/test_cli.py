@@ -1,0 +1,87 @@
+"""End-to-end CLI runs in subprocesses: fit writes checkpoints and metrics; resume continues exactly."""
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fit(run_dir, manifest, tok_dir, *extra):
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+           f"--trainer.default_root_dir={run_dir}", f"--model.tokenizer_path={tok_dir}",
+           f"--data.train_manifest={manifest}", f"--data.val_manifest={manifest}", "--data.test_manifest=null",
+           "--trainer.enable_progress_bar=false", *extra]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _metrics(run_dir):
+    (path,) = glob.glob(os.path.join(run_dir, "salm/version_*/metrics.csv"))
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _train_losses(rows):
+    return {int(r["step"]): float(r["loss"]) for r in rows if r.get("loss")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from conftest import write_sine_corpus
+
+    return str(write_sine_corpus(tmp_path_factory.mktemp("corpus"), n=24))
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tok_dir, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("full"))
+    out = _fit(run, corpus, tok_dir)
+    return run, out
+
+
+def test_fit_writes_checkpoints_metrics_and_config(full_run):
+    run, out = full_run
+    version = glob.glob(os.path.join(run, "salm/version_*"))[0]
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(version, "checkpoints/*.ckpt")))
+    assert ckpts == ["last.ckpt", "step3.ckpt", "step6.ckpt"]
+    rows = _metrics(run)
+    cols = set(rows[0])
+    for c in ["loss", "main_loss", "mtp_loss", "mtp_loss/depth_1", "mtp_loss/depth_2", "mtp_acc/depth_1",
+              "mtp_acc/depth_2", "ctc_loss", "val_loss", "val_mtp_loss", "val_mtp_acc/depth_1", "lr"]:
+        assert c in cols, c
+    losses = _train_losses(rows)
+    assert sorted(losses) == [0, 1, 2, 3, 4, 5]
+    for r in rows:  # loss = main_loss + mtp_loss, as logged
+        if r.get("loss"):
+            assert float(r["loss"]) == pytest.approx(float(r["main_loss"]) + float(r["mtp_loss"]), rel=1e-6)
+    cfg = yaml.safe_load(open(os.path.join(version, "config.yaml")))
+    assert cfg["trainer"]["logger"][0]["init_args"]["save_dir"] == run  # interpolation saw the override
+    assert cfg["data"]["tokenizer_path"] == cfg["model"]["tokenizer_path"]
+    assert os.path.isfile(os.path.join(version, "tokenizer/tokenizer.json"))
+    assert "checkpoint:" in out.stdout + out.stderr and "last.ckpt" in out.stdout + out.stderr
+
+
+def test_resume_continues_with_same_next_batch_loss(full_run, corpus, tok_dir, tmp_path):
+    run, _ = full_run
+    step3 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step3.ckpt"))[0]
+    _fit(str(tmp_path), corpus, tok_dir, f"--ckpt_path={step3}")
+    full, resumed = _train_losses(_metrics(run)), _train_losses(_metrics(str(tmp_path)))
+    assert sorted(resumed) == [3, 4, 5]  # continues at the right step
+    for step in (3, 4, 5):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_bad_override_names_the_key(corpus, tok_dir, tmp_path):
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+           f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={corpus}", "--model.mtp.num_layers=-1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode != 0
+    assert "model.mtp.num_layers must be >= 0, got -1" in out.stderr
