@@ -192,14 +192,30 @@ def save_tensors(module_state: dict[str, torch.Tensor], file: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in module_state.items()}, file)
 
 
+def save_encoder_hf(audio_encoder: nn.Module, out_dir: str) -> None:
+    """Write an AudioEncoder as a HF Parakeet CTC directory (bare encoder config when it has no CTC head).
+
+    The blank is the last class (``pad_token_id = vocab_size - 1``), as in released Parakeet CTC models.
+    """
+    from transformers import ParakeetCTCConfig
+
+    os.makedirs(out_dir, exist_ok=True)
+    enc_config = audio_encoder.encoder.config
+    if audio_encoder.ctc_head is not None:
+        classes = audio_encoder.ctc_head.out_channels
+        cfg = ParakeetCTCConfig(encoder_config=enc_config.to_dict(), vocab_size=classes, pad_token_id=classes - 1)
+    else:
+        cfg = enc_config
+    cfg.save_pretrained(out_dir)
+    save_tensors(audio_encoder.state_dict(), os.path.join(out_dir, "model.safetensors"))
+
+
 def export_hf(module, out_dir: str) -> dict[str, str]:
     """Write an unsharded SALMModule as HF-format directories (layout in the module docstring).
 
     Returns the paths written. ``DIR/llm`` is a plain Nemotron-H checkpoint: serving stacks and
     ``--model.llm.path=DIR/llm`` load its head back 1:1.
     """
-    from transformers import ParakeetCTCConfig
-
     from salm_mtp.modules.mtp import record_mtp_in_config
 
     llm_dir, enc_dir = os.path.join(out_dir, "llm"), os.path.join(out_dir, "encoder")
@@ -209,14 +225,7 @@ def export_hf(module, out_dir: str) -> dict[str, str]:
     module.llm.save_pretrained(llm_dir)  # per-expert on-disk names, mtp.layers.{i}.* included
     module.tokenizer.save_pretrained(llm_dir)
 
-    enc_config = module.audio.encoder.config
-    if module.audio.ctc_head is not None:
-        classes = module.audio.ctc_head.out_channels
-        cfg = ParakeetCTCConfig(encoder_config=enc_config.to_dict(), vocab_size=classes, pad_token_id=classes - 1)
-    else:
-        cfg = enc_config
-    cfg.save_pretrained(enc_dir)
-    save_tensors(module.audio.state_dict(), os.path.join(enc_dir, "model.safetensors"))
+    save_encoder_hf(module.audio, enc_dir)
     save_tensors(module.adapter.state_dict(), os.path.join(out_dir, "adapter.safetensors"))
 
     salm = module.salm_config()

@@ -108,3 +108,21 @@ def combine_losses(
     else:
         mtp = torch.zeros_like(main)
     return (main + mtp) * dp_size, main, mtp
+
+
+def ctc_sum(
+    logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor, blank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CTC loss and the number of target tokens (normalise by the global count, like the CE).
+
+    Args:
+        logits: (B, F, C) CTC head output; C - 1 classes plus the blank.
+        lengths: (B,) valid frames.
+        targets: (B, U) token ids, padded with IGNORE_INDEX beyond ``target_lens``.
+        target_lens: (B,) tokens per row.
+        blank: blank class index.
+    """
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (F, B, C)
+    loss = F.ctc_loss(log_probs, targets.clamp(min=0), lengths, target_lens, blank=blank,
+                      reduction="sum", zero_infinity=True)
+    return loss, target_lens.sum().float()

@@ -11,7 +11,6 @@ Lifecycle:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -19,7 +18,6 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from salm_mtp import checkpoint as ckpt
@@ -33,12 +31,13 @@ from salm_mtp.config import (
     ParallelConfig,
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
-from salm_mtp.loss import combine_losses, head_stats
+from salm_mtp.loss import combine_losses, ctc_sum, head_stats
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm
 from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
 from salm_mtp.modules.mtp import build_mtp_head, record_mtp_in_config, shipped_mtp
+from salm_mtp.optim import build_optimizer
 from salm_mtp.parallel import all_reduce_sum, data_parallel
 
 
@@ -278,12 +277,7 @@ class SALMModule(L.LightningModule):
 
     def ctc_stats(self, enc: torch.Tensor, enc_lens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count."""
-        logits = self.audio.ctc_head(enc).float()  # (B, F', V+1)
-        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (F', B, V+1)
-        targets = batch["ctc_ids"].clamp(min=0)
-        loss = F.ctc_loss(log_probs, targets, enc_lens, batch["ctc_lens"], blank=self.audio.blank_id,
-                          reduction="sum", zero_infinity=True)
-        return loss, batch["ctc_lens"].sum().float()
+        return ctc_sum(self.audio.ctc_head(enc), enc_lens, batch["ctc_ids"], batch["ctc_lens"], self.audio.blank_id)
 
     def _stat_names(self) -> list[str]:
         names = ["main"] + [f"depth_{k}" for k in range(1, self.num_mtp_depths + 1)]
@@ -360,27 +354,7 @@ class SALMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        o = self.cfg_optim
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
-            raise ValueError("model.freeze froze every parameter: nothing to train; relax --model.freeze.patterns")
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas),
-        )
-        total = o.decay_steps or max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def schedule(step: int) -> float:
-            if step < o.warmup_steps:
-                return (step + 1) / o.warmup_steps
-            progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return build_optimizer(self, self.cfg_optim)
 
     def salm_config(self) -> dict:
         """The constructor arguments as plain data (written next to exports)."""

@@ -1,0 +1,36 @@
+"""AdamW with linear warm-up and a cosine decay to a floor, over the trainable parameters only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from salm_mtp.config import OptimConfig
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, cosine to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(module, o: OptimConfig) -> dict:
+    """Lightning ``configure_optimizers`` result; no weight decay on norms and biases (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("model.freeze froze every parameter: nothing to train; relax --model.freeze.patterns")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas),
+    )
+    total = o.decay_steps or max(int(module.trainer.estimated_stepping_batches), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,124 @@
+"""CTC pretraining of the Parakeet encoder: the demo's stand-in for a pretrained ASR encoder.
+
+Real SALM recipes start from a pretrained ASR encoder; a random tiny encoder makes the LLM ignore
+the audio for most of a short run (DESIGN.md §8). This trains ``ParakeetEncoder`` + a CTC head on
+the transcripts (tokenised with the LLM tokenizer) and, at the end of fit, writes a HF Parakeet
+CTC directory that ``--model.encoder.path`` loads:
+
+    python scripts/pretrain_encoder.py fit --config conf/encoder_ctc.yaml
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+
+from salm_mtp.checkpoint import save_encoder_hf
+from salm_mtp.config import EncoderConfig, OptimConfig
+from salm_mtp.data.tokenizer import ensure_audio_placeholder
+from salm_mtp.loss import ctc_sum
+from salm_mtp.metrics import wer
+from salm_mtp.model import load_tokenizer
+from salm_mtp.modules.encoder import AudioEncoder, encoder_config_from
+from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
+from salm_mtp.optim import build_optimizer
+
+
+def ctc_greedy(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best-path decoding: (B, F, C) logits -> per-row token ids (repeats merged, blanks dropped)."""
+    best = logits.argmax(-1)  # (B, F)
+    out = []
+    for row, n in zip(best.tolist(), lengths.tolist()):
+        ids, prev = [], None
+        for t in row[:n]:
+            if t != prev and t != blank:
+                ids.append(t)
+            prev = t
+        out.append(ids)
+    return out
+
+
+class CTCPretrainModule(L.LightningModule):
+    """Features -> ParakeetEncoder -> CTC head, trained on the transcript tokens."""
+
+    def __init__(
+        self,
+        encoder: EncoderConfig = EncoderConfig(),
+        features: FeatureConfig = FeatureConfig(),
+        spec_augment: SpecAugmentConfig = SpecAugmentConfig(),
+        optim: OptimConfig = OptimConfig(),
+        tokenizer_path: str | None = None,
+        export_dir: str | None = None,
+    ):
+        """Args:
+            encoder: encoder architecture (``--model.encoder.*``); a ``path`` continues from that directory.
+            features: log-mel front end.
+            spec_augment: SpecAugment in training.
+            optim: optimiser and schedule.
+            tokenizer_path: tokenizer whose ids are the CTC classes (the SALM run must use the same one).
+            export_dir: where the HF Parakeet CTC directory is written at the end of fit.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        ensure_audio_placeholder(self.tokenizer)
+        self.features = LogMelFeatures(features)
+        self.spec_augment = SpecAugment(spec_augment)
+        enc_cfg, _ = encoder_config_from(encoder)
+        self.audio = AudioEncoder(enc_cfg, len(self.tokenizer) + 1)
+        self.cfg_encoder, self.cfg_optim, self.export_dir = encoder, optim, export_dir
+        self._val: list = []
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_tokenizer"):
+            dm.set_tokenizer(self.tokenizer)
+
+    def configure_model(self) -> None:
+        if self.cfg_encoder.path is not None and self._trainer is not None:
+            from salm_mtp.checkpoint import load_encoder_weights
+
+            load_encoder_weights(self.audio, self.cfg_encoder.path)
+
+    def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, fmask = self.features(batch["audios"], batch["audio_lens"])
+        enc, lens = self.audio(self.spec_augment(feats, fmask), fmask)
+        return self.audio.ctc_head(enc), lens
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if batch["input_ids"].shape[0] == 0:
+            return None
+        logits, lens = self._logits(batch)
+        total, count = ctc_sum(logits, lens, batch["ctc_ids"], batch["ctc_lens"], self.audio.blank_id)
+        loss = total / count.clamp(min=1)
+        self.log("ctc_loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch["input_ids"].shape[0] == 0:
+            return
+        logits, lens = self._logits(batch)
+        total, count = ctc_sum(logits, lens, batch["ctc_ids"], batch["ctc_lens"], self.audio.blank_id)
+        hyps = [self.tokenizer.decode(ids) for ids in ctc_greedy(logits, lens, self.audio.blank_id)]
+        refs = [self.tokenizer.decode(r[: int(n)].tolist()) for r, n in zip(batch["ctc_ids"], batch["ctc_lens"])]
+        self._val.append((float(total), float(count), refs, hyps))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        total = sum(v[0] for v in self._val) / max(sum(v[1] for v in self._val), 1.0)
+        refs = [r for v in self._val for r in v[2]]
+        hyps = [h for v in self._val for h in v[3]]
+        self._val = []
+        self.log("val_ctc_loss", total, prog_bar=True)
+        self.log("val_wer", wer(refs, hyps)["wer"], prog_bar=True)
+
+    def configure_optimizers(self):
+        return build_optimizer(self, self.cfg_optim)
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            save_encoder_hf(self.audio, self.export_dir)
+            print(f"encoder:     {os.path.abspath(self.export_dir)} (HF Parakeet CTC directory)")
