@@ -29,7 +29,14 @@ def build_optimizer(module, o: OptimConfig) -> dict:
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=tuple(o.betas),
     )
-    total = o.decay_steps or max(int(module.trainer.estimated_stepping_batches), 1)
+    # Not trainer.estimated_stepping_batches: it iterates the train loader before a checkpoint is
+    # restored (losing the resumable loader's position) and the lhotse loader has no length anyway.
+    total = o.decay_steps or module.trainer.max_steps
+    if total is None or total < 1:
+        raise ValueError(
+            "the cosine schedule needs a length: set --trainer.max_steps or --model.optim.decay_steps "
+            f"(got max_steps={module.trainer.max_steps}, decay_steps={o.decay_steps})"
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio)
     )

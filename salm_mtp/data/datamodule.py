@@ -1,0 +1,385 @@
+"""Lightning data module: lhotse manifests -> samplers -> loaders (train loader resumable).
+
+    dm = SALMDataModule(train_manifest="data/demo/train_cuts.jsonl.gz",
+                        val_manifest="data/demo/dev_cuts.jsonl.gz",
+                        tokenizer_path="data/demo/tokenizer")
+
+- train: ``DynamicBucketingSampler`` (batches of up to ``max_duration`` seconds of audio, cuts of
+  similar length together, shuffled per epoch from ``seed``) inside a ``ResumableDataLoader``;
+  val/test: ``DynamicCutSampler`` in manifest order. The dataset (``SALMDataset``) only collates.
+- Distributed: each data-parallel rank reads its own batches (the lhotse sampler shards by
+  rank; with a ``data_parallel`` device mesh, tensor-parallel peers read the same batches), so
+  the Trainer must not inject its DistributedSampler: ``--trainer.use_distributed_sampler false``.
+- Mid-epoch resume: Lightning's fit loop stores ``train_dataloader().state_dict()`` in every
+  checkpoint (``FitLoop.on_save_checkpoint`` -> ``CombinedLoader._state_dicts``, which picks
+  loaders with ``state_dict``/``load_state_dict``) and hands it back to the fresh loader before
+  the first batch on resume (``FitLoop.setup_data`` -> ``_load_combined_loader_states``). The
+  state is ``{"epoch", "batches_done"}``; the next iteration skips ``batches_done`` sampler
+  batches without reading their audio. Lightning fetches one batch ahead, so inside a Trainer
+  ``batches_done`` counts the batches the training loop took, not the one waiting in its
+  prefetch buffer.
+- Manifests may store audio paths relative to their own directory (the demo corpus does):
+  ``load_cuts`` resolves them, so the data loads from any working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
+from lhotse.dataset.sampling.base import CutSampler
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from salm_mtp.data.dataset import SALMDataset
+from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+
+log = logging.getLogger(__name__)
+
+_MAKE_DEMO = "python scripts/make_demo_data.py"
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is batched (``--data.*``)."""
+
+    train_manifest: str | None = None
+    """lhotse CutSet (jsonl.gz) for training; None: no training data."""
+    val_manifest: str | None = None
+    """CutSet for validation; None: no validation."""
+    test_manifest: str | None = None
+    """CutSet for testing; None: no test set."""
+    tokenizer_path: str | None = None
+    """HF tokenizer directory (``AutoTokenizer.from_pretrained``); None: the model must call
+    ``SALMDataModule.set_tokenizer`` before the loaders are built."""
+    max_duration: float = 60.0
+    """Seconds of audio per batch (the batch size is dynamic)."""
+    num_buckets: int = 8
+    """Duration buckets of the train sampler (cuts of similar length are batched together)."""
+    shuffle: bool = True
+    """Shuffle the training cuts (differently each epoch, reproducibly from ``seed``)."""
+    seed: int = 0
+    """Seed of the train sampler's shuffling."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: load audio in the training process)."""
+    max_cuts: int | None = None
+    """Upper bound on cuts per batch (None: only ``max_duration`` limits it)."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt wording and template."""
+
+    def __post_init__(self) -> None:
+        if self.prompt is None:
+            self.prompt = PromptConfig()
+        if not self.max_duration > 0:
+            raise ValueError(
+                f"data.max_duration must be > 0, got {self.max_duration}; set --data.max_duration"
+            )
+        if self.num_buckets < 1:
+            raise ValueError(f"data.num_buckets must be >= 1, got {self.num_buckets}; set --data.num_buckets")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}; set --data.num_workers")
+        if self.max_cuts is not None and self.max_cuts < 1:
+            raise ValueError(
+                f"data.max_cuts must be >= 1 or null, got {self.max_cuts}; set --data.max_cuts"
+            )
+        for key in ("train_manifest", "val_manifest", "test_manifest"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"data.{key}: no such file {path!r}; set --data.{key}, or make the demo "
+                    f"corpus with `{_MAKE_DEMO}`"
+                )
+        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
+            raise FileNotFoundError(
+                f"data.tokenizer_path: no such directory {self.tokenizer_path!r}; set "
+                f"--data.tokenizer_path (the demo tokenizer is made by `{_MAKE_DEMO}`)"
+            )
+
+
+def load_cuts(path: str | Path) -> CutSet:
+    """Open a CutSet manifest lazily; relative audio paths resolve from the manifest's directory.
+
+    Absolute paths are kept as they are (``Path(root) / "/abs"`` is ``"/abs"``).
+    """
+    root = Path(path).resolve().parent
+    return CutSet.from_jsonl_lazy(path).with_recording_path_prefix(root)
+
+
+class ResumableSampler(Sampler):
+    """Wraps a lhotse sampler: forwards ``set_epoch``; the next iteration skips ``skip`` batches.
+
+    Skipped batches are drawn from the lhotse sampler (cheap: cut metadata only) and never
+    reach the dataset, so no audio is read for them. ``skip`` applies once, to the current
+    epoch; changing the epoch clears it. When ``skip`` covers the whole epoch (a checkpoint
+    taken after its last batch) the iteration goes on with the next epoch, ``skipped`` = 0.
+    """
+
+    def __init__(self, sampler: CutSampler) -> None:
+        self.sampler = sampler
+        self.skip = 0
+        self.skipped = 0
+        """Batches skipped at the start of the running iteration (0 after a rollover)."""
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.sampler.epoch:
+            self.skip = 0
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[CutSet]:
+        skip, self.skip, self.skipped = self.skip, 0, 0
+        batches = iter(self.sampler)
+        while self.skipped < skip and next(batches, None) is not None:
+            self.skipped += 1
+        # explicit next(), not `yield from batches`: iter() again would restart a lhotse sampler
+        batch = next(batches, None)
+        if batch is None and skip > 0:  # the resumed epoch was complete: start the next one
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            batches, self.skipped = iter(self.sampler), 0
+            batch = next(batches, None)
+        while batch is not None:
+            yield batch
+            batch = next(batches, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a ``ResumableSampler`` with ``state_dict``/``load_state_dict``.
+
+    ``state_dict() == {"epoch": e, "batches_done": n}``: the first n batches of epoch e were
+    consumed; after ``load_state_dict`` the next iteration starts with batch n + 1 of epoch e.
+    ``pending`` (optional) returns how many yielded batches the consumer has not used yet
+    (Lightning's prefetch buffer); they are not counted as done.
+    """
+
+    def __init__(self, dataset: SALMDataset, sampler: ResumableSampler, num_workers: int = 0, **kwargs: Any):
+        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, **kwargs)
+        self.batches_done = 0
+        """Batches of the current epoch yielded (including those skipped on resume)."""
+        self.pending: Callable[[], int] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.batches_done = self.sampler.skip
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for i, batch in enumerate(batches):
+            if i == 0:  # the sampler has now applied the skip (or rolled over to a new epoch)
+                self.batches_done = self.sampler.skipped
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        pending = self.pending() if self.pending is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": max(0, self.batches_done - pending)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state_dict["epoch"]))
+        self.sampler.skip = int(state_dict["batches_done"])
+        self.batches_done = self.sampler.skip
+
+
+class SALMDataModule(pl.LightningDataModule):
+    """Loads manifests and the tokenizer; builds the samplers and loaders.
+
+    Args are the fields of ``DataConfig`` (same names, defaults and checks):
+        train_manifest, val_manifest, test_manifest: CutSet manifests (None: stage unused).
+        tokenizer_path: HF tokenizer directory, or None and ``set_tokenizer`` from the model.
+        max_duration: seconds of audio per batch.
+        num_buckets: duration buckets of the train sampler.
+        shuffle: shuffle training cuts per epoch.
+        seed: seed of the train shuffling.
+        num_workers: DataLoader worker processes.
+        max_cuts: cap on cuts per batch (None: no cap).
+        prompt: prompt wording and template.
+    """
+
+    def __init__(
+        self,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        tokenizer_path: str | None = None,
+        max_duration: float = 60.0,
+        num_buckets: int = 8,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        max_cuts: int | None = None,
+        prompt: PromptConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = DataConfig(
+            train_manifest=train_manifest,
+            val_manifest=val_manifest,
+            test_manifest=test_manifest,
+            tokenizer_path=tokenizer_path,
+            max_duration=max_duration,
+            num_buckets=num_buckets,
+            shuffle=shuffle,
+            seed=seed,
+            num_workers=num_workers,
+            max_cuts=max_cuts,
+            prompt=prompt if prompt is not None else PromptConfig(),
+        )
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.dataset: SALMDataset | None = None
+        self._cuts: dict[str, CutSet] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> SALMDataModule:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Use ``tokenizer`` (e.g. the model's) instead of loading ``tokenizer_path``."""
+        self.tokenizer = tokenizer
+        self.dataset = None  # rebuilt with this tokenizer
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded from ``tokenizer_path`` on first use."""
+        if self.tokenizer is None:
+            if self.cfg.tokenizer_path is None:
+                raise ValueError(
+                    "no tokenizer: set --data.tokenizer_path or call SALMDataModule.set_tokenizer()"
+                )
+            self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.tokenizer_path)
+        return self.tokenizer
+
+    def get_dataset(self) -> SALMDataset:
+        if self.dataset is None:
+            tok = self.get_tokenizer()
+            self.dataset = SALMDataset(tok, PromptFormatter(tok, self.cfg.prompt))
+        return self.dataset
+
+    # ---- cuts and samplers -----------------------------------------------------------------
+    def _cutset(self, split: str) -> CutSet:
+        if split not in self._cuts:
+            key = f"{split}_manifest"
+            path = getattr(self.cfg, key)
+            if path is None:
+                raise ValueError(f"data.{key} is not set; set --data.{key} (e.g. `{_MAKE_DEMO}`)")
+            self._cuts[split] = load_cuts(path)
+        return self._cuts[split]
+
+    def _dp_rank_and_size(self) -> tuple[int, int]:
+        """(rank, size) of the data-parallel group: batches differ across it, not inside TP."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        try:
+            mesh = trainer.strategy.device_mesh
+        except (AttributeError, RuntimeError):
+            mesh = None
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            dp = mesh["data_parallel"]
+            return dp.get_local_rank(), dp.size()
+        return trainer.global_rank, trainer.world_size
+
+    def _check_no_distributed_sampler(self) -> None:
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        injects = getattr(connector, "use_distributed_sampler", False)
+        if trainer is not None and trainer.world_size > 1 and injects:
+            raise ValueError(
+                "the lhotse samplers shard the data across ranks themselves, but the Trainer would "
+                "replace them with a DistributedSampler; set --trainer.use_distributed_sampler false"
+            )
+
+    def _prefetched_batches(self) -> int:
+        """Train batches Lightning fetched but has not given to ``training_step`` yet.
+
+        The fit loop reads one batch ahead (``_PrefetchDataFetcher.batches``) to know which
+        batch is the last; those are not done. Private API of Lightning 2.6: checked by
+        tests/test_datamodule.py::test_lightning_resume_*.
+        """
+        fetcher = getattr(getattr(self.trainer, "fit_loop", None), "_data_fetcher", None)
+        return len(getattr(fetcher, "batches", None) or ())
+
+    def _fit_epoch(self) -> int:
+        """The epoch the fit loop runs next (what it passes to ``set_epoch``); 0 without one."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return int(fit_loop.epoch_progress.current.processed) if fit_loop is not None else 0
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_no_distributed_sampler()
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def _warn_if_before_restore(self) -> None:
+        """Lightning only restores the loader state when it builds the loader after restoring
+        the checkpoint; ``trainer.estimated_stepping_batches`` with ``max_epochs`` set builds it
+        earlier, inside ``configure_optimizers`` (Lightning issue #20550)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.ckpt_path is not None and trainer.global_step == 0:
+            rank_zero_warn(
+                "train_dataloader() was requested before the checkpoint was restored (e.g. by "
+                "trainer.estimated_stepping_batches in configure_optimizers with max_epochs set): "
+                "Lightning will not restore the loader's position, so this epoch restarts from its "
+                "first batch. Use --trainer.max_steps without --trainer.max_epochs, or compute the "
+                "schedule length from trainer.max_steps."
+            )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self._warn_if_before_restore()
+        rank, world_size = self._dp_rank_and_size()
+        cuts = self._cutset("train")
+        # lhotse refuses more buckets than cuts: tiny (test) sets get one bucket per cut
+        num_buckets = sum(1 for _ in islice(cuts, self.cfg.num_buckets))
+        if num_buckets == 0:
+            raise ValueError(f"data.train_manifest {self.cfg.train_manifest!r} holds no cuts")
+        if num_buckets < self.cfg.num_buckets:
+            n = num_buckets
+            log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)
+        sampler = DynamicBucketingSampler(
+            cuts,
+            max_duration=self.cfg.max_duration,
+            max_cuts=self.cfg.max_cuts,
+            num_buckets=num_buckets,
+            shuffle=self.cfg.shuffle,
+            seed=self.cfg.seed,
+            drop_last=False,
+            world_size=world_size,
+            rank=rank,
+        )
+        # Lightning iterates (and prefetches) the loader before its set_epoch() call, so start
+        # with the epoch it is about to run: right after an end-of-epoch checkpoint, that is
+        # the next epoch, and Lightning restores no loader state in that case.
+        sampler.set_epoch(self._fit_epoch())
+        loader = ResumableDataLoader(
+            self.get_dataset(),
+            ResumableSampler(sampler),
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+        loader.pending = self._prefetched_batches
+        return loader
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        rank, world_size = self._dp_rank_and_size()
+        sampler = DynamicCutSampler(
+            self._cutset(split),
+            max_duration=self.cfg.max_duration,
+            max_cuts=self.cfg.max_cuts,
+            shuffle=False,
+            world_size=world_size,
+            rank=rank,
+        )
+        dataset = self.get_dataset()
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # no val manifest: an empty list tells Lightning there is no validation
+        return self._eval_dataloader("val") if self.cfg.val_manifest is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")

@@ -1,0 +1,338 @@
+"""A small spoken demo corpus made with espeak-ng + sox, written as lhotse manifests.
+
+    python scripts/make_demo_data.py --out data/demo --num-train 4000   # ~40 s on 2 cores
+
+Two tasks (``supervision.custom["task"]``), about 85 % / 15 %:
+    asr  sequences of 2-6 number words ("three seven nine") or short sentences from a tiny
+         grammar ("the red cat sees a big dog"); answer = transcript (``supervision.text``).
+    ast  a deterministic "translation" of number words to digits: spoken "three seven nine",
+         transcript "three seven nine", target ``supervision.custom["target_text"] = "3 7 9"``.
+The vocabulary is 39 words. Each clip is spoken by an English espeak-ng voice and variant with
+a random rate and pitch (seeded), converted by sox to 16 kHz mono 16-bit FLAC, 0.5-4 s long.
+
+Layout under ``out``::
+
+    audio/{split}-{index:06d}.flac
+    {train,dev,test}_cuts.jsonl.gz   one MonoCut per clip: recording + one supervision
+    tokenizer/                       demo BPE tokenizer trained on the train texts
+    meta.json                        the request, per-task counts, durations, "synthetic"
+
+Audio paths in the manifests are relative to ``out``: load them with
+``salm_mtp.data.datamodule.load_cuts``, which resolves them from the manifest's directory.
+The same seed gives byte-identical manifests and tokenizer (sorted ids, no timestamps).
+
+Without espeak-ng or sox the audio is a clearly labelled synthetic stand-in (one tone per
+word); a loud warning is printed and ``meta.json`` records ``"synthetic": true``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from lhotse import AudioSource, MonoCut, Recording, SupervisionSegment
+from tqdm import tqdm
+
+from salm_mtp.data.tokenizer import train_tokenizer
+
+FORMAT_VERSION = 1
+"""Bump when the generated content changes, so old corpora are regenerated, not reused."""
+SAMPLE_RATE = 16_000
+MIN_SECONDS, MAX_SECONDS = 0.5, 4.0
+AST_FRACTION = 0.15
+"""Share of ``ast`` utterances; the rest are ``asr``."""
+NUMBER_FRACTION_OF_ASR = 0.4
+"""Share of number sequences among ``asr`` utterances; the rest are sentences."""
+SPLITS = ("train", "dev", "test")
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_DETERMINERS = ("the", "a")
+_ADJECTIVES = ("red", "big", "small", "old", "green", "happy")
+_NOUNS = ("cat", "dog", "bird", "man", "girl", "boy", "car", "tree", "fish", "house")
+_TRANSITIVE = ("sees", "likes", "finds", "wants", "has")
+_INTRANSITIVE = ("runs", "sleeps", "sings", "jumps")
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        set(NUMBER_WORDS + _DETERMINERS + _ADJECTIVES + _NOUNS + _TRANSITIVE + _INTRANSITIVE)
+        | {"is", "very"}
+    )
+)
+
+VOICES = (
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+    "en-029", "en-us-nyc",
+)  # fmt: skip
+VARIANTS = ("", "+m1", "+m3", "+m7", "+f1", "+f2", "+f3", "+f4")
+"""espeak-ng voice variants ("" = the voice's default)."""
+RATES = (140, 190)
+"""espeak-ng speaking rate range, words per minute (keeps 6-word clips under 4 s)."""
+PITCHES = (30, 70)
+"""espeak-ng pitch range (0-99)."""
+
+
+def words_to_digits(text: str) -> str:
+    """The demo "translation": number words to digits, ``"three seven nine" -> "3 7 9"``."""
+    return " ".join(str(NUMBER_WORDS.index(w)) for w in text.split())
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """What to synthesise for one clip (fully determined by the seed, split and index)."""
+
+    id: str
+    task: str
+    text: str
+    voice: str
+    rate: int
+    pitch: int
+
+    @property
+    def target_text(self) -> str | None:
+        return words_to_digits(self.text) if self.task == "ast" else None
+
+
+def _numbers(rng: random.Random) -> str:
+    return " ".join(rng.choice(NUMBER_WORDS) for _ in range(rng.randint(2, 6)))
+
+
+def _noun_phrase(rng: random.Random) -> list[str]:
+    words = [rng.choice(_DETERMINERS)]
+    if rng.random() < 0.5:
+        words.append(rng.choice(_ADJECTIVES))
+    return words + [rng.choice(_NOUNS)]
+
+
+def _sentence(rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:  # the red cat sees a big dog
+        words = _noun_phrase(rng) + [rng.choice(_TRANSITIVE)] + _noun_phrase(rng)
+    elif kind == 1:  # a dog runs
+        words = _noun_phrase(rng) + [rng.choice(_INTRANSITIVE)]
+    else:  # the old man is very happy
+        adj = ["very"] if rng.random() < 0.3 else []
+        words = _noun_phrase(rng) + ["is"] + adj + [rng.choice(_ADJECTIVES)]
+    return " ".join(words)
+
+
+def plan_split(split: str, num: int, seed: int) -> list[Utterance]:
+    """The utterances of one split: tasks, texts and voices drawn from a seeded RNG."""
+    rng = random.Random(f"salm-mtp-demo/{seed}/{split}")
+    utts = []
+    for i in range(num):
+        task = "ast" if rng.random() < AST_FRACTION else "asr"
+        if task == "ast" or rng.random() < NUMBER_FRACTION_OF_ASR:
+            text = _numbers(rng)
+        else:
+            text = _sentence(rng)
+        voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+        utts.append(
+            Utterance(
+                id=f"{split}-{i:06d}",
+                task=task,
+                text=text,
+                voice=voice,
+                rate=rng.randint(*RATES),
+                pitch=rng.randint(*PITCHES),
+            )
+        )
+    return utts
+
+
+def have_speech_tools() -> bool:
+    """True when both espeak-ng and sox are on PATH."""
+    return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+
+
+def _speak(utt: Utterance, path: Path, rate: int) -> None:
+    """espeak-ng (22.05 kHz wav on stdout) | sox -> 16 kHz mono 16-bit FLAC at ``path``."""
+    espeak = ["espeak-ng", "-v", utt.voice, "-s", str(rate), "-p", str(utt.pitch), "--stdout", utt.text]
+    # -R: repeatable; -D: no dither (no random noise): same input, same bytes.
+    sox = ["sox", "-R", "-D", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(path)]
+    wav = subprocess.run(espeak, check=True, capture_output=True).stdout
+    subprocess.run(sox, input=wav, check=True, capture_output=True)
+
+
+def _tone_word(word: str) -> np.ndarray:
+    """Synthetic stand-in for a spoken word: a 0.2 s tone whose pitch names the word."""
+    freq = 200.0 * 2 ** (VOCABULARY.index(word) / 12) if word in VOCABULARY else 150.0
+    t = np.arange(int(0.2 * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t) * np.hanning(t.size)).astype(np.float32)
+
+
+def _synthesise(utt: Utterance, path: Path, synthetic: bool) -> int:
+    """Write one clip to ``path``; return its length in samples (clip kept in 0.5-4 s)."""
+    lo, hi = int(MIN_SECONDS * SAMPLE_RATE), int(MAX_SECONDS * SAMPLE_RATE)
+    if synthetic:
+        gap = np.zeros(int(0.05 * SAMPLE_RATE), dtype=np.float32)
+        audio = np.concatenate([np.concatenate([_tone_word(w), gap]) for w in utt.text.split()])
+        sf.write(path, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        frames = audio.shape[0]
+    else:
+        rate = utt.rate
+        for _ in range(4):  # too long: speak faster (deterministic retries)
+            _speak(utt, path, rate)
+            frames = sf.info(path).frames
+            if frames <= hi:
+                break
+            rate = int(rate * 1.25)
+    if lo <= frames <= hi:
+        return frames
+    audio, _ = sf.read(path, dtype="float32")
+    # too short: pad with trailing silence; still too long (rare): cut
+    audio = np.pad(audio, (0, lo - audio.shape[0])) if audio.shape[0] < lo else audio[:hi]
+    sf.write(path, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return int(audio.shape[0])
+
+
+def _make_cut(utt: Utterance, num_samples: int, synthetic: bool) -> MonoCut:
+    duration = num_samples / SAMPLE_RATE
+    recording = Recording(
+        id=utt.id,
+        sources=[AudioSource(type="file", channels=[0], source=f"audio/{utt.id}.flac")],
+        sampling_rate=SAMPLE_RATE,
+        num_samples=num_samples,
+        duration=duration,
+    )
+    custom = {"task": utt.task, "voice": utt.voice, "rate": utt.rate, "pitch": utt.pitch}
+    if utt.task == "ast":
+        custom["target_text"] = utt.target_text
+    supervision = SupervisionSegment(
+        id=utt.id,
+        recording_id=utt.id,
+        start=0.0,
+        duration=duration,
+        channel=0,
+        text=utt.text,
+        language="en",
+        speaker="synthetic-tones" if synthetic else utt.voice,
+        custom=custom,
+    )
+    return MonoCut(
+        id=utt.id, start=0.0, duration=duration, channel=0, recording=recording, supervisions=[supervision]
+    )
+
+
+def _write_manifest(cuts: list[MonoCut], path: Path) -> None:
+    """jsonl.gz, sorted by id, gzip header without name/mtime: same cuts, same bytes."""
+    lines = "".join(json.dumps(c.to_dict(), sort_keys=True) + "\n" for c in sorted(cuts, key=lambda c: c.id))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(lines.encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def _request(seed: int, num_train: int, num_dev: int, num_test: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "num_train": num_train,
+        "num_dev": num_dev,
+        "num_test": num_test,
+    }
+
+
+def _can_reuse(out: Path, request: dict, synthetic: bool) -> bool:
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    files = [out / f"{s}_cuts.jsonl.gz" for s in SPLITS] + [out / "tokenizer" / "tokenizer.json"]
+    same = all(meta.get(k) == v for k, v in request.items())
+    # a synthetic corpus is replaced by real speech as soon as the tools are available
+    upgrade = meta.get("synthetic", True) and not synthetic
+    return same and not upgrade and all(f.is_file() for f in files)
+
+
+def _loud_warning(message: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\n!! WARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def make_demo_data(
+    out: str | Path = "data/demo",
+    num_train: int = 4000,
+    num_dev: int = 200,
+    num_test: int = 200,
+    seed: int = 0,
+    workers: int = 2,
+    force: bool = False,
+    synthetic: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate (or reuse) the demo corpus under ``out``; return its ``meta.json`` content.
+
+    Args:
+        out: output directory (created).
+        num_train, num_dev, num_test: utterances per split.
+        seed: RNG seed; same seed -> identical manifests and tokenizer.
+        workers: parallel espeak-ng/sox pipelines.
+        force: regenerate even when ``meta.json`` matches the request.
+        synthetic: None = espeak-ng when available, else synthetic tones (with a warning);
+            True = synthetic tones; False = espeak-ng (error when missing).
+        progress: show tqdm progress bars.
+    """
+    for key, value in (("num_train", num_train), ("num_dev", num_dev), ("num_test", num_test)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}; set --{key.replace('_', '-')}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}; set --workers")
+    out = Path(out).resolve()
+    tools = have_speech_tools()
+    if synthetic is False and not tools:
+        raise FileNotFoundError("espeak-ng and sox are needed for real speech: apt-get install espeak-ng sox")
+    synthetic = not tools if synthetic is None else synthetic
+    request = _request(seed, num_train, num_dev, num_test)
+    if not force and _can_reuse(out, request, synthetic):
+        print(f"reusing the demo corpus in {out} (meta.json matches; --force regenerates)")
+        return json.loads((out / "meta.json").read_text())
+    if synthetic:
+        _loud_warning(
+            "espeak-ng or sox not found (or synthetic requested): the demo audio is SYNTHETIC "
+            "TONES, not speech. Install espeak-ng and sox for real speech."
+        )
+
+    start = time.time()
+    audio_dir = out / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # the corpus is incomplete until meta.json exists
+    plans = {s: plan_split(s, n, seed) for s, n in zip(SPLITS, (num_train, num_dev, num_test))}
+    wanted = {f"{u.id}.flac" for utts in plans.values() for u in utts}
+    for stale in audio_dir.glob("*.flac"):  # clips of an earlier, larger corpus
+        if stale.name not in wanted:
+            stale.unlink()
+
+    meta = dict(request, synthetic=synthetic, sample_rate=SAMPLE_RATE, splits={})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for split, utts in plans.items():
+            def work(u: Utterance) -> int:
+                return _synthesise(u, audio_dir / f"{u.id}.flac", synthetic)
+
+            lengths = list(tqdm(pool.map(work, utts), total=len(utts), desc=split, disable=not progress))
+            cuts = [_make_cut(u, n, synthetic) for u, n in zip(utts, lengths)]
+            _write_manifest(cuts, out / f"{split}_cuts.jsonl.gz")
+            meta["splits"][split] = {
+                "tasks": dict(sorted(Counter(u.task for u in utts).items())),
+                "hours": round(sum(lengths) / SAMPLE_RATE / 3600, 4),
+                "min_seconds": round(min(lengths) / SAMPLE_RATE, 3),
+                "max_seconds": round(max(lengths) / SAMPLE_RATE, 3),
+            }
+
+    texts = [t for u in plans["train"] for t in (u.text, u.target_text) if t is not None]
+    train_tokenizer(texts, out / "tokenizer")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    total = num_train + num_dev + num_test
+    elapsed = time.time() - start
+    print(f"wrote {total} clips to {out} in {elapsed:.1f} s ({total / elapsed:.0f} clips/s)")
+    return meta

@@ -1,0 +1,140 @@
+"""Tests for salm_mtp/data/demo_corpus.py and scripts/make_demo_data.py (tiny corpora)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+from transformers import AutoTokenizer
+
+from salm_mtp.data.datamodule import SALMDataModule
+from salm_mtp.data.demo_corpus import NUMBER_WORDS, SPLITS, VOCABULARY, make_demo_data, plan_split, words_to_digits
+
+REPO = Path(__file__).resolve().parents[1]
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="espeak-ng/sox not installed"
+)
+
+
+def manifest_text(out: Path, split: str) -> str:
+    return gzip.decompress((out / f"{split}_cuts.jsonl.gz").read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same request (seed 0, 6/2/2) made twice into different directories."""
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    metas = [make_demo_data(d, 6, 2, 2, seed=0, progress=False) for d in (a, b)]
+    return a, b, metas
+
+
+def test_words_to_digits():
+    assert words_to_digits("three seven nine") == "3 7 9"
+    assert words_to_digits("zero one") == "0 1"
+    assert len(VOCABULARY) == 39 and set(NUMBER_WORDS) <= set(VOCABULARY)
+
+
+def test_plan_mixes_tasks_and_stays_in_the_vocabulary():
+    utts = plan_split("train", 2000, seed=0)
+    share = sum(u.task == "ast" for u in utts) / len(utts)
+    assert 0.12 < share < 0.18
+    assert {w for u in utts for w in u.text.split()} <= set(VOCABULARY)
+    for u in utts:
+        if u.task == "ast":
+            assert 2 <= len(u.text.split()) <= 6 and set(u.text.split()) <= set(NUMBER_WORDS)
+    assert plan_split("train", 50, seed=0) == utts[:50]  # a prefix: deterministic
+    assert plan_split("train", 50, seed=1) != utts[:50]
+    assert plan_split("dev", 50, seed=0) != utts[:50]
+
+
+def test_same_seed_gives_identical_manifests_and_tokenizer(two_runs):
+    a, b, metas = two_runs
+    assert metas[0] == metas[1]
+    for split in SPLITS:
+        assert manifest_text(a, split) == manifest_text(b, split)
+        assert (a / f"{split}_cuts.jsonl.gz").read_bytes() == (b / f"{split}_cuts.jsonl.gz").read_bytes()
+    tok_a, tok_b = (AutoTokenizer.from_pretrained(d / "tokenizer") for d in (a, b))
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def test_manifest_content(two_runs):
+    a, _, metas = two_runs
+    assert sum(metas[0]["splits"]["train"]["tasks"].values()) == 6
+    for split, n in zip(SPLITS, (6, 2, 2)):
+        cuts = CutSet.from_file(a / f"{split}_cuts.jsonl.gz")
+        assert [c.id for c in cuts] == [f"{split}-{i:06d}" for i in range(n)]
+        for cut in cuts:
+            (sup,) = cut.supervisions
+            assert 0.5 <= cut.duration <= 4.0 and cut.sampling_rate == 16000
+            assert (a / cut.recording.sources[0].source).is_file()
+            assert sup.custom["task"] in ("asr", "ast")
+            if sup.custom["task"] == "ast":
+                assert sup.custom["target_text"] == words_to_digits(sup.text)
+
+
+def test_ast_targets_are_digits_of_the_spoken_words(tmp_path):
+    utts = plan_split("train", 40, seed=0)
+    n = next(i for i, u in enumerate(utts) if u.task == "ast") + 1  # enough clips to hold an ast one
+    make_demo_data(tmp_path, n, 1, 1, seed=0, synthetic=True, progress=False)
+    cuts = CutSet.from_file(tmp_path / "train_cuts.jsonl.gz")
+    ast = [c.supervisions[0] for c in cuts if c.supervisions[0].custom["task"] == "ast"]
+    assert ast and all(s.custom["target_text"] == words_to_digits(s.text) for s in ast)
+    assert all(len(s.custom["target_text"].split()) == len(s.text.split()) for s in ast)
+
+
+@needs_espeak
+def test_real_speech_is_recorded_as_not_synthetic(two_runs):
+    a, _, metas = two_runs
+    assert metas[0]["synthetic"] is False
+    assert json.loads((a / "meta.json").read_text())["synthetic"] is False
+
+
+def test_different_seed_differs_and_rerun_reuses(two_runs, tmp_path, capsys):
+    a, _, _ = two_runs
+    make_demo_data(tmp_path, 6, 2, 2, seed=1, progress=False)
+    assert manifest_text(tmp_path, "train") != manifest_text(a, "train")
+    capsys.readouterr()
+    make_demo_data(tmp_path, 6, 2, 2, seed=1, progress=False)
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_synthetic_fallback_is_labelled(tmp_path, capsys):
+    meta = make_demo_data(tmp_path, 3, 1, 1, seed=0, synthetic=True, progress=False)
+    assert meta["synthetic"] is True
+    assert json.loads((tmp_path / "meta.json").read_text())["synthetic"] is True
+    assert "SYNTHETIC" in capsys.readouterr().err
+    cut = CutSet.from_file(tmp_path / "train_cuts.jsonl.gz")[0]
+    assert cut.supervisions[0].speaker == "synthetic-tones"
+
+
+def test_demo_corpus_feeds_the_datamodule(two_runs, monkeypatch, tmp_path):
+    a, _, _ = two_runs
+    monkeypatch.chdir(tmp_path)
+    dm = SALMDataModule(
+        train_manifest=str(a / "train_cuts.jsonl.gz"), tokenizer_path=str(a / "tokenizer"), max_duration=30
+    )
+    batches = list(dm.train_dataloader())
+    assert sorted(i for b in batches for i in b["ids"]) == [f"train-{i:06d}" for i in range(6)]
+    unk = dm.get_tokenizer().unk_token_id
+    for batch in batches:
+        assert batch["num_dropped"] == 0
+        assert batch["input_ids"].max() < len(dm.get_tokenizer())
+        assert not (batch["input_ids"] == unk).any() and not (batch["ctc_ids"] == unk).any()
+
+
+def test_cli_script(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(REPO / "scripts/make_demo_data.py"), "--out", str(out), "--num-train", "2",
+           "--num-dev", "1", "--num-test", "1", "--synthetic", "--no-progress"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "wrote 4 clips" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "audio", "dev_cuts.jsonl.gz", "meta.json", "test_cuts.jsonl.gz", "tokenizer", "train_cuts.jsonl.gz",
+    ]  # fmt: skip
+    assert len(list((out / "audio").glob("*.flac"))) == 4
