@@ -264,5 +264,5 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict[str, str]:
 
         module = load_sharded_checkpoint(ckpt_path)
     else:
-        module = SALMModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+        module = SALMModule.load_checkpoint(ckpt_path)
     return export_hf(module, out_dir)

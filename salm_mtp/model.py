@@ -202,8 +202,9 @@ class SALMModule(L.LightningModule):
             dm.set_tokenizer(self.tokenizer)  # one tokenizer (with the placeholder) for model and data
 
     def on_fit_start(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))  # saved with the run
+        log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it
+        if self.trainer.is_global_zero and log_dir:
+            self.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))  # saved with the run
 
     # ------------------------------------------------------------------ forward
     def prepare_inputs(self, batch: dict) -> tuple[MergedInputs, torch.Tensor, torch.Tensor]:
@@ -355,6 +356,12 @@ class SALMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg_optim)
+
+    @classmethod
+    def load_checkpoint(cls, path: str, map_location: str = "cpu") -> "SALMModule":
+        """``load_from_checkpoint`` with torch's weights-only unpickler, our config dataclasses allow-listed."""
+        with torch.serialization.safe_globals(list(PART_TYPES.values())):
+            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
     def salm_config(self) -> dict:
         """The constructor arguments as plain data (written next to exports)."""

@@ -82,8 +82,8 @@ class DataConfig:
             raise ValueError(
                 f"data.max_duration must be > 0, got {self.max_duration}; set --data.max_duration"
             )
-        if self.num_buckets < 1:
-            raise ValueError(f"data.num_buckets must be >= 1, got {self.num_buckets}; set --data.num_buckets")
+        if self.num_buckets < 2:  # lhotse's DynamicBucketingSampler asserts num_buckets > 1
+            raise ValueError(f"data.num_buckets must be >= 2, got {self.num_buckets}; set --data.num_buckets")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}; set --data.num_workers")
         if self.max_cuts is not None and self.max_cuts < 1:

@@ -1,0 +1,369 @@
+"""Evaluate a trained SALM model on a lhotse manifest: greedy hypotheses, WER/CER/BLEU, MTP acceptance.
+
+    python scripts/evaluate.py --ckpt runs/demo/version_0/checkpoints/last.ckpt \\
+        --manifest data/demo/test_cuts.jsonl.gz --out eval/demo
+    python scripts/evaluate.py --model exports/demo --manifest ... --out ...
+
+Per batch (``DynamicCutSampler`` with ``max_cuts=--batch-size``, manifest order, collated by
+``SALMDataset``):
+  1. batched greedy decoding with the backbone's cache (salm_mtp.generate), timed;
+  2. the MTP head's drafts along the model's own greedy answer (teacher-forced, one forward) ->
+     per-depth acceptance (metrics.mtp_acceptance; eos counts as a token, padding does not);
+  3. the main head's teacher-forced top-1 accuracy on the reference answers (``main_acc``).
+
+Writes to ``--out``:
+  hyps.jsonl    one object per manifest cut: {"id", "task", "ref", "hyp"}; a cut whose audio could
+                not be read has "hyp": null and "error" (it is counted in num_failed, never fatal)
+  metrics.json  num_utterances (cuts evaluated, failed included), num_failed, num_asr, num_ast,
+                wer, cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors, ref_chars,
+                num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
+                mtp_acceptance (one value per depth; [] without a head), main_acc,
+                generated_tokens, decode_seconds (prompt encoding + prefill + decode steps only),
+                tokens_per_s, max_new_tokens. Undefined values (nan/inf) are written as null.
+  report.png    acceptance bars + training curves of --metrics-csv (default: the metrics.csv that
+                Lightning's CSVLogger wrote next to the checkpoint's run dir, if any)
+
+The prompt wording is PromptConfig's default: a model trained with other ``--data.prompt.*``
+settings must be evaluated with the same ones (``evaluate(..., prompt=PromptConfig(...))``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from salm_mtp import metrics as M
+from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
+from salm_mtp.modules.merge import IGNORE_INDEX
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_export(export_dir: str):
+    """A SALMModule from an ``export_hf`` directory (salm_config.json, llm/, encoder/, adapter.safetensors).
+
+    Delegates to ``salm_mtp.checkpoint.load_export`` (builds the module from salm_config.json with
+    llm.path / encoder.path pointing into the directory, ``load_pretrained()``, then the adapter).
+    """
+    from salm_mtp.checkpoint import load_export as _load
+
+    return _load(export_dir)
+
+
+def load_model(ckpt: str | None = None, model: str | None = None):
+    """The SALMModule of a Lightning checkpoint (``ckpt``) or of an export directory (``model``), on CPU."""
+    if (ckpt is None) == (model is None):
+        raise ValueError("pass exactly one of --ckpt (Lightning checkpoint) or --model (export directory)")
+    if model is not None:
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by scripts/export.py")
+        return load_export(model)
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
+    if os.path.isdir(ckpt):  # a sharded (FSDP2 / distributed checkpoint) directory
+        try:
+            from salm_mtp.parallel import load_sharded_checkpoint
+        except ImportError as e:
+            raise ValueError(f"--ckpt {ckpt!r} is a directory but this build cannot read sharded checkpoints; "
+                             "export it first or pass a .ckpt file") from e
+        return load_sharded_checkpoint(ckpt)
+    return load_lightning_checkpoint(ckpt)
+
+
+def load_lightning_checkpoint(path: str):
+    """``SALMModule.load_from_checkpoint(path, map_location="cpu")`` with torch's safe (weights-only)
+    unpickler: the hparams hold our config dataclasses, which it refuses unless allow-listed."""
+    from salm_mtp.model import SALMModule
+
+    return SALMModule.load_checkpoint(path)
+
+
+def default_metrics_csv(ckpt: str | None) -> str | None:
+    """The CSVLogger metrics.csv of a checkpoint's run: ``<log_dir>/metrics.csv`` for
+    ``<log_dir>/checkpoints/x.ckpt`` (or next to the checkpoint); None if there is none."""
+    if ckpt is None:
+        return None
+    here = os.path.dirname(os.path.abspath(ckpt))
+    for d in (here, os.path.dirname(here)):
+        path = os.path.join(d, "metrics.csv")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+# ------------------------------------------------------------------------------------- data
+class _KeepFailed(torch.utils.data.Dataset):
+    """SALMDataset plus ``failed``: (id, task, ref, reason) of the cuts it dropped from the batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, cuts):
+        from salm_mtp.data.dataset import reference_answer
+
+        batch = self.dataset[cuts]
+        kept = set(batch["ids"])
+        failed = []
+        for cut in cuts:
+            if cut.id in kept:
+                continue
+            try:
+                task, ref = reference_answer(cut)
+                reason = "unreadable audio"
+            except (IndexError, ValueError) as e:
+                task, ref, reason = None, None, f"bad supervision: {e}"
+            failed.append((cut.id, task, ref, reason))
+        batch["failed"] = failed
+        return batch
+
+
+def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
+            prompt: PromptConfig | None = None, num_workers: int = 0) -> tuple[Iterator[dict], int]:
+    """(iterator over collated batches in manifest order, number of cuts)."""
+    from lhotse.dataset import DynamicCutSampler
+
+    from salm_mtp.data.datamodule import load_cuts
+    from salm_mtp.data.dataset import SALMDataset
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"--manifest {manifest!r}: no such file")
+    cuts = load_cuts(manifest)
+    if limit is not None:
+        cuts = cuts.subset(first=limit)
+    cuts = cuts.to_eager()
+    sampler = DynamicCutSampler(cuts, max_cuts=batch_size, shuffle=False, world_size=1, rank=0)
+    dataset = _KeepFailed(SALMDataset(tokenizer, PromptFormatter(tokenizer, prompt or PromptConfig())))
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
+    return iter(loader), len(cuts)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@dataclass
+class _Totals:
+    """Sums over batches (fractions are formed once at the end)."""
+
+    rows: list[dict] = field(default_factory=list)
+    num_failed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    acc_hits: list[float] = field(default_factory=list)
+    acc_count: list[int] = field(default_factory=list)
+    main_correct: int = 0
+    main_count: int = 0
+
+
+def teacher_forced_hits(module, batch: dict) -> tuple[int, int]:
+    """(correct, count) of the main head's top-1 on the reference answer tokens (answer + eos)."""
+    with inference(module):
+        merged, _, _ = module.prepare_inputs(batch)
+        h0 = module(merged.inputs_embeds)  # (B, T', H)
+        keep = merged.targets != IGNORE_INDEX  # (B, T')
+        pred = module.llm.lm_head(h0[keep]).float().argmax(-1)  # (N,): logits only where a target is
+    return int((pred == merged.targets[keep]).sum()), int(keep.sum())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) -> None:
+    """Decode one collated batch and add its hypotheses and statistics to ``totals``."""
+    for cid, task, ref, reason in batch.get("failed", []):
+        totals.rows.append({"id": cid, "task": task, "ref": ref, "hyp": None, "error": reason})
+        totals.num_failed += 1
+    if batch["input_ids"].shape[0] == 0:
+        return
+    dev = module.device
+    batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    _sync(dev)
+    t0 = time.perf_counter()
+    prompt = encode_prompts(module, batch)
+    tokens, lengths = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
+    _sync(dev)
+    totals.seconds += time.perf_counter() - t0
+    totals.tokens += int(lengths.sum())
+    hyps = decode_text(module.tokenizer, tokens.cpu(), lengths.cpu())
+    for cid, task, ref, hyp in zip(batch["ids"], batch["tasks"], batch["answers"], hyps):
+        totals.rows.append({"id": cid, "task": task, "ref": ref, "hyp": hyp})
+
+    if module.num_mtp_depths and tokens.shape[1] > 0:
+        drafts = mtp_drafts(module, batch, tokens, lengths, prompt=prompt)
+        valid = torch.arange(tokens.shape[1], device=dev)[None, :] < lengths[:, None]
+        fractions = M.mtp_acceptance(tokens.cpu(), drafts.cpu(), valid.cpu())
+        if not totals.acc_hits:
+            totals.acc_hits, totals.acc_count = [0.0] * len(fractions), [0] * len(fractions)
+        for k, frac in enumerate(fractions, start=1):
+            n = int(valid[:, k:].sum())  # the pairs mtp_acceptance scored for depth k
+            if n:
+                totals.acc_hits[k - 1] += round(frac * n)
+                totals.acc_count[k - 1] += n
+
+    correct, count = teacher_forced_hits(module, batch)
+    totals.main_correct += correct
+    totals.main_count += count
+
+
+def _finite(x):
+    """JSON-safe number: nan/inf become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
+    """metrics.json content (keys in the module docstring)."""
+    ok = [r for r in totals.rows if r["hyp"] is not None]
+    asr = [r for r in ok if r["task"] == "asr"]
+    ast = [r for r in ok if r["task"] == "ast"]
+    w = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr])
+    c = M.cer([r["ref"] for r in asr], [r["hyp"] for r in asr])
+    b = M.bleu([r["ref"] for r in ast], [r["hyp"] for r in ast]) if ast else None
+    if num_depths:
+        acceptance = [h / n if n else math.nan for h, n in zip(totals.acc_hits, totals.acc_count)]
+        acceptance += [math.nan] * (num_depths - len(acceptance))  # no tokens decoded at all
+    else:
+        acceptance = []
+    out = {
+        "num_utterances": len(totals.rows),
+        "num_failed": totals.num_failed,
+        "num_asr": len(asr),
+        "num_ast": len(ast),
+        "wer": w["wer"],
+        "cer": c["cer"],
+        "wer_errors": w["errors"],
+        "ref_words": w["ref_words"],
+        "cer_errors": c["errors"],
+        "ref_chars": c["ref_chars"],
+        "num_empty_refs": w["num_empty_refs"],
+        "num_empty_hyps": w["num_empty_hyps"],
+        "bleu": b["bleu"] if b is not None else None,
+        "mtp_acceptance": [_finite(a) for a in acceptance],
+        "main_acc": totals.main_correct / totals.main_count if totals.main_count else math.nan,
+        "generated_tokens": totals.tokens,
+        "decode_seconds": totals.seconds,
+        "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else math.nan,
+        "max_new_tokens": max_new_tokens,
+    }
+    return {k: _finite(v) for k, v in out.items()}
+
+
+def format_table(m: dict) -> str:
+    """A small two-column text table of the headline metrics."""
+
+    def fmt(v, pct=False):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{100 * v:.2f}%" if pct else f"{v:.2f}"
+        return str(v)
+
+    rows = [
+        ("utterances", fmt(m["num_utterances"])),
+        ("failed", fmt(m["num_failed"])),
+        ("asr / ast", f"{m['num_asr']} / {m['num_ast']}"),
+        ("WER", fmt(m["wer"], pct=True)),
+        ("CER", fmt(m["cer"], pct=True)),
+        ("BLEU", fmt(m["bleu"])),
+        ("main_acc (teacher-forced)", fmt(m["main_acc"], pct=True)),
+    ]
+    for k, a in enumerate(m["mtp_acceptance"], start=1):
+        rows.append((f"MTP acceptance depth {k}", fmt(a, pct=True)))
+    rows += [("tokens/s", fmt(m["tokens_per_s"])), ("decode seconds", fmt(m["decode_seconds"]))]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_tokens: int = 64,
+             limit: int | None = None, metrics_csv: str | None = None, title: str | None = None,
+             prompt: PromptConfig | None = None, num_workers: int = 0, progress: bool = True) -> dict:
+    """Decode ``manifest`` with ``module``, write hyps.jsonl / metrics.json / report.png under ``out_dir``.
+
+    Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as
+    batches finish, so an interrupted run keeps what it decoded.
+    """
+    from salm_mtp.report import plot_report
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    os.makedirs(out_dir, exist_ok=True)
+    it, n_cuts = batches(manifest, module.tokenizer, batch_size, limit, prompt, num_workers)
+    totals = _Totals()
+    was_training = module.training
+    module.eval()
+    hyps_path = os.path.join(out_dir, "hyps.jsonl")
+    with open(hyps_path, "w") as f, tqdm(total=n_cuts, unit="utt", desc="decode", disable=not progress) as bar:
+        for batch in it:
+            start = len(totals.rows)
+            evaluate_batch(module, batch, max_new_tokens, totals)
+            for row in totals.rows[start:]:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(totals.rows) - start)
+            if totals.seconds > 0:
+                bar.set_postfix(tok_s=f"{totals.tokens / totals.seconds:.1f}", failed=totals.num_failed)
+    module.train(was_training)
+    result = summarise(totals, module.num_mtp_depths, max_new_tokens)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    acceptance = [math.nan if a is None else a for a in result["mtp_acceptance"]]
+    if title is None:
+        bleu = "n/a" if result["bleu"] is None else f"{result['bleu']:.1f}"
+        title = f"{os.path.basename(manifest)}: WER {_pct(result['wer'])}, BLEU {bleu}, {result['num_utterances']} utts"
+    plot_report(os.path.join(out_dir, "report.png"), acceptance, metrics_csv, title)
+    return result
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+# ------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="scripts/evaluate.py",
+        description="Greedy-decode a lhotse manifest with a trained SALM model; write hyps.jsonl, metrics.json, "
+                    "report.png.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="Lightning checkpoint (.ckpt file) written by training")
+    src.add_argument("--model", help="export directory written by scripts/export.py (salm_config.json, llm/, encoder/)")
+    p.add_argument("--manifest", required=True, help="lhotse CutSet manifest (jsonl.gz) to evaluate")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=16, help="cuts per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per utterance (default 64)")
+    p.add_argument("--metrics-csv", default=None,
+                   help="CSVLogger metrics.csv for the report's training curves (default: found next to --ckpt)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N cuts")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading audio (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message="You are using DynamicCutSampler with an eagerly read CutSet")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = load_model(args.ckpt, args.model).to(device)
+    metrics_csv = args.metrics_csv if args.metrics_csv is not None else default_metrics_csv(args.ckpt)
+    result = evaluate(module, args.manifest, args.out, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, limit=args.limit, metrics_csv=metrics_csv,
+                      num_workers=args.num_workers, progress=not args.no_progress)
+    print(format_table(result))
+    print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, report.png")
+    return 0
