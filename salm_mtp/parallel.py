@@ -1,21 +1,54 @@
-"""Data-parallel facts the loss needs, and the FSDP2 sharding plan (DESIGN.md §3-4)."""
+"""Data-parallel facts the loss needs, and the FSDP2 sharding plan (DESIGN.md §3-4).
+
+Under Lightning's ``ModelParallelStrategy`` ``SALMModule.configure_model()`` calls
+:func:`apply_parallelism`, which shards the module with ``torch.distributed.fsdp.fully_shard`` over
+the mesh's ``data_parallel`` dimension, bottom-up::
+
+    llm.model.layers[i]   one group per backbone block (class named in llm._no_split_modules)
+    audio.encoder         the conformer (its CTC head, if any, stays in the root group); with a low
+                          param_dtype each BatchNorm first gets its own fp32 group
+    adapter
+    llm.mtp               the MTP head, its own group (never folded into the LLM's)
+    <the SALMModule>      root: what is left (embeddings, norm_f, lm_head, CTC head)
+
+Why the root is the LightningModule itself: the step never calls ``llm.forward`` (it embeds the
+prompt, runs ``llm.model`` and applies ``lm_head.weight`` in the chunked loss), so a group rooted at
+``llm`` would never be all-gathered. The leftovers live in the SALMModule's group instead, and the
+Lightning step methods are registered as FSDP forward methods: each step all-gathers the root
+group once, keeps it gathered until backward (FSDP2 never reshards its root after forward), and
+reduce-scatters its gradients at the end of backward, after the embedding gradient exists. (The
+backbone call ``self(inputs_embeds)`` inside the step re-enters the root's hooks: FSDP2 treats a
+group that is already in its forward as gathered and registers nothing twice.)
+
+Gradients: FSDP2 and DDP average over dp ranks; the loss multiplies by dp_size (loss.py), so the
+gradient equals that of the global-batch token mean (tests/test_parallel.py checks it to 1e-5).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+"""Entry points of a Lightning step: each runs as a forward of the FSDP2 root."""
 
 
 def data_parallel(trainer) -> tuple[int, object | None]:
     """(dp_size, process group) of the data-parallel dimension; (1, None) outside distributed runs.
 
-    Under ModelParallelStrategy the group is the device mesh's ``data_parallel`` dimension;
-    under DDP (and any other strategy) it is the whole world.
+    Under ModelParallelStrategy the group is the device mesh's ``data_parallel`` dimension (tensor-
+    parallel peers hold the same batch); under DDP (and any other strategy) it is the whole world
+    (group None = WORLD).
     """
     if trainer is None or not (dist.is_available() and dist.is_initialized()):
         return 1, None
-    mesh = getattr(trainer.strategy, "device_mesh", None) if hasattr(trainer.strategy, "_device_mesh") else None
-    if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+    try:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+    except RuntimeError:  # ModelParallelStrategy before setup_environment() built the mesh
+        mesh = None
+    if mesh is not None and "data_parallel" in (getattr(mesh, "mesh_dim_names", None) or ()):
         sub = mesh["data_parallel"]
         return sub.size(), sub.get_group()
     return dist.get_world_size(), None
@@ -30,13 +63,185 @@ def all_reduce_sum(t: torch.Tensor, trainer) -> torch.Tensor:
     return t
 
 
+# ---------------------------------------------------------------------------------------- checks
+def check_parallel_config(module, tensor_parallel_size: int | None = None) -> None:
+    """Refuse parallel layouts the model cannot run; errors name the key to change.
+
+    ``tensor_parallel_size`` is the strategy's own (its mesh), checked alongside the config's.
+    """
+    cfg = module.cfg_parallel
+    tp = max(cfg.tensor_parallel_size, tensor_parallel_size or 1)
+    pp = cfg.pipeline_parallel_size
+    for key, size, what in (("tensor_parallel_size", tp, "tensor"), ("pipeline_parallel_size", pp, "pipeline")):
+        if size <= 1:
+            continue
+        if module.mtp_enabled:
+            raise ValueError(
+                f"model.parallel.{key}={size} with an MTP head (model.mtp.num_layers={module.num_mtp_depths}): "
+                f"{what} parallelism with MTP is not supported (the head needs the full hidden state of every "
+                f"position{' and the last pipeline stage would own it' if what == 'pipeline' else ''}). "
+                f"Set --model.parallel.{key}=1 (and the strategy's {key}=1), or --model.mtp.num_layers=0"
+            )
+        raise ValueError(
+            f"model.parallel.{key}={size}: {what} parallelism is not implemented by salm_mtp.parallel "
+            f"(FSDP2 data parallel only); set --model.parallel.{key}=1 (and the strategy's {key}=1)"
+        )
+
+
+def check_layerdrop(module) -> None:
+    """Layerdrop makes ranks skip different encoder blocks: FSDP2's collectives would then mismatch."""
+    p = float(getattr(module.audio.encoder, "layerdrop", 0.0) or 0.0)
+    if p > 0:
+        raise ValueError(
+            f"model.encoder.layerdrop={p} under FSDP2: each rank would skip different encoder blocks, so their "
+            "all-gathers and reduce-scatters would not match. Set --model.encoder.layerdrop=0"
+        )
+
+
+# ------------------------------------------------------------------------------------ the plan
+def _info(msg: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"[salm_mtp.parallel] {msg}")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def _already_sharded(m: nn.Module) -> bool:
+    """Whether ``m`` is an FSDPModule, or every one of its parameters already belongs to an FSDP group."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = list(m.parameters())
+    return isinstance(m, FSDPModule) or (bool(params) and all(isinstance(p, DTensor) for p in params))
+
+
+def backbone_blocks(llm) -> list[tuple[str, nn.Module]]:
+    """(name, block) of the backbone blocks: modules of ``llm.model.layers`` whose class is in ``_no_split_modules``."""
+    names = set(getattr(llm, "_no_split_modules", None) or ())
+    blocks = [(f"llm.model.layers.{i}", b) for i, b in enumerate(llm.model.layers) if type(b).__name__ in names]
+    if not blocks:
+        found = sorted({type(b).__name__ for b in llm.model.layers})
+        raise ValueError(f"no backbone block to shard: llm.model.layers holds {found}, llm._no_split_modules is "
+                         f"{sorted(names)}")
+    return blocks
+
+
+def shard_module(module, dp_mesh) -> list[str]:
+    """Apply the FSDP2 plan (module docstring) over ``dp_mesh``; returns the names of the groups made.
+
+    A unit that is already sharded (an FSDPModule, or one whose parameters an earlier group took,
+    e.g. a head wrapped together with part of the LLM) is skipped and logged, never wrapped again.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    cfg = module.cfg_parallel
+    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} tensors are on the meta device (e.g. {meta[0]}): salm_mtp builds real weights from its "
+            "configs and loads checkpoints in configure_model; do not create it under "
+            "trainer.init_module(empty_init=True) (the derived feature buffers would be lost)"
+        )
+    check_layerdrop(module)
+    mp = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
+    # The root keeps its inputs as they come: the batch's waveforms feed the fp32 log-mel front end.
+    mp_root = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                   cast_forward_inputs=False)
+    dp = dp_mesh.size()
+    made: list[str] = []
+
+    def wrap(name: str, m: nn.Module, policy=mp) -> bool:
+        if _already_sharded(m):
+            _info(f"skip {name} ({type(m).__name__}): already sharded by an earlier fully_shard")
+            return False
+        n, cls = sum(p.numel() for p in m.parameters() if not isinstance(p, DTensor)), type(m).__name__
+        fully_shard(m, mesh=dp_mesh, mp_policy=policy)
+        made.append(name)
+        _info(f"fully_shard {name} ({cls}, {n / 1e6:.3f}M params) over data_parallel={dp}")
+        return True
+
+    blocks = backbone_blocks(module.llm)
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint  # hooks only: parameter names unchanged
+
+        for name, block in blocks:
+            if not _already_sharded(block):
+                checkpoint(block)  # before fully_shard: recompute (and re-gather) the block in backward
+        _info(f"activation checkpointing on {len(blocks)} backbone blocks")
+    for name, block in blocks:
+        wrap(name, block)
+    if mp.param_dtype not in (None, torch.float32):
+        # FSDP2 casts parameters, never buffers: a BatchNorm with low-precision weights and fp32 running
+        # statistics fails (CPU) or loses precision. Each one gets an fp32 group; its output goes back
+        # to the compute dtype for the next conv.
+        bn_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=mp.reduce_dtype,
+                                         output_dtype=mp.param_dtype, cast_forward_inputs=True)
+        for name, m in module.audio.encoder.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                wrap(f"audio.encoder.{name} (fp32)", m, bn_policy)
+    wrap("audio.encoder", module.audio.encoder)
+    wrap("adapter", module.adapter)
+    head = module.mtp_head
+    if head is not None:
+        wrap("llm.mtp", head)  # separately: the LLM's leftovers go to the root, never the head
+    if wrap("<root> SALMModule (embeddings, norm_f, lm_head, CTC head)", module, mp_root):
+        for method in STEP_METHODS:  # once only: a second registration would nest the root's hooks
+            if hasattr(module, method):
+                register_fsdp_forward_method(module, method)
+    left = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
+    if left:
+        raise RuntimeError(f"FSDP2 plan left {len(left)} parameters unsharded, e.g. {left[:3]}")
+    return made
+
+
 def apply_parallelism(module) -> None:
-    """Shard ``module`` when it runs under Lightning's ModelParallelStrategy; a no-op otherwise."""
+    """Shard ``module`` when it runs under Lightning's ModelParallelStrategy; a no-op otherwise.
+
+    Parallel layouts the model refuses (tensor / pipeline parallel with MTP) fail under any strategy.
+    """
     trainer = module._trainer
-    if trainer is None:
-        return
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if not isinstance(trainer.strategy, ModelParallelStrategy):
+    strategy = trainer.strategy if trainer is not None else None
+    if not isinstance(strategy, ModelParallelStrategy):
+        check_parallel_config(module)
         return
-    raise NotImplementedError("FSDP2 sharding plan: in progress")
+    mesh = strategy.device_mesh
+    check_parallel_config(module, mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1)
+    shard_module(module, mesh["data_parallel"])
+
+
+# ------------------------------------------------------------------------ sharded checkpoints
+def load_sharded_checkpoint(path: str):
+    """An unsharded SALMModule (CPU) from a ModelParallelStrategy checkpoint directory.
+
+    Lightning writes such a directory when ``save_distributed_checkpoint=True`` (its default): one
+    ``torch.distributed.checkpoint`` shard per rank plus ``meta.pt`` with the hyperparameters. The
+    module is rebuilt from those and its weights are read in place, in one process, no trainer.
+    """
+    import os
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from salm_mtp.model import SALMModule
+
+    meta_file = os.path.join(path, "meta.pt")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(
+            f"{path!r} has no meta.pt: not a checkpoint directory written by Lightning's ModelParallelStrategy "
+            "(pass a .ckpt file for single-file checkpoints)"
+        )
+    meta = torch.load(meta_file, map_location="cpu", weights_only=False)  # our own file: configs are dataclasses
+    hparams = meta.get("hyper_parameters")
+    if not hparams:
+        raise ValueError(f"{meta_file!r} holds no hyper_parameters: cannot rebuild the SALMModule")
+    module = SALMModule(**hparams)
+    state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    module._pretrained_loaded = True  # the checkpoint holds every weight: configure_model must not reload them
+    return module
