@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -25,12 +26,13 @@ class SALMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
         if not trainer.is_global_zero:
             return
         ckpt = trainer.checkpoint_callback
-        lines = [f"logs:        {trainer.log_dir}"]
-        if trainer.log_dir and os.path.isfile(os.path.join(trainer.log_dir, "metrics.csv")):
-            lines.append(f"metrics:     {os.path.join(trainer.log_dir, 'metrics.csv')}")
+        lines = [f"logs:        {log_dir}"]
+        if log_dir and os.path.isfile(os.path.join(log_dir, "metrics.csv")):
+            lines.append(f"metrics:     {os.path.join(log_dir, 'metrics.csv')}")
         if ckpt is not None:
             lines.append(f"checkpoint:  {ckpt.last_model_path or ckpt.best_model_path or '(none saved)'}")
         rank_zero_info("\n".join(["", "salm-mtp fit finished", *lines]))
@@ -38,6 +40,9 @@ class SALMCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Our logged values are already reduced over the data-parallel group (SALMModule.summarise):
+    # Lightning's advice to add sync_dist=True would average them a second time.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(")
     SALMCLI(
         SALMModule,
         SALMDataModule,

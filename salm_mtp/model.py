@@ -115,6 +115,13 @@ class SALMModule(L.LightningModule):
             lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
         """
         super().__init__()
+        # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
+        parts = config_from_dict(dict(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, optim=optim,
+                                      features=features, spec_augment=spec_augment, freeze=freeze,
+                                      parallel=parallel))
+        encoder, adapter, llm, mtp, optim = (parts[k] for k in ("encoder", "adapter", "llm", "mtp", "optim"))
+        features, spec_augment, freeze, parallel = (parts[k] for k in ("features", "spec_augment", "freeze",
+                                                                       "parallel"))
         if ctc_weight < 0:
             raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
         self.save_hyperparameters()
@@ -303,9 +310,17 @@ class SALMModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ steps
+    def _skip_empty(self, batch: dict) -> bool:
+        """True when this rank's or any other data-parallel rank's batch lost every clip (unreadable audio).
+
+        Decided together over the dp group, so all ranks skip the step and no collective waits forever.
+        """
+        empty = torch.tensor(float(batch["input_ids"].shape[0] == 0), device=batch["input_ids"].device)
+        return bool(all_reduce_sum(empty, self._trainer) > 0)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"].shape[0] == 0:
-            return None  # every clip of the batch was unreadable (counted by the dataset)
+        if self._skip_empty(batch):
+            return None  # no backward, no optimiser step, on every rank
         loss, summed, bsz = self.compute_losses(batch)
         metrics = self.summarise(summed)
         bar = {"loss", "mtp_loss", "ctc_loss"}
@@ -323,7 +338,7 @@ class SALMModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict) -> None:
-        if batch["input_ids"].shape[0] == 0:
+        if self._skip_empty(batch):
             return
         _, summed, _ = self.compute_losses(batch)
         self._val_sums["sum"] = self._val_sums.get("sum", 0) + summed

@@ -238,7 +238,7 @@ def load_sharded_checkpoint(path: str):
     hparams = meta.get("hyper_parameters")
     if not hparams:
         raise ValueError(f"{meta_file!r} holds no hyper_parameters: cannot rebuild the SALMModule")
-    module = SALMModule(**hparams)
+    module = SALMModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
     state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
