@@ -46,7 +46,9 @@ class EncoderConfig:
     intermediate_size: int = 256
     """Feed-forward width (inline build only)."""
     subsampling_conv_channels: int = 64
-    """Channels of the 8x subsampling convolutions (inline build only)."""
+    """Channels of the subsampling convolutions (inline build only)."""
+    subsampling_factor: int = 8
+    """Time reduction of the subsampling convolutions: 8 (80 ms frames, Parakeet's) or 4 (inline build only)."""
     conv_kernel_size: int = 9
     """Depthwise convolution kernel of each conformer block (inline build only)."""
     dropout: float = 0.1
@@ -59,6 +61,8 @@ class EncoderConfig:
             _check(getattr(self, name) > 0, f"model.encoder.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(self.hidden_size % self.num_attention_heads == 0, "model.encoder.hidden_size",
                f"({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+        _check(self.subsampling_factor in (2, 4, 8, 16), "model.encoder.subsampling_factor",
+               f"must be a power of two in [2, 16], got {self.subsampling_factor}")
         _check(0.0 <= self.dropout < 1.0, "model.encoder.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(0.0 <= self.layerdrop < 1.0, "model.encoder.layerdrop", f"must be in [0, 1), got {self.layerdrop}")
 

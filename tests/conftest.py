@@ -65,3 +65,9 @@ def sine_corpus(tmp_path: Path):
 def tok_dir(tmp_path_factory) -> str:
     """Directory of the tiny test tokenizer."""
     return tiny.tokenizer_dir(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A 24-clip sine corpus shared by the tests of one module (CLI runs)."""
+    return str(write_sine_corpus(tmp_path_factory.mktemp("corpus"), n=24))

@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+from tiny import logged_losses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,17 +31,6 @@ def _metrics(run_dir):
         return list(csv.DictReader(f))
 
 
-def _train_losses(rows):
-    return {int(r["step"]): float(r["loss"]) for r in rows if r.get("loss")}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from conftest import write_sine_corpus
-
-    return str(write_sine_corpus(tmp_path_factory.mktemp("corpus"), n=24))
-
-
 @pytest.fixture(scope="module")
 def full_run(corpus, tok_dir, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("full"))
@@ -57,7 +48,7 @@ def test_fit_writes_checkpoints_metrics_and_config(full_run):
     for c in ["loss", "main_loss", "mtp_loss", "mtp_loss/depth_1", "mtp_loss/depth_2", "mtp_acc/depth_1",
               "mtp_acc/depth_2", "ctc_loss", "val_loss", "val_mtp_loss", "val_mtp_acc/depth_1", "lr"]:
         assert c in cols, c
-    losses = _train_losses(rows)
+    losses = logged_losses(run)
     assert sorted(losses) == [0, 1, 2, 3, 4, 5]
     for r in rows:  # loss = main_loss + mtp_loss, as logged
         if r.get("loss"):
@@ -73,7 +64,7 @@ def test_resume_continues_with_same_next_batch_loss(full_run, corpus, tok_dir, t
     run, _ = full_run
     step3 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step3.ckpt"))[0]
     _fit(str(tmp_path), corpus, tok_dir, f"--ckpt_path={step3}")
-    full, resumed = _train_losses(_metrics(run)), _train_losses(_metrics(str(tmp_path)))
+    full, resumed = logged_losses(run), logged_losses(str(tmp_path))
     assert sorted(resumed) == [3, 4, 5]  # continues at the right step
     for step in (3, 4, 5):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step

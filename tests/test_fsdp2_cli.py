@@ -5,7 +5,6 @@ from step 2 and must log the same losses at steps 2 and 3; scripts/export.py con
 checkpoint into an HF directory whose mtp.* tensors equal the sharded checkpoint's.
 """
 
-import csv
 import glob
 import os
 import subprocess
@@ -16,6 +15,8 @@ import pytest
 import torch
 
 from salm_mtp.checkpoint import fuse_experts
+
+from tiny import logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -35,19 +36,6 @@ def _launch(run_dir, manifest, tok_dir, *extra):
     return out, time.perf_counter() - t0
 
 
-def _losses(run_dir):
-    (path,) = glob.glob(os.path.join(run_dir, "salm/version_*/metrics.csv"))
-    with open(path) as f:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from conftest import write_sine_corpus
-
-    return str(write_sine_corpus(tmp_path_factory.mktemp("corpus"), n=24))
-
-
 @pytest.fixture(scope="module")
 def full_run(corpus, tok_dir, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("fsdp2"))
@@ -62,7 +50,7 @@ def test_fsdp2_fit_writes_sharded_checkpoints_and_logs(full_run):
     assert ckpts == ["last.ckpt", "step2.ckpt", "step4.ckpt"]
     step4 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step4.ckpt"))[0]
     assert os.path.isdir(step4) and os.path.isfile(os.path.join(step4, "meta.pt"))  # sharded, one dir
-    assert sorted(_losses(run)) == [0, 1, 2, 3]
+    assert sorted(logged_losses(run)) == [0, 1, 2, 3]
     log = out.stdout + out.stderr
     assert "[salm_mtp.parallel]" in log and "llm.mtp" in log  # the plan reports what it wrapped
 
@@ -71,7 +59,7 @@ def test_fsdp2_resume_continues_exactly(full_run, corpus, tok_dir, tmp_path):
     run, _ = full_run
     step2 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step2.ckpt"))[0]
     _launch(str(tmp_path), corpus, tok_dir, f"--ckpt_path={step2}")
-    full, resumed = _losses(run), _losses(str(tmp_path))
+    full, resumed = logged_losses(run), logged_losses(str(tmp_path))
     assert sorted(resumed) == [2, 3]
     for step in (2, 3):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step

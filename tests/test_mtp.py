@@ -127,3 +127,4 @@ def test_shipped_head_cannot_be_rebuilt_differently(tok_dir):
     assert resolve_mtp(cfg, MTPConfig(num_layers=0))[0] == 0
     with pytest.raises(ValueError, match="must be >= 1"):
         MTPHead(cfg, 0, "*E")
+

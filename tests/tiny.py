@@ -69,3 +69,13 @@ def make_batch(tokenizer, answers: list[str], audio_samples: list[int], tasks: l
         "ctc_ids": ctc_ids, "ctc_lens": torch.tensor([len(c) for c in ctc]),
         "ids": [f"utt{i}" for i in range(B)], "tasks": tasks, "answers": answers, "num_dropped": 0,
     }
+
+
+def logged_losses(run_dir: str) -> dict[int, float]:
+    """{step: loss} of the training rows of the one CSVLogger run under ``run_dir/salm``."""
+    import csv
+    import glob
+
+    (path,) = glob.glob(os.path.join(run_dir, "salm/version_*/metrics.csv"))
+    with open(path) as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}

@@ -26,6 +26,7 @@ def encoder_config_from(cfg: EncoderConfig) -> tuple[ParakeetEncoderConfig, Para
             num_attention_heads=cfg.num_attention_heads,
             intermediate_size=cfg.intermediate_size,
             subsampling_conv_channels=cfg.subsampling_conv_channels,
+            subsampling_factor=cfg.subsampling_factor,
             conv_kernel_size=cfg.conv_kernel_size,
             dropout=cfg.dropout,
             activation_dropout=cfg.dropout,
