@@ -47,6 +47,8 @@ class EncoderConfig:
     """Feed-forward width (inline build only)."""
     subsampling_conv_channels: int = 64
     """Channels of the subsampling convolutions (inline build only)."""
+    scale_input: bool = True
+    """Multiply the subsampled features by sqrt(hidden_size) (Parakeet's xscaling; inline build only)."""
     subsampling_factor: int = 8
     """Time reduction of the subsampling convolutions: 8 (80 ms frames, Parakeet's) or 4 (inline build only)."""
     conv_kernel_size: int = 9

@@ -27,6 +27,7 @@ def encoder_config_from(cfg: EncoderConfig) -> tuple[ParakeetEncoderConfig, Para
             intermediate_size=cfg.intermediate_size,
             subsampling_conv_channels=cfg.subsampling_conv_channels,
             subsampling_factor=cfg.subsampling_factor,
+            scale_input=cfg.scale_input,
             conv_kernel_size=cfg.conv_kernel_size,
             dropout=cfg.dropout,
             activation_dropout=cfg.dropout,
