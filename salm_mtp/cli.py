@@ -2,6 +2,7 @@
 
     salm-mtp fit --config conf/demo.yaml --model.mtp.num_layers=2 --trainer.max_steps=100
     salm-mtp validate|test --config conf/demo.yaml --ckpt_path runs/demo/.../last.ckpt
+    salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
 
 YAML files and overrides are merged in OmegaConf's "omegaconf+" mode: ``${...}`` interpolations
 are resolved after the command-line overrides, so an override reaches every field that
@@ -10,10 +11,12 @@ interpolates it. The resolved config is saved as ``config.yaml`` in the run's lo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
 
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -21,8 +24,34 @@ from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.model import SALMModule
 
 
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Writes ``salm-mtp predict`` hypotheses to ``<log_dir>/predictions[.rank].jsonl`` as they come."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.path: str | None = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        log_dir = trainer.log_dir or "."
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, f"predictions{suffix}.jsonl")
+        open(self.path, "w").close()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        with open(self.path, "a") as f:
+            for row in prediction:
+                f.write(json.dumps(row) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rank_zero_info(f"predictions: {self.path}")
+
+
 class SALMCLI(LightningCLI):
-    """LightningCLI that reports where a fit wrote its logs and checkpoints."""
+    """LightningCLI that reports where a fit wrote its logs and checkpoints, and writes predictions."""
+
+    def before_predict(self) -> None:
+        self.trainer.callbacks.append(JsonlPredictionWriter())
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -9,7 +9,7 @@ PY="${SALM_VENV:-.venv}/bin/python"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
 RUN="${RUN:-runs/demo}"
 DEMO_TRAIN="${DEMO_TRAIN:-6000}"
-ENC_STEPS="${ENC_STEPS:-1000}"
+ENC_STEPS="${ENC_STEPS:-1200}"
 SALM_STEPS="${SALM_STEPS:-900}"
 t0=$(date +%s)
 mkdir -p "$RUN"

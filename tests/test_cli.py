@@ -76,3 +76,20 @@ def test_bad_override_names_the_key(corpus, tok_dir, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode != 0
     assert "model.mtp.num_layers must be >= 0, got -1" in out.stderr
+
+
+def test_predict_writes_hypotheses(full_run, corpus, tok_dir, tmp_path):
+    import json
+
+    run, _ = full_run
+    last = glob.glob(os.path.join(run, "salm/version_*/checkpoints/last.ckpt"))[0]
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "predict", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+           f"--trainer.default_root_dir={tmp_path}", f"--model.tokenizer_path={tok_dir}",
+           f"--data.train_manifest={corpus}", f"--data.test_manifest={corpus}", f"--ckpt_path={last}",
+           "--trainer.enable_progress_bar=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-4000:]
+    (path,) = glob.glob(os.path.join(str(tmp_path), "salm/version_*/predictions.jsonl"))
+    rows = [json.loads(line) for line in open(path)]
+    assert sorted(r["id"] for r in rows) == [f"c{i:03d}" for i in range(24)]
+    assert all(set(r) == {"id", "task", "ref", "hyp"} and isinstance(r["hyp"], str) for r in rows)

@@ -383,3 +383,7 @@ class SALMDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """``salm-mtp predict`` decodes the test manifest (``--data.test_manifest``)."""
+        return self._eval_dataloader("test")
