@@ -85,7 +85,8 @@ def test_predict_writes_hypotheses(full_run, corpus, tok_dir, tmp_path):
     last = glob.glob(os.path.join(run, "salm/version_*/checkpoints/last.ckpt"))[0]
     cmd = [sys.executable, "-m", "salm_mtp.cli", "predict", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
            f"--trainer.default_root_dir={tmp_path}", f"--model.tokenizer_path={tok_dir}",
-           f"--data.train_manifest={corpus}", f"--data.test_manifest={corpus}", f"--ckpt_path={last}",
+           f"--data.train_manifest={corpus}", "--data.val_manifest=null", f"--data.test_manifest={corpus}",
+           f"--ckpt_path={last}",
            "--trainer.enable_progress_bar=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-4000:]
