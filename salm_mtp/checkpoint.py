@@ -91,9 +91,13 @@ def _to_module_key(k: str) -> str:
     return "model." + k[len("backbone.") :] if k.startswith("backbone.") else k
 
 
-def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str, prefix: str = "") -> None:
-    """load_state_dict that fails with the names of missing / unexpected / misshapen tensors."""
-    own = module.state_dict()
+def _load_exact(
+    module: nn.Module, state: dict[str, torch.Tensor], what: str, prefix: str = "",
+    own: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Copy ``state`` into ``own`` (default: all of ``module.state_dict()``; pass a subset to load
+    part of a module), failing with the names of missing / unexpected / misshapen tensors."""
+    own = module.state_dict() if own is None else own
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -107,7 +111,9 @@ def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str, pr
         problems.append(f"shape mismatches {shapes[:20]}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    with torch.no_grad():  # state_dict tensors share the parameters' storage: copies land in the module
+        for k, v in state.items():
+            own[k].copy_(v)
 
 
 def has_mtp_tensors(path: str) -> bool:
@@ -133,8 +139,7 @@ def load_llm_weights(llm: nn.Module, path: str, load_mtp: bool) -> None:
     target = {k: v for k, v in llm.state_dict().items() if not k.startswith("mtp.")}
     if getattr(llm.config, "tie_word_embeddings", False):
         target.pop("lm_head.weight", None)
-    holder = _Subset(llm, target)
-    _load_exact(holder, state, f"LLM checkpoint {path!r}")
+    _load_exact(llm, state, f"LLM checkpoint {path!r}", own=target)
     if load_mtp:
         if head is None:
             raise CheckpointError(f"load_mtp=True but the LLM has no attached mtp head to load {path!r} into")
@@ -152,24 +157,6 @@ def load_mtp_weights(
     state = fuse_experts(read_tensors(files, keys), num_experts)  # fused under full names: errors name them
     state = {k[len("mtp.") :]: v for k, v in state.items()}
     _load_exact(head, state, f"MTP head from {path!r}", prefix="mtp.")
-
-
-class _Subset(nn.Module):
-    """Loads a subset of a module's state dict by name (the backbone without its head)."""
-
-    def __init__(self, module: nn.Module, subset: dict[str, torch.Tensor]):
-        super().__init__()
-        self._module = [module]
-        self._subset = subset
-
-    def state_dict(self, *args, **kwargs):  # noqa: D102
-        return dict(self._subset)
-
-    def load_state_dict(self, state, strict=True, assign=False):  # noqa: D102
-        own = self._subset
-        with torch.no_grad():
-            for k, v in state.items():
-                own[k].copy_(v)
 
 
 def load_encoder_weights(audio_encoder: nn.Module, path: str) -> None:

@@ -156,7 +156,7 @@ class SALMModule(L.LightningModule):
         record_mtp_in_config(self.llm.config, head)
         self.num_mtp_depths = head.num_depths if head is not None else 0
         self._pretrained_loaded = False
-        self._val_sums: dict[str, torch.Tensor] = {}
+        self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
         self._t_last: float | None = None
 
     # ------------------------------------------------------------------ building blocks
@@ -341,12 +341,13 @@ class SALMModule(L.LightningModule):
         if self._skip_empty(batch):
             return
         _, summed, _ = self.compute_losses(batch)
-        self._val_sums["sum"] = self._val_sums.get("sum", 0) + summed
+        self._eval_sum = summed if self._eval_sum is None else self._eval_sum + summed
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        if "sum" not in self._val_sums:
+        if self._eval_sum is None:
             return
-        for name, value in self.summarise(self._val_sums.pop("sum")).items():
+        summed, self._eval_sum = self._eval_sum, None
+        for name, value in self.summarise(summed).items():
             self.log(f"{prefix}_{name}", value, prog_bar=name in ("loss", "mtp_loss"), sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
