@@ -192,6 +192,10 @@ class ParallelConfig:
     """FSDP2 mixed precision: parameter dtype for compute (e.g. bfloat16); null = full precision."""
     reduce_dtype: str | None = None
     """FSDP2 mixed precision: gradient reduction dtype (e.g. float32)."""
+    frozen_dtype: str | None = None
+    """Storage dtype of frozen parameters (e.g. bfloat16: half the memory of a frozen LLM); null = float32. Trainable
+    parameters always keep fp32 master weights; tensors transformers keeps in fp32 (e_score_correction_bias) and the
+    feature buffers stay fp32. Needs param_dtype equal to it under FSDP2, or trainer.precision=bf16-mixed otherwise."""
     tensor_parallel_size: int = 1
     """Tensor parallel size; must be 1 while MTP is enabled."""
     pipeline_parallel_size: int = 1
@@ -200,7 +204,7 @@ class ParallelConfig:
     """Multiply the optimised loss by dp_size (DESIGN.md §3). Test-only switch: never turn off for training."""
 
     def __post_init__(self) -> None:
-        for key in ("param_dtype", "reduce_dtype"):
+        for key in ("param_dtype", "reduce_dtype", "frozen_dtype"):
             val = getattr(self, key)
             _check(val in (None, "float32", "bfloat16", "float16"), f"model.parallel.{key}",
                    f"must be null, float32, bfloat16 or float16, got {val!r}")

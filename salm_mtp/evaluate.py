@@ -48,43 +48,18 @@ from salm_mtp.modules.merge import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_export(export_dir: str):
-    """A SALMModule from an ``export_hf`` directory (salm_config.json, llm/, encoder/, adapter.safetensors).
-
-    Delegates to ``salm_mtp.checkpoint.load_export`` (builds the module from salm_config.json with
-    llm.path / encoder.path pointing into the directory, ``load_pretrained()``, then the adapter).
-    """
-    from salm_mtp.checkpoint import load_export as _load
-
-    return _load(export_dir)
-
-
 def load_model(ckpt: str | None = None, model: str | None = None):
-    """The SALMModule of a Lightning checkpoint (``ckpt``) or of an export directory (``model``), on CPU."""
+    """The SALMModule of a Lightning checkpoint (``ckpt``: .ckpt file or sharded directory) or of an
+    export directory (``model``), on CPU (``salm_mtp.io.load_model``)."""
+    from salm_mtp.io import load_model as _load
+
     if (ckpt is None) == (model is None):
         raise ValueError("pass exactly one of --ckpt (Lightning checkpoint) or --model (export directory)")
-    if model is not None:
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by scripts/export.py")
-        return load_export(model)
-    if not os.path.exists(ckpt):
+    if model is not None and not os.path.isdir(model):
+        raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by scripts/export.py")
+    if ckpt is not None and not os.path.exists(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
-    if os.path.isdir(ckpt):  # a sharded (FSDP2 / distributed checkpoint) directory
-        try:
-            from salm_mtp.parallel import load_sharded_checkpoint
-        except ImportError as e:
-            raise ValueError(f"--ckpt {ckpt!r} is a directory but this build cannot read sharded checkpoints; "
-                             "export it first or pass a .ckpt file") from e
-        return load_sharded_checkpoint(ckpt)
-    return load_lightning_checkpoint(ckpt)
-
-
-def load_lightning_checkpoint(path: str):
-    """``SALMModule.load_from_checkpoint(path, map_location="cpu")`` with torch's safe (weights-only)
-    unpickler: the hparams hold our config dataclasses, which it refuses unless allow-listed."""
-    from salm_mtp.model import SALMModule
-
-    return SALMModule.load_checkpoint(path)
+    return _load(model or ckpt)
 
 
 def default_metrics_csv(ckpt: str | None) -> str | None:

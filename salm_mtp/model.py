@@ -1,9 +1,12 @@
 """SALMModule: the LightningModule that wires audio features -> Parakeet encoder -> adapter ->
 Nemotron-H (+ MTP head) and computes the token-normalised losses.
 
-Lifecycle:
-  __init__          builds every part from configs (reads local config.json / tokenizer files only)
-  configure_model   loads pretrained weights (when a trainer runs it), applies freezing and FSDP2 sharding
+Lifecycle (one path for 1 process or N, CPU or GPU; salm_mtp/materialize.py):
+  __init__          builds every part from configs with parameters on the meta device (reads local
+                    config.json / tokenizer files only; no weight memory, seconds even at 120B)
+  configure_model   freezing -> dtype policy (frozen weights may be stored in bf16) -> FSDP2 plan on meta ->
+                    materialise local shards -> each rank reads its slice of the pretrained tensors ->
+                    new tensors initialised identically for any world size (materialize_weights)
   prepare_inputs    features -> encoder -> adapter -> embed -> merge   (batch layout: salm_mtp.data.dataset)
   forward           backbone over the merged embeddings -> h0 (B, T', H) after norm_f
   training_step     main + MTP (+ CTC) losses, global-token normalised and scaled by dp_size
@@ -20,7 +23,7 @@ import lightning as L
 import torch
 from transformers import AutoTokenizer
 
-from salm_mtp import checkpoint as ckpt
+from salm_mtp import weights as W
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -34,11 +37,19 @@ from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.loss import combine_losses, ctc_sum, head_stats
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
-from salm_mtp.modules.llm import build_llm
+from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
 from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
-from salm_mtp.modules.mtp import build_mtp_head, record_mtp_in_config, shipped_mtp
+from salm_mtp.modules.mtp import backbone_pairs, build_mtp_head, record_mtp_in_config, shipped_mtp
+from salm_mtp.materialize import (
+    copy_parameters,
+    fill_from_checkpoint,
+    init_parameters,
+    is_materialized,
+    materialize,
+    meta_parameters,
+)
 from salm_mtp.optim import build_optimizer
-from salm_mtp.parallel import all_reduce_sum, data_parallel
+from salm_mtp.parallel import all_reduce_sum, apply_param_dtypes, broadcast_seed, check_precision, data_parallel
 
 
 def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
@@ -97,6 +108,7 @@ class SALMModule(L.LightningModule):
         tokenizer_path: str | None = None,
         ctc_weight: float = 0.0,
         lm_head_chunk_size: int = 2048,
+        init_seed: int | None = None,
     ):
         """Build the model from typed configs.
 
@@ -113,6 +125,9 @@ class SALMModule(L.LightningModule):
             tokenizer_path: tokenizer directory; null = the LLM directory's tokenizer.
             ctc_weight: weight of an encoder CTC auxiliary loss on the transcript (0 = off).
             lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
+            init_seed: seed of the new (not loaded) parameters' initialisation; each module's values
+                depend only on it and the module's name, so N ranks start from the weights 1 process
+                would. null = rank 0's global seed (seed_everything).
         """
         super().__init__()
         # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
@@ -129,6 +144,7 @@ class SALMModule(L.LightningModule):
         self.cfg_freeze, self.cfg_parallel = freeze, parallel
         self.ctc_weight = ctc_weight
         self.lm_head_chunk_size = lm_head_chunk_size
+        self.init_seed = init_seed
 
         self.tokenizer = load_tokenizer(tokenizer_path or llm.path)
         self.placeholder_id = ensure_audio_placeholder(self.tokenizer)
@@ -145,17 +161,16 @@ class SALMModule(L.LightningModule):
                     f"has {len(self.tokenizer)} tokens (+1 blank expected): pretrain the encoder with this tokenizer "
                     "or set --model.ctc_weight=0"
                 )
-        self.audio = AudioEncoder(enc_cfg, ctc_classes)
-        self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
-        self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
-
-        self.mtp_shipped = shipped_mtp(self.llm.config) is not None
-        head = build_mtp_head(self.llm, mtp)
+        with meta_parameters():  # weights come in configure_model: loaded, or initialised per shard
+            self.audio = AudioEncoder(enc_cfg, ctc_classes)
+            self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
+            self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
+            self.mtp_shipped = shipped_mtp(self.llm.config) is not None
+            head = build_mtp_head(self.llm, mtp)
         if head is not None:
             self.llm.mtp = head
         record_mtp_in_config(self.llm.config, head)
         self.num_mtp_depths = head.num_depths if head is not None else 0
-        self._pretrained_loaded = False
         self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
         self._t_last: float | None = None
 
@@ -169,22 +184,6 @@ class SALMModule(L.LightningModule):
     def mtp_head(self):
         return getattr(self.llm, "mtp", None)
 
-    def load_pretrained(self) -> None:
-        """Load the encoder and LLM (+ shipped MTP head) weights from their local HF directories."""
-        if self.cfg_encoder.path is not None:
-            ckpt.load_encoder_weights(self.audio, self.cfg_encoder.path)
-        if self.cfg_llm.path is not None:
-            path = self.cfg_llm.path
-            has_mtp = ckpt.has_mtp_tensors(path)
-            if self.mtp_enabled and self.mtp_shipped and not has_mtp:
-                raise ckpt.CheckpointError(
-                    f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
-                    "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
-                    " to train without it"
-                )
-            ckpt.load_llm_weights(self.llm, path, load_mtp=self.mtp_enabled and self.mtp_shipped)
-        self._pretrained_loaded = True
-
     def apply_freeze(self) -> list[str]:
         """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names."""
         frozen = []
@@ -196,12 +195,77 @@ class SALMModule(L.LightningModule):
         return frozen
 
     def configure_model(self) -> None:
-        if self._trainer is not None and not self._pretrained_loaded:
-            self.load_pretrained()  # outside a trainer (load_from_checkpoint) the checkpoint holds the weights
+        """Freeze, set dtypes, shard (FSDP2) and fill the weights; runs once (Lightning calls it again on resume).
+
+        Under a trainer the pretrained tensors of model.llm.path / model.encoder.path are read, unless the
+        run restores a checkpoint (``--ckpt_path``), which holds every weight. Outside a trainer
+        (``load_from_checkpoint``) nothing is read either: the caller loads the state dict.
+        """
+        if is_materialized(self):
+            return
+        trainer = self._trainer
+        check_precision(self, trainer)
         self.apply_freeze()
+        apply_param_dtypes(self)
         from salm_mtp.parallel import apply_parallelism
 
-        apply_parallelism(self)
+        apply_parallelism(self)  # on meta: each rank keeps a plan of its shards, no memory yet
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        missing_mamba_kernels(self.llm, device)
+        load = trainer is not None and getattr(trainer, "ckpt_path", None) is None
+        self.materialize_weights(device, load_pretrained=load)
+
+    def materialize_weights(self, device: torch.device | str = "cpu", load_pretrained: bool = True) -> dict:
+        """Allocate this rank's shards on ``device`` and fill them; returns {"loaded": names, "initialised": names}.
+
+        Pretrained tensors (``load_pretrained``): the encoder from model.encoder.path, the LLM and a shipped
+        MTP head (1:1) from model.llm.path, each rank reading only its slices. Every other parameter is
+        initialised by its module's own init under a seed derived from ``init_seed`` and its name.
+        ``mtp.init_from_backbone`` then copies the backbone's (loaded) last blocks into a new head.
+        """
+        if is_materialized(self):
+            raise RuntimeError("SALMModule weights are already materialised")
+        materialize(self, device)
+        loaded = self._load_pretrained() if load_pretrained else set()
+        params = {n for n, _ in self.named_parameters()}
+        initialised = init_parameters(self, params - loaded, broadcast_seed(self.init_seed))
+        head = self.mtp_head
+        if head is not None and self.cfg_mtp.init_from_backbone and not any(n.startswith("llm.mtp.") for n in loaded):
+            copy_parameters(backbone_pairs(head, self.llm))
+        return {"loaded": loaded, "initialised": initialised}
+
+    def _load_pretrained(self) -> set[str]:
+        """Read the configured pretrained parts into the materialised module; returns the names filled."""
+        loaded: set[str] = set()
+        if self.cfg_encoder.path is not None:
+            path = self.cfg_encoder.path
+            files = W.checkpoint_files(path)
+            with W.TensorReader(files) as reader:
+                sources = W.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
+                names = fill_from_checkpoint(self.audio, reader, sources, f"encoder checkpoint {path!r}")
+            loaded |= {f"audio.{n}" for n in names}
+        if self.cfg_llm.path is not None:
+            path = self.cfg_llm.path
+            files = W.checkpoint_files(path)
+            load_mtp = self.mtp_enabled and self.mtp_shipped
+            if load_mtp and not any(k.startswith("mtp.") for k in files):
+                raise W.CheckpointError(
+                    f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
+                    "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
+                    " to train without it"
+                )
+            tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
+            sources = W.llm_sources(files, load_mtp, getattr(self.llm.config, "n_routed_experts", None))
+            if tied:
+                sources.pop("lm_head.weight", None)
+
+            def skip(k: str) -> bool:
+                return (k.startswith("mtp.") and not load_mtp) or (tied and k == "lm_head.weight")
+
+            with W.TensorReader(files) as reader:
+                names = fill_from_checkpoint(self.llm, reader, sources, f"LLM checkpoint {path!r}", skip=skip)
+            loaded |= {f"llm.{n}" for n in names}
+        return loaded
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -373,12 +437,7 @@ class SALMModule(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg_optim)
 
-    @classmethod
-    def load_checkpoint(cls, path: str, map_location: str = "cpu") -> "SALMModule":
-        """``load_from_checkpoint`` with torch's weights-only unpickler, our config dataclasses allow-listed."""
-        with torch.serialization.safe_globals(list(PART_TYPES.values())):
-            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-
     def salm_config(self) -> dict:
         """The constructor arguments as plain data (written next to exports)."""
         return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in self.hparams.items()}
+

@@ -98,6 +98,80 @@ def check_layerdrop(module) -> None:
         )
 
 
+# ------------------------------------------------------------------------------- precision
+LOW_PRECISION_TRUE = ("bf16-true", "16-true", "bf16", "16", "half", "transformer-engine")
+
+
+def check_precision(module, trainer) -> None:
+    """Refuse precision settings that would round what must stay fp32; errors name the keys.
+
+    Lightning's ``*-true`` precisions cast every parameter and buffer after configure_model: the MoE
+    routers' ``e_score_correction_bias`` (fp32 in the checkpoint: 1.000..1.003 all become 1.0 in bf16,
+    routing changes), the trainable master weights (bf16 drops lr-sized updates) and the feature buffers.
+    """
+    precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+    cfg = module.cfg_parallel
+    if precision in LOW_PRECISION_TRUE:
+        raise ValueError(
+            f"trainer.precision={precision} casts every tensor of the model to low precision after configure_model: "
+            "the MoE routers' fp32 e_score_correction_bias would be rounded (routing no longer matches the released "
+            "model) and trainable master weights would drop small updates. Set --trainer.precision=32-true with "
+            "--model.parallel.param_dtype=bfloat16 --model.parallel.reduce_dtype=float32 (FSDP2 bf16 compute over "
+            "fp32 master weights) and --model.parallel.frozen_dtype=bfloat16 to store frozen weights in bf16"
+        )
+    if cfg.frozen_dtype not in (None, "float32"):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        fsdp = trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+        if fsdp and cfg.param_dtype != cfg.frozen_dtype:
+            raise ValueError(
+                f"model.parallel.frozen_dtype={cfg.frozen_dtype} needs model.parallel.param_dtype={cfg.frozen_dtype} "
+                f"(got {cfg.param_dtype}): FSDP2 computes a group in one dtype; set --model.parallel.param_dtype="
+                f"{cfg.frozen_dtype} or --model.parallel.frozen_dtype=null"
+            )
+        if trainer is not None and not fsdp and not precision.endswith("-mixed"):
+            raise ValueError(
+                f"model.parallel.frozen_dtype={cfg.frozen_dtype} without FSDP2 needs autocast: set "
+                f"--trainer.precision=bf16-mixed, use ModelParallelStrategy with model.parallel.param_dtype, or "
+                "--model.parallel.frozen_dtype=null"
+            )
+
+
+def keep_fp32(module) -> set[str]:
+    """Names of tensors that stay fp32 in every mode: those matching the LLM's ``_keep_in_fp32_modules_strict``."""
+    keys = set(getattr(module.llm, "_keep_in_fp32_modules_strict", None) or ())
+    return {n for n, _ in [*module.named_parameters(), *module.named_buffers()] if any(k in n for k in keys)}
+
+
+def apply_param_dtypes(module) -> list[str]:
+    """Store frozen parameters in ``model.parallel.frozen_dtype`` (on meta, before sharding); returns their names.
+
+    Trainable parameters stay fp32 (master weights, sharded; FSDP2's param_dtype casts them for compute
+    only); tensors in :func:`keep_fp32` and all buffers are never cast.
+    """
+    dtype = _dtype(module.cfg_parallel.frozen_dtype)
+    if dtype in (None, torch.float32):
+        return []
+    keep = keep_fp32(module)
+    changed = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad and name not in keep and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            changed.append(name)
+    return changed
+
+
+def broadcast_seed(seed: int | None) -> int:
+    """``seed`` or, if null, this process's global torch seed, taken from rank 0 when distributed."""
+    value = torch.tensor((torch.initial_seed() if seed is None else seed) % (2**63 - 1), dtype=torch.int64)
+    if seed is None and dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        value = value.to(device)
+        dist.broadcast(value, src=0)
+    return int(value)
+
+
 # ------------------------------------------------------------------------------------ the plan
 def _info(msg: str) -> None:
     from lightning.pytorch.utilities import rank_zero_info
@@ -137,13 +211,6 @@ def shard_module(module, dp_mesh) -> list[str]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     cfg = module.cfg_parallel
-    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if meta:
-        raise ValueError(
-            f"{len(meta)} tensors are on the meta device (e.g. {meta[0]}): salm_mtp builds real weights from its "
-            "configs and loads checkpoints in configure_model; do not create it under "
-            "trainer.init_module(empty_init=True) (the derived feature buffers would be lost)"
-        )
     check_layerdrop(module)
     mp = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
     # The root keeps its inputs as they come: the batch's waveforms feed the fp32 log-mel front end.
@@ -211,37 +278,3 @@ def apply_parallelism(module) -> None:
     mesh = strategy.device_mesh
     check_parallel_config(module, mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1)
     shard_module(module, mesh["data_parallel"])
-
-
-# ------------------------------------------------------------------------ sharded checkpoints
-def load_sharded_checkpoint(path: str):
-    """An unsharded SALMModule (CPU) from a ModelParallelStrategy checkpoint directory.
-
-    Lightning writes such a directory when ``save_distributed_checkpoint=True`` (its default): one
-    ``torch.distributed.checkpoint`` shard per rank plus ``meta.pt`` with the hyperparameters. The
-    module is rebuilt from those and its weights are read in place, in one process, no trainer.
-    """
-    import os
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    from salm_mtp.model import SALMModule
-
-    meta_file = os.path.join(path, "meta.pt")
-    if not os.path.isfile(meta_file):
-        raise FileNotFoundError(
-            f"{path!r} has no meta.pt: not a checkpoint directory written by Lightning's ModelParallelStrategy "
-            "(pass a .ckpt file for single-file checkpoints)"
-        )
-    meta = torch.load(meta_file, map_location="cpu", weights_only=False)  # our own file: configs are dataclasses
-    hparams = meta.get("hyper_parameters")
-    if not hparams:
-        raise ValueError(f"{meta_file!r} holds no hyper_parameters: cannot rebuild the SALMModule")
-    module = SALMModule(**{k: v for k, v in hparams.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
-    state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    module._pretrained_loaded = True  # the checkpoint holds every weight: configure_model must not reload them
-    return module

@@ -15,7 +15,7 @@ import os
 import lightning as L
 import torch
 
-from salm_mtp.checkpoint import save_encoder_hf
+from salm_mtp.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.loss import ctc_sum
@@ -78,9 +78,14 @@ class CTCPretrainModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.cfg_encoder.path is not None and self._trainer is not None:
-            from salm_mtp.checkpoint import load_encoder_weights
+            from salm_mtp import weights as W
+            from salm_mtp.materialize import fill_from_checkpoint
 
-            load_encoder_weights(self.audio, self.cfg_encoder.path)
+            path = self.cfg_encoder.path
+            files = W.checkpoint_files(path)
+            with W.TensorReader(files) as reader:
+                fill_from_checkpoint(self.audio, reader, W.encoder_sources(files, with_ctc_head=True),
+                                     f"encoder checkpoint {path!r}")
 
     def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         feats, fmask = self.features(batch["audios"], batch["audio_lens"])

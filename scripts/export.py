@@ -4,7 +4,7 @@
     python scripts/export.py --ckpt runs/demo/.../checkpoints/last.ckpt --out exports/demo
 
 Writes DIR/llm (Nemotron-H with its mtp.* head, tokenizer), DIR/encoder (Parakeet),
-DIR/adapter.safetensors and DIR/salm_config.json; see salm_mtp.checkpoint.export_hf.
+DIR/adapter.safetensors and DIR/salm_config.json; see salm_mtp.io.export_hf.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from salm_mtp.checkpoint import export_checkpoint
+from salm_mtp.io import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from salm_mtp.checkpoint import CheckpointError, export_hf, load_export
+from salm_mtp.io import build_module, export_hf, load_export
+from salm_mtp.weights import CheckpointError
 from salm_mtp.config import EncoderConfig, LLMConfig, MTPConfig
 from salm_mtp.model import SALMModule
 
@@ -19,7 +20,7 @@ def _super_like(tok_dir, seed=0, **kw):
     torch.manual_seed(seed)
     kwargs = tiny.tiny_kwargs(tok_dir, pattern="MEM*E", mtp_layers=1, mtp_pattern="*E", **kw)
     kwargs["llm"].moe_latent_size = 8
-    return SALMModule(**kwargs)
+    return build_module(**kwargs)
 
 
 def _keys(path):
@@ -65,8 +66,7 @@ def test_export_reload_round_trip(tok_dir, tmp_path):
     kw["llm"] = LLMConfig(path=str(tmp_path / "exp/llm"))
     kw["tokenizer_path"] = None
     torch.manual_seed(123)  # a different init: everything must come from the files
-    via_path = SALMModule(**kw)
-    via_path.load_pretrained()
+    via_path = build_module(**kw)
     for k, v in m.llm.state_dict().items():
         assert torch.equal(v, via_path.llm.state_dict()[k]), k
 
@@ -110,8 +110,7 @@ def test_base_checkpoint_without_head_gets_a_new_head(tok_dir, tmp_path):
     assert json.load(open(tmp_path / "base/llm/config.json"))["num_nextn_predict_layers"] == 0
     kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=2))
     kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "base/llm")), None
-    m = SALMModule(**kw)
-    m.load_pretrained()
+    m = build_module(**kw)
     assert not m.mtp_shipped and m.num_mtp_depths == 2 and m.mtp_head.pattern == "*E"
     assert m.llm.config.num_nextn_predict_layers == 2  # recorded so exports carry it
     for k, v in base.llm.state_dict().items():
@@ -133,8 +132,7 @@ def test_loads_dirs_written_by_transformers_itself(tok_dir, tmp_path):
     kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=0), ctc_weight=0.5)
     kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "llm")), None
     kw["encoder"] = EncoderConfig(path=str(tmp_path / "enc"), dropout=0.0)
-    m = SALMModule(**kw)
-    m.load_pretrained()
+    m = build_module(**kw)
     for k, v in src.llm.state_dict().items():
         assert torch.equal(v, m.llm.state_dict()[k]), k
     for k, v in ctc.state_dict().items():
@@ -150,3 +148,20 @@ def test_bad_paths_name_the_key(tok_dir, tmp_path):
     kw["llm"] = LLMConfig(path=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="model.llm.path=.*nope.* has no config.json"):
         SALMModule(**kw)
+
+
+def test_init_from_backbone_copies_the_loaded_backbone(tok_dir, tmp_path):
+    """mtp.init_from_backbone copies the pretrained blocks (after loading), not the random init."""
+    base = _super_like(tok_dir, mtp=MTPConfig(num_layers=0))
+    export_hf(base, str(tmp_path / "base"))
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=1, pattern="*E", init_from_backbone=True), init_seed=9)
+    kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "base/llm")), None
+    m = build_module(**kw)
+    src_attn, src_moe = base.llm.model.layers[3], base.llm.model.layers[4]  # last '*' and last 'E' of "MEM*E"
+    head = m.mtp_head.layers
+    for dst, src in ((head[0], src_attn), (head[1], src_moe)):
+        for part in ("norm", "mixer"):
+            ref = getattr(src, part).state_dict()
+            for k, v in getattr(dst, part).state_dict().items():
+                assert torch.equal(v, ref[k]), f"{part}.{k}"
+    assert not torch.equal(head[0].eh_proj.weight, torch.zeros_like(head[0].eh_proj.weight))  # fusion stays new

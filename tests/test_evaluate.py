@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 import tiny
 from salm_mtp.data.datamodule import SALMDataModule
-from salm_mtp.checkpoint import export_hf
-from salm_mtp.evaluate import _Totals, default_metrics_csv, format_table, load_lightning_checkpoint, summarise
+from salm_mtp.evaluate import _Totals, default_metrics_csv, format_table, summarise
+from salm_mtp.io import export_hf, load_lightning_checkpoint
 from salm_mtp.evaluate import main as evaluate_main
 from salm_mtp.model import SALMModule
 
@@ -30,7 +30,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _fit_tiny(tmp_path: Path, tok_dir: str, manifest: Path) -> Path:
     """Two optimizer steps with a CSVLogger; returns <log_dir>/checkpoints/last.ckpt."""
     torch.manual_seed(0)
-    module = SALMModule(**tiny.tiny_kwargs(tok_dir, pattern="M*E-", mtp_layers=2))
+    module = tiny.build(tok_dir, pattern="M*E-", mtp_layers=2)
     dm = SALMDataModule(train_manifest=str(manifest), tokenizer_path=tok_dir, max_duration=1.0, num_buckets=2)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path / "runs")),
                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from salm_mtp.checkpoint import fuse_experts
+from salm_mtp.weights import fuse_experts
 
 from tiny import logged_losses
 

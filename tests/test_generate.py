@@ -26,7 +26,7 @@ def _module(tok_dir, mtp_layers=2, seed=0, sharpen=3.0):
     ignores the audio, so rows with the same prompt decode alike; larger backbone weights make each
     row's audio and prompt change its answer (and keep it exact: the test checks that)."""
     torch.manual_seed(seed)
-    module = SALMModule(**tiny.tiny_kwargs(tok_dir, pattern="M*E-", mtp_layers=mtp_layers))
+    module = tiny.build(tok_dir, pattern="M*E-", mtp_layers=mtp_layers)
     with torch.no_grad():
         for p in module.llm.model.layers.parameters():
             if p.ndim >= 2:

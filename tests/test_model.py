@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import tiny
-from salm_mtp.model import SALMModule
+from salm_mtp.io import build_module
 
 
 def _module(tok_dir, **kw):
     torch.manual_seed(0)
-    return SALMModule(**tiny.tiny_kwargs(tok_dir, **kw))
+    return tiny.build(tok_dir, **kw)
 
 
 def test_training_step_skips_batch_whose_clips_were_all_dropped(tok_dir):
@@ -26,9 +26,9 @@ def test_dict_parts_are_accepted_like_dataclasses(tok_dir):
     kw = tiny.tiny_kwargs(tok_dir)
     as_dicts = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in kw.items()}
     torch.manual_seed(0)
-    a = SALMModule(**kw)
+    a = build_module(**kw)
     torch.manual_seed(0)
-    b = SALMModule(**as_dicts)  # how LightningCLI checkpoints store them
+    b = build_module(**as_dicts)  # how LightningCLI checkpoints store them
     assert a.cfg_llm == b.cfg_llm and a.num_mtp_depths == b.num_mtp_depths
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -46,3 +46,37 @@ def test_freeze_patterns(tok_dir):
 def test_negative_ctc_weight_names_the_key(tok_dir):
     with pytest.raises(ValueError, match=r"model.ctc_weight must be >= 0, got -1; set --model.ctc_weight"):
         _module(tok_dir, ctc_weight=-1)
+
+
+def test_kernel_warning_only_for_cuda_runs_without_kernels(tok_dir, monkeypatch):
+    import importlib.util
+    import warnings
+
+    from salm_mtp.modules.llm import missing_mamba_kernels
+
+    m = _module(tok_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert missing_mamba_kernels(m.llm, "cpu") == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.warns(UserWarning, match=r"\['mamba_ssm', 'causal_conv1d'\] not installed.*\.\[gpu\]"):
+        assert missing_mamba_kernels(m.llm, torch.device("cuda", 0)) == ["mamba_ssm", "causal_conv1d"]
+    dense = _module(tok_dir, pattern="*-", mtp_layers=0)
+    assert missing_mamba_kernels(dense.llm, "cuda:0") == []  # no Mamba block, nothing to warn about
+
+
+def test_precision_settings_that_would_round_fp32_tensors_are_refused(tok_dir):
+    from types import SimpleNamespace
+
+    from salm_mtp.config import ParallelConfig
+    from salm_mtp.parallel import check_precision
+
+    m = _module(tok_dir)
+    for p in ("bf16-true", "16-true"):
+        with pytest.raises(ValueError, match=rf"trainer\.precision={p} casts every tensor"):
+            check_precision(m, SimpleNamespace(precision=p, strategy=object()))
+    check_precision(m, SimpleNamespace(precision="32-true", strategy=object()))
+    m.cfg_parallel = ParallelConfig(frozen_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"frozen_dtype=bfloat16 without FSDP2 needs autocast.*bf16-mixed"):
+        check_precision(m, SimpleNamespace(precision="32-true", strategy=object()))
+    check_precision(m, SimpleNamespace(precision="bf16-mixed", strategy=object()))

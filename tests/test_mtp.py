@@ -10,7 +10,7 @@ from salm_mtp.modules.mtp import MTPHead, resolve_mtp
 
 def _module(tok_dir, seed=0, **kw):
     torch.manual_seed(seed)
-    return SALMModule(**tiny.tiny_kwargs(tok_dir, **kw))
+    return tiny.build(tok_dir, **kw)
 
 
 def test_default_patterns_and_property(tok_dir):

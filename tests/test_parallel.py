@@ -24,20 +24,26 @@ import torch
 
 import tiny
 from salm_mtp.config import EncoderConfig, ParallelConfig
-from salm_mtp.model import SALMModule
-from salm_mtp.parallel import (
-    apply_parallelism,
-    backbone_blocks,
-    check_layerdrop,
-    data_parallel,
-    load_sharded_checkpoint,
-)
+from salm_mtp.io import build_module, load_sharded_checkpoint
+from salm_mtp.model import SALMModule, config_from_dict
+from salm_mtp.parallel import apply_parallelism, backbone_blocks, check_layerdrop, data_parallel
 
 PATTERN, DEPTHS = "M*E", 2
 MODELS = {  # tiny_kwargs overrides; encoder dropout 0 and layerdrop 0 are tiny's defaults
-    "base": dict(pattern=PATTERN, mtp_layers=DEPTHS),
-    "ctc": dict(pattern=PATTERN, mtp_layers=DEPTHS, ctc_weight=0.3),  # + encoder CTC loss (its head in the root)
+    "base": dict(pattern=PATTERN, mtp_layers=DEPTHS, init_seed=0),
+    "ctc": dict(pattern=PATTERN, mtp_layers=DEPTHS, ctc_weight=0.3, init_seed=0),  # + encoder CTC loss (root group)
 }
+BIAS = [1.000, 1.001, 1.002, 1.003]  # router e_score_correction_bias on disk: all 1.0 once rounded to bf16
+FROZEN_LLM = {"freeze": {"patterns": [r"^llm\."], "unfreeze": [r"^llm\.mtp\."]}}
+HF_MODELS = {  # models read from local HF directories written by the fixture (parts: config dataclasses as dicts)
+    "hf_shipped": dict(kwargs=dict(init_seed=3), parts={"llm": {"path": "{root}/hf_mtp"}, "mtp": {"num_layers": None},
+                                                        "tokenizer_path": None}),
+    "hf_new_head": dict(kwargs=dict(init_seed=3, mtp_layers=1), parts={"llm": {"path": "{root}/hf_base"},
+                                                                       "tokenizer_path": None}),
+    "hf_frozen": dict(kwargs=dict(init_seed=3), parts={"llm": {"path": "{root}/hf_mtp"}, "mtp": {"num_layers": None},
+                                                       "tokenizer_path": None, **FROZEN_LLM}),
+}
+REAL_TARGET_PRECISION = dict(param_dtype="bfloat16", reduce_dtype="float32", frozen_dtype="bfloat16")
 ANSWERS = [  # rank 0: rows 0-1 (short answers), rank 1: rows 2-3 (long ones)
     "a dog",
     "the cat sat",
@@ -56,6 +62,10 @@ CASES = [
     dict(name="fsdp2_layerdrop", strategy="fsdp2", layerdrop=0.1),
     dict(name="fsdp2_ctc", strategy="fsdp2", model="ctc"),
     dict(name="ddp", strategy="ddp"),
+    dict(name="hf_shipped", strategy="fsdp2", model="hf_shipped"),
+    dict(name="hf_new_head", strategy="fsdp2", model="hf_new_head"),
+    dict(name="hf_bf16", strategy="fsdp2", model="hf_frozen", parallel=REAL_TARGET_PRECISION),
+    dict(name="hf_bf16_true", strategy="fsdp2", model="hf_frozen", precision="bf16-true"),
 ]
 TOL = 1e-5
 
@@ -91,9 +101,15 @@ def runs(tmp_path_factory, tok_dir):
     """(references by model, {case: rank-0 result}, batch, output dir) of one 2-process launch over every case."""
     root = tmp_path_factory.mktemp("parallel")
     batch, refs, models = None, {}, {}
+    write_hf_dirs(root, tok_dir)
+    for key, spec in HF_MODELS.items():
+        parts = json.loads(json.dumps(spec["parts"]).replace("{root}", str(root)))
+        models[key] = {"kwargs": spec["kwargs"], "parts": parts}
+        kw = tiny.tiny_kwargs(tok_dir, **spec["kwargs"])
+        kw.update(config_from_dict(parts))
+        refs[key] = {"weights": dict(build_module(**kw).named_parameters())}
     for key, kwargs in MODELS.items():
-        torch.manual_seed(0)
-        module = SALMModule(**tiny.tiny_kwargs(tok_dir, **kwargs))
+        module = build_module(**tiny.tiny_kwargs(tok_dir, **kwargs))
         if batch is None:
             batch = tiny.make_batch(module.tokenizer, ANSWERS, SAMPLES)
             torch.save(batch, root / "batch.pt")
@@ -106,6 +122,8 @@ def runs(tmp_path_factory, tok_dir):
         loss.backward()
         assert all(p.grad is not None for p in module.parameters())
         refs[key] = {
+            "weights": {n: v for n, v in torch.load(root / f"{key}.weights.pt").items()
+                        if n in dict(module.named_parameters())},
             "grads": {n: p.grad.detach().clone() for n, p in module.named_parameters()},
             "loss": module.summarise(summed)["loss"],
         }
@@ -120,6 +138,24 @@ def runs(tmp_path_factory, tok_dir):
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
     results = {c["name"]: torch.load(root / f"{c['name']}.pt", weights_only=False) for c in CASES}
     return refs, results, batch, root
+
+
+def write_hf_dirs(root, tok_dir) -> None:
+    """Two tiny Nemotron-H HF directories as released checkpoints are: weights in bf16, the routers'
+    e_score_correction_bias in fp32 (BIAS). ``hf_mtp`` ships an MTP head ("*E"), ``hf_base`` has none."""
+    from safetensors.torch import load_file, save_file
+
+    for name, depths in (("hf_mtp", 1), ("hf_base", 0)):
+        src = tiny.build(tok_dir, pattern=PATTERN, mtp_layers=depths, init_seed=11)
+        for n, b in src.llm.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.tensor(BIAS))
+        out = root / name
+        src.llm.save_pretrained(out)
+        src.tokenizer.save_pretrained(out)
+        f = out / "model.safetensors"
+        state = {k: (v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)) for k, v in load_file(f).items()}
+        save_file(state, f, metadata={"format": "pt"})
 
 
 def ok(result: dict) -> dict:
@@ -227,7 +263,7 @@ def test_sharded_checkpoint_loads_unsharded(runs):
     assert set(loaded) == set(final)
     for name, p in loaded.items():
         assert torch.equal(p.detach(), final[name]), name
-    assert module.num_mtp_depths == DEPTHS and module._pretrained_loaded
+    assert module.num_mtp_depths == DEPTHS
     with pytest.raises(FileNotFoundError, match="no meta.pt"):
         load_sharded_checkpoint(str(root))
 
@@ -278,3 +314,74 @@ def test_backbone_blocks_read_from_no_split_modules(tok_dir):
     module.llm._no_split_modules = ["SomethingElse"]
     with pytest.raises(ValueError, match="no backbone block to shard"):
         backbone_blocks(module.llm)
+
+
+# ------------------------------------------------------------------- real scale: meta build, shard, load
+def test_fsdp2_starts_from_the_single_process_weights(runs):
+    """Built on meta, sharded, materialised and initialised per shard: bit-equal to 1 process (init_seed)."""
+    refs, results, _, _ = runs
+    for case in ("fsdp2", "fsdp2_ctc", "ddp"):
+        ref = refs["ctc" if case == "fsdp2_ctc" else "base"]["weights"]
+        got = ok(results[case])["init_params"]
+        assert set(got) == set(ref)
+        bad = [n for n in ref if not torch.equal(got[n], ref[n])]
+        assert not bad, f"{case}: {len(bad)} parameters differ from the single-process build, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("case", ["hf_shipped", "hf_new_head"])
+def test_fsdp2_loads_hf_dir_bit_equal_to_single_process(runs, case):
+    """Each rank reads its slices of the bf16 safetensors (shipped head included); a new head is initialised
+    per shard; the gathered weights equal the single-process build of the same directory bit for bit."""
+    refs, results, _, root = runs
+    r = ok(results[case])
+    ref = refs[case]["weights"]
+    assert set(r["init_params"]) == set(ref)
+    bad = [n for n in ref if not torch.equal(r["init_params"][n], ref[n].detach())]
+    assert not bad, f"{len(bad)} parameters differ, e.g. {bad[:3]}"
+    head = {n for n in ref if n.startswith("llm.mtp.")}
+    assert head and any(n.endswith("experts.up_proj") for n in head)
+    if case == "hf_shipped":  # the shipped head came from the file: exactly the bf16 values on disk, as fp32
+        from safetensors.torch import load_file
+
+        disk = load_file(os.path.join(root, "hf_mtp", "model.safetensors"))
+        for k in ("mtp.layers.0.eh_proj.weight", "mtp.layers.1.mixer.gate.weight"):
+            assert torch.equal(r["init_params"]["llm." + k], disk[k].float()), k
+
+
+def test_no_rank_reads_or_holds_the_whole_llm(runs):
+    """Per rank, the LLM bytes read from disk and held in parameters are ~1/2 of the model (2 ranks)."""
+    refs, results, _, root = runs
+    r = ok(results["hf_shipped"])
+    disk = os.path.getsize(root / "hf_mtp" / "model.safetensors")
+    full_fp32 = sum(p.numel() * 4 for n, p in refs["hf_shipped"]["weights"].items() if n.startswith("llm."))
+    print(f"\nLLM on disk {disk} B (bf16); per-rank bytes read {r['bytes_read']}; per-rank fp32 LLM parameter "
+          f"bytes {r['llm_local_bytes']} of {full_fp32}")
+    for read, held in zip(r["bytes_read"], r["llm_local_bytes"]):
+        assert read < 0.6 * disk, (read, disk)  # 1/2 plus the small unsharded buffers and rounding of dim 0
+        assert held < 0.6 * full_fp32, (held, full_fp32)
+    assert sum(r["bytes_read"]) < 1.1 * disk  # together the ranks read the model about once
+
+
+def test_real_target_precision_keeps_fp32_where_it_must(runs):
+    """param_dtype bf16 / reduce fp32 / frozen bf16 (the real-target configs): router biases fp32 and equal
+    to the checkpoint's values, trainable master weights fp32, frozen weights bf16, feature buffers as built."""
+    _, results, _, _ = runs
+    r = ok(results["hf_bf16"])
+    biases = {n: b for n, b in r["buffers"].items() if n.endswith("e_score_correction_bias")}
+    assert len(biases) == 2  # the backbone's E block and the shipped head's
+    for n, b in biases.items():
+        assert b.dtype == torch.float32 and torch.equal(b, torch.tensor(BIAS)), (n, b)
+    for n, dtype in r["dtypes"].items():
+        want = "torch.float32" if r["requires_grad"][n] else "torch.bfloat16"
+        assert dtype == want, (n, dtype, r["requires_grad"][n])
+    assert any(r["requires_grad"][n] for n in r["dtypes"] if n.startswith("llm.mtp."))
+    assert not any(r["requires_grad"][n] for n in r["dtypes"] if n.startswith("llm.model."))
+    for n, fresh in r["fresh_feature_buffers"].items():
+        assert r["buffers"][n].dtype == torch.float32 and torch.equal(r["buffers"][n], fresh), n
+    assert r["loss"] == r["loss"]  # a real step ran (not NaN)
+
+
+def test_bf16_true_precision_is_refused_naming_the_key(runs):
+    _, results, _, _ = runs
+    err = results["hf_bf16_true"].get("error", "")
+    assert "trainer.precision=bf16-true" in err and "--model.parallel.frozen_dtype=bfloat16" in err, err

@@ -42,6 +42,13 @@ def tiny_kwargs(tok_dir: str, pattern: str = "M*E-", mtp_layers: int = 1, mtp_pa
     return kw
 
 
+def build(tok_dir: str, **overrides):
+    """A tiny SALMModule with real weights on the CPU (built on meta, materialised, initialised)."""
+    from salm_mtp.io import build_module
+
+    return build_module(**tiny_kwargs(tok_dir, **overrides))
+
+
 def make_batch(tokenizer, answers: list[str], audio_samples: list[int], tasks: list[str] | None = None,
                seed: int = 0) -> dict:
     """A collated batch (layout of salm_mtp.data.dataset) with random audio of the given lengths."""

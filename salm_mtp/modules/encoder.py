@@ -1,7 +1,7 @@
 """Audio side: Parakeet (FastConformer) encoder, its optional CTC head, and the modality adapter.
 
 Building never reads weights: ``build_encoder`` reads at most a local ``config.json``;
-``salm_mtp.checkpoint.load_encoder_weights`` loads the tensors in a separate step.
+the tensors are loaded in a separate step (``SALMModule.materialize_weights``).
 """
 
 from __future__ import annotations

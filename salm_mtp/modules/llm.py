@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
@@ -56,3 +58,22 @@ def llm_config_from(cfg: LLMConfig, vocab_size: int) -> NemotronHConfig:
 def build_llm(cfg: LLMConfig, vocab_size: int) -> NemotronHForCausalLM:
     """A randomly initialised NemotronHForCausalLM; load weights with ``checkpoint.load_llm_weights``."""
     return NemotronHForCausalLM(llm_config_from(cfg, vocab_size))
+
+
+MAMBA_KERNELS = ("mamba_ssm", "causal_conv1d")
+"""CUDA kernels transformers' Nemotron-H uses when installed (``pip install .[gpu]``); else a slow pure-torch scan."""
+
+
+def missing_mamba_kernels(llm, device) -> list[str]:
+    """The kernel packages a CUDA run of this LLM lacks (warned about once); [] on CPU or without Mamba blocks."""
+    if str(device).split(":")[0] != "cuda" or "linear_attention" not in set(llm.config.layers_block_type):
+        return []
+    missing = [m for m in MAMBA_KERNELS if importlib.util.find_spec(m) is None]
+    if missing:
+        warnings.warn(
+            f"CUDA run of a Nemotron-H with Mamba2 blocks but {missing} not installed: transformers falls back to its "
+            "pure-torch reference scan, correct but several times slower and more memory-hungry. Install the kernels "
+            "with `pip install -c constraints.txt .[gpu]` (builds against your CUDA toolkit)",
+            stacklevel=2,
+        )
+    return missing

@@ -143,26 +143,32 @@ class MTPHead(nn.Module):
 
 
 def build_mtp_head(llm, cfg: MTPConfig) -> MTPHead | None:
-    """Build (never load) the head the configs ask for, initialised like the backbone; None if D = 0."""
+    """Build (never load, never initialise) the head the configs ask for; None if D = 0.
+
+    Its weights are filled later with the rest of the model (``SALMModule.materialize_weights``): loaded
+    1:1 when the checkpoint ships the head, else initialised like the backbone (its own ``_init_weights``,
+    the head being ``llm.mtp``), or copied from the loaded backbone with ``mtp.init_from_backbone``.
+    """
     D, pattern = resolve_mtp(llm.config, cfg)
     if D == 0:
         return None
-    head = MTPHead(llm.config, D, pattern, cfg.use_repeated_layer)
-    head.apply(llm._init_weights)  # the backbone's own init (experts are allocated uninitialised)
-    if cfg.init_from_backbone:
-        init_from_backbone(head, llm)
-    return head
+    return MTPHead(llm.config, D, pattern, cfg.use_repeated_layer)
 
 
-def init_from_backbone(head: MTPHead, llm) -> None:
-    """Copy each MTP sublayer's norm + mixer from the backbone's last block of the same type."""
+def backbone_pairs(head: MTPHead, llm) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(head tensor, backbone tensor) pairs of ``mtp.init_from_backbone``: each MTP sublayer's norm and
+    mixer (parameters and persistent buffers) from the backbone's last block of the same type."""
     last_of_type = {}
     for block in llm.model.layers:
         last_of_type[block.block_type] = block
+    pairs = []
     for block in head.layers:
         src = last_of_type[block.block_type]
-        block.norm.load_state_dict(src.norm.state_dict())
-        block.mixer.load_state_dict(src.mixer.state_dict())
+        for part in ("norm", "mixer"):
+            dst_sd = getattr(block, part).state_dict(keep_vars=True)
+            src_sd = getattr(src, part).state_dict(keep_vars=True)
+            pairs += [(dst_sd[k], src_sd[k]) for k in dst_sd]
+    return pairs
 
 
 def record_mtp_in_config(llm_config: NemotronHConfig, head: MTPHead | None) -> None:

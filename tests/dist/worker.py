@@ -4,13 +4,15 @@ Run by the test as::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/worker.py SPEC.json
 
-SPEC.json holds the tokenizer directory, the models (``tiny.tiny_kwargs`` overrides and reference
-weights as a state_dict file), the full batch (a torch.save'd dict) and a list of cases. For each
-case every rank builds the tiny model, loads the reference weights, takes its half of the batch
+SPEC.json holds the tokenizer directory, the models (``tiny.tiny_kwargs`` overrides, with ``init_seed``,
+and config parts such as ``{"llm": {"path": HF_DIR}}``), the full batch (a torch.save'd dict) and a list
+of cases. For each case every rank builds the tiny model on meta (its weights come from configure_model:
+read per shard from a HF directory, or initialised from ``init_seed``), takes its half of the batch
 (rank r: rows [r*B/2, (r+1)*B/2), re-padded to its own lengths) and runs ``Trainer.fit(max_steps=1)``
-under the case's strategy. Just before the optimizer step a callback gathers every full gradient
-(``DTensor.full_tensor()`` under FSDP2) and rank 0 writes ``{case}.pt``: gradients, the logged loss
-and the plan's log lines (a ``checkpoint`` case also writes a sharded checkpoint ``{case}_ckpt/`` of
+under the case's strategy. Before the first step a callback gathers every full initial weight, the
+dtypes, buffers and the bytes each rank read and holds; just before the optimizer step another gathers
+every full gradient (``DTensor.full_tensor()`` under FSDP2) and rank 0 writes ``{case}.pt``: those,
+the logged loss and the plan's log lines (a ``checkpoint`` case also writes a sharded checkpoint ``{case}_ckpt/`` of
 the stepped model, and its full weights). A case that raises records the error instead (both ranks
 raise alike in configure_model, so nothing hangs); a hung collective dumps the stacks and exits.
 """
@@ -34,8 +36,10 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy  # n
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import tiny  # noqa: E402
+from salm_mtp import weights as W  # noqa: E402
 from salm_mtp.config import EncoderConfig, ParallelConfig  # noqa: E402
-from salm_mtp.model import SALMModule  # noqa: E402
+from salm_mtp.model import SALMModule, config_from_dict  # noqa: E402
+from salm_mtp.modules.features import LogMelFeatures  # noqa: E402
 
 
 def rank_half(batch: dict, rank: int, world: int) -> dict:
@@ -76,6 +80,35 @@ class GrabGrads(L.Callback):
             if isinstance(g, DTensor):
                 g = g.full_tensor()
             self.grads[name] = g.detach().clone()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+class GrabInit(L.Callback):
+    """What every rank starts from, after configure_model and strategy setup, before the first step."""
+
+    def __init__(self):
+        self.info: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        params = dict(pl_module.named_parameters())
+        local_llm = sum(p.to_local().numel() * p.element_size() if isinstance(p, DTensor) else p.numel() * p.element_size()
+                        for n, p in params.items() if n.startswith("llm."))
+        mine = torch.tensor([float(W.READ_STATS["bytes"]), float(local_llm)])
+        every = [torch.zeros(2) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        fresh = LogMelFeatures(pl_module.features.config)
+        self.info = {
+            "init_params": {n: _full(p) for n, p in params.items()},  # collective: every rank gathers
+            "dtypes": {n: str(p.dtype) for n, p in params.items()},
+            "requires_grad": {n: p.requires_grad for n, p in params.items()},
+            "buffers": {n: b.detach().clone() for n, b in pl_module.named_buffers()},
+            "fresh_feature_buffers": {"features.mel_filters": fresh.mel_filters, "features.window": fresh.window},
+            "bytes_read": [float(t[0]) for t in every],
+            "llm_local_bytes": [float(t[1]) for t in every],
+        }
 
 
 class ValLosses(L.Callback):
@@ -127,21 +160,23 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
     batch = rank_half(torch.load(spec["batch"], weights_only=False), rank, world)
     model = spec["models"][case.get("model", "base")]
     kw = tiny.tiny_kwargs(spec["tok_dir"], **model["kwargs"])
+    kw.update(config_from_dict(model.get("parts", {})))
     kw["parallel"] = ParallelConfig(**case.get("parallel", {}))
     if "layerdrop" in case:
         kw["encoder"] = EncoderConfig(**{**kw["encoder"].__dict__, "layerdrop": case["layerdrop"]})
-    module = module_class(case.get("prewrap"))(**kw)
-    module.load_state_dict(torch.load(model["weights"], weights_only=True))
+    W.READ_STATS.update(bytes=0, tensors=0)
+    module = module_class(case.get("prewrap"))(**kw)  # on meta: weights come in configure_model
     if case["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     else:
         strategy = DDPStrategy(process_group_backend="gloo")
-    grab, val = GrabGrads(), ValLosses()
+    grab, val, init = GrabGrads(), ValLosses(), GrabInit()
     validate = bool(case.get("validate"))  # sanity-check validation on the same half, before the step
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=world, max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, num_sanity_val_steps=1 if validate else 0, callbacks=[PinBatchNorm(), grab, val],
+        use_distributed_sampler=False, num_sanity_val_steps=1 if validate else 0,
+        callbacks=[PinBatchNorm(), init, grab, val], precision=case.get("precision", "32-true"),
     )
     loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     plan_log.lines.clear()
@@ -156,7 +191,7 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
         trainer.save_checkpoint(os.path.join(spec["out"], f"{case['name']}_ckpt"))
         extra["final_params"] = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                                  for n, p in module.named_parameters()}
-    return extra | {
+    return extra | init.info | {
         "grads": grab.grads,
         "param_types": grab.kinds,
         "loss": float(trainer.callback_metrics["loss"]),
