@@ -3,6 +3,7 @@
     salm-mtp fit --config conf/demo.yaml --model.mtp.num_layers=2 --trainer.max_steps=100
     salm-mtp validate|test --config conf/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
+    salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan.py)
 
 YAML files and overrides are merged in OmegaConf's "omegaconf+" mode: ``${...}`` interpolations
 are resolved after the command-line overrides, so an override reaches every field that
@@ -69,6 +70,12 @@ class SALMCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["plan"]:  # not a Trainer subcommand: the memory planner builds no Trainer
+        from salm_mtp import plan
+
+        plan.main(argv[1:])
+        return
     # Our logged values are already reduced over the data-parallel group (SALMModule.summarise):
     # Lightning's advice to add sync_dist=True would average them a second time.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(")

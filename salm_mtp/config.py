@@ -148,9 +148,23 @@ class MTPConfig:
     detach_backbone: bool = False
     """Stop the MTP loss at the backbone: the head sees detached hidden states, embeddings and lm_head weight."""
     init_from_backbone: bool = False
-    """Initialise a new head's blocks from the backbone's last blocks of the same type instead of random init."""
+    """Initialise a new head's blocks (norm + mixer) from the loaded backbone's last blocks of the same type instead of
+    random init; the fusion (enorm, hnorm, eh_proj) and final_layernorm stay new."""
+    training_mode: str = "joint"
+    """joint: the MTP loss trains with the main loss (backbone included); head_only: only llm.mtp trains (encoder,
+    adapter, backbone, embeddings and lm_head frozen and in eval mode, the backbone forward without autograd), e.g.
+    to add a head to an already fine-tuned SALM checkpoint cheaply."""
+    loss: str = "ce"
+    """Objective of each depth: ce (the next-next token); kl (self-distillation: KL from the backbone's own detached
+    next-token distribution at position t+k); lk (lk_lambda * KL + (1 - lk_lambda) * total variation)."""
+    lk_lambda: float = 0.5
+    """Weight of the KL term in the lk loss (1 = pure KL, 0 = pure total variation)."""
 
     def __post_init__(self) -> None:
+        _check(self.training_mode in ("joint", "head_only"), "model.mtp.training_mode",
+               f"must be 'joint' or 'head_only', got {self.training_mode!r}")
+        _check(self.loss in ("ce", "kl", "lk"), "model.mtp.loss", f"must be 'ce', 'kl' or 'lk', got {self.loss!r}")
+        _check(0.0 <= self.lk_lambda <= 1.0, "model.mtp.lk_lambda", f"must be in [0, 1], got {self.lk_lambda}")
         if self.num_layers is not None:
             _check(self.num_layers >= 0, "model.mtp.num_layers", f"must be >= 0, got {self.num_layers}")
         if self.pattern is not None:

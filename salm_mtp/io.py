@@ -27,12 +27,13 @@ from salm_mtp.model import PART_TYPES, SALMModule, config_from_dict
 from salm_mtp.modules.mtp import record_mtp_in_config
 
 
-def build_module(device: str = "cpu", load_pretrained: bool = True, **kwargs) -> SALMModule:
+def build_module(device: str = "cpu", load_pretrained: bool = True, init_new: bool = True, **kwargs) -> SALMModule:
     """A SALMModule outside a trainer: built on meta, then materialised on ``device`` and filled
-    (pretrained parts read from their paths when ``load_pretrained``, the rest initialised)."""
+    (pretrained parts read from their paths when ``load_pretrained``, the rest initialised unless not
+    ``init_new``: see ``SALMModule.materialize_weights``)."""
     module = SALMModule(**config_from_dict(kwargs))
     module.apply_freeze()
-    module.materialize_weights(device, load_pretrained=load_pretrained)
+    module.materialize_weights(device, load_pretrained=load_pretrained, init_new=init_new)
     return module
 
 
@@ -62,8 +63,9 @@ def load_sharded_checkpoint(path: str) -> SALMModule:
     hparams = meta.get("hyper_parameters")
     if not hparams:
         raise ValueError(f"{meta_file!r} holds no hyper_parameters: cannot rebuild the SALMModule")
-    module = build_module(load_pretrained=False, **{k: v for k, v in hparams.items() if not k.startswith("_")})
-    state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
+    module = build_module(load_pretrained=False, init_new=False, **hparams)  # every weight comes from the files
+    state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place (strict)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)

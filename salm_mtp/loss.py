@@ -7,6 +7,14 @@
                                               cancels that average, so gradients equal those of
                                               the global-batch token mean.
 
+Self-distillation of the MTP depths (``model.mtp.loss: kl | lk``, DESIGN.md §12): depth k at
+position t is trained against the backbone's own detached next-token distribution at t + k (the main
+head predicts token t+k+1 there, as depth k does at t), on exactly the positions the CE uses:
+
+    p = softmax(lm_head(h0[t + k])).detach()      q = softmax(lm_head(h_k[t]))
+    kl: KL(p || q) = sum_v p (log p - log q)      lk: lk_lambda * KL + (1 - lk_lambda) * TV,  TV = 0.5 sum_v |p - q|
+    L_mtp = lambda / D * sum_k sum_t div_k(t) / N
+
 The lm_head runs only on target positions and in row chunks, each recomputed in backward, so no
 (B, T, V) logits tensor exists for any depth (V is 131k on real Nemotron models).
 """
@@ -32,6 +40,8 @@ class CEStats:
     """() number of targets whose argmax is right (float, no grad)."""
     count: torch.Tensor
     """() number of valid targets (float, no grad)."""
+    div_sum: torch.Tensor | None = None
+    """() summed divergence from the backbone's distribution (kl / lk self-distillation), differentiable; None for CE."""
 
 
 def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +78,53 @@ def token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float())
 
 
+MTP_LOSSES = ("ce", "kl", "lk")
+
+
+def _chunk_distill(hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   kind: str, lk_lambda: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logq = F.linear(hq, weight).float().log_softmax(-1)  # (n, V) fp32, one chunk at a time
+    with torch.no_grad():
+        logp = F.linear(hp, weight.detach()).float().log_softmax(-1)  # (n, V) the backbone's own, detached
+        p = logp.exp()
+    ce = -logq.gather(1, targets[:, None]).sum()
+    correct = (logq.argmax(-1) == targets).sum().float()
+    div = (p * (logp - logq)).sum()
+    if kind == "lk":
+        div = lk_lambda * div + (1.0 - lk_lambda) * 0.5 * (p - logq.exp()).abs().sum()
+    return ce, correct, div
+
+
+def token_distill(hidden: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  kind: str = "kl", lk_lambda: float = 0.5, chunk_size: int = 2048) -> CEStats:
+    """CE stats plus the summed divergence of ``hidden @ weight.T`` from ``softmax(teacher @ weight.T)``.
+
+    Args:
+        hidden: (B, T, H) depth-k hidden states (post final norm).
+        teacher: (B, T, H) backbone h0 rolled left by k (row t holds h0[t + k]); detached here.
+        weight: (V, H) lm_head weight (the teacher side uses it detached).
+        targets: (B, T) depth-k targets, IGNORE_INDEX where nothing is predicted (those rows are skipped).
+        kind: "kl" or "lk".
+        lk_lambda: weight of the KL term in the LK loss.
+    """
+    if kind not in ("kl", "lk"):
+        raise ValueError(f"model.mtp.loss must be one of {MTP_LOSSES}, got {kind!r}; set --model.mtp.loss")
+    valid = targets != IGNORE_INDEX  # (B, T)
+    h, hp, t = hidden[valid], teacher.detach()[valid], targets[valid]  # (N, H), (N, H), (N,)
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    ce_sum, div_sum, correct = zero, zero, torch.zeros((), device=hidden.device)
+    for s in range(0, h.shape[0], chunk_size):
+        args = (h[s : s + chunk_size], hp[s : s + chunk_size], weight, t[s : s + chunk_size], kind, lk_lambda)
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            ce, ok, div = checkpoint(_chunk_distill, *args, use_reentrant=False)  # recompute in backward
+        else:
+            ce, ok, div = _chunk_distill(*args)
+        ce_sum, div_sum, correct = ce_sum + ce, div_sum + div, correct + ok.detach()
+    if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
+        div_sum = div_sum + 0.0 * hidden.sum() + 0.0 * weight.sum()
+    return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float(), div_sum=div_sum)
+
+
 def mtp_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
     """Depth-k targets: main targets rolled left by k, the last k positions ignored. (B, T) -> (B, T)."""
     return shift_left(targets, k, IGNORE_INDEX)
@@ -80,15 +137,23 @@ def head_stats(
     targets: torch.Tensor,
     mtp_weight: torch.Tensor | None = None,
     chunk_size: int = 2048,
+    mtp_loss: str = "ce",
+    lk_lambda: float = 0.5,
 ) -> list[CEStats]:
     """CE stats of the main head (index 0) and of each MTP depth k (index k).
 
     ``mtp_weight`` lets the MTP depths use a detached lm_head weight (loss stopped at the backbone).
+    ``mtp_loss`` "kl" / "lk" adds each depth's divergence from the backbone's distribution (module docstring).
     """
     stats = [token_ce(h0, weight, targets, chunk_size)]
     w = weight if mtp_weight is None else mtp_weight
     for k, hk in enumerate(mtp_hiddens, start=1):
-        stats.append(token_ce(hk, w, mtp_targets(targets, k), chunk_size))
+        tk = mtp_targets(targets, k)
+        if mtp_loss == "ce":
+            stats.append(token_ce(hk, w, tk, chunk_size))
+        else:
+            teacher = shift_left(h0.detach(), k, 0.0)  # row t holds h0[t + k]: the main head's view of token t+k+1
+            stats.append(token_distill(hk, teacher, w, tk, mtp_loss, lk_lambda, chunk_size))
     return stats
 
 
@@ -104,7 +169,7 @@ def combine_losses(
     main = stats[0].ce_sum / n
     D = len(stats) - 1
     if D:
-        mtp = loss_scaling_factor / D * sum(s.ce_sum for s in stats[1:]) / n
+        mtp = loss_scaling_factor / D * sum(s.ce_sum if s.div_sum is None else s.div_sum for s in stats[1:]) / n
     else:
         mtp = torch.zeros_like(main)
     return (main + mtp) * dp_size, main, mtp

@@ -14,6 +14,7 @@ Lifecycle (one path for 1 process or N, CPU or GPU; salm_mtp/materialize.py):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -38,6 +39,7 @@ from salm_mtp.loss import combine_losses, ctc_sum, head_stats
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
+from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer
 from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
 from salm_mtp.modules.mtp import backbone_pairs, build_mtp_head, record_mtp_in_config, shipped_mtp
 from salm_mtp.materialize import (
@@ -49,7 +51,14 @@ from salm_mtp.materialize import (
     meta_parameters,
 )
 from salm_mtp.optim import build_optimizer
-from salm_mtp.parallel import all_reduce_sum, apply_param_dtypes, broadcast_seed, check_precision, data_parallel
+from salm_mtp.parallel import (
+    all_reduce_sum,
+    apply_parallelism,
+    apply_param_dtypes,
+    broadcast_seed,
+    check_precision,
+    data_parallel,
+)
 
 
 def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
@@ -75,6 +84,7 @@ PART_TYPES = {
     "spec_augment": SpecAugmentConfig,
     "freeze": FreezeConfig,
     "parallel": ParallelConfig,
+    "moe_balance": MoEBalanceConfig,
 }
 
 
@@ -105,6 +115,7 @@ class SALMModule(L.LightningModule):
         spec_augment: SpecAugmentConfig = SpecAugmentConfig(),
         freeze: FreezeConfig = FreezeConfig(),
         parallel: ParallelConfig = ParallelConfig(),
+        moe_balance: MoEBalanceConfig = MoEBalanceConfig(),
         tokenizer_path: str | None = None,
         ctc_weight: float = 0.0,
         lm_head_chunk_size: int = 2048,
@@ -122,6 +133,7 @@ class SALMModule(L.LightningModule):
             spec_augment: SpecAugment (``--model.spec_augment.*``).
             freeze: parameters to freeze by regex (``--model.freeze.*``).
             parallel: FSDP2 / DP options (``--model.parallel.*``).
+            moe_balance: expert-load balancing of trainable MoE routers (``--model.moe_balance.*``).
             tokenizer_path: tokenizer directory; null = the LLM directory's tokenizer.
             ctc_weight: weight of an encoder CTC auxiliary loss on the transcript (0 = off).
             lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
@@ -133,7 +145,7 @@ class SALMModule(L.LightningModule):
         # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
         parts = config_from_dict(dict(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, optim=optim,
                                       features=features, spec_augment=spec_augment, freeze=freeze,
-                                      parallel=parallel))
+                                      parallel=parallel, moe_balance=moe_balance))
         encoder, adapter, llm, mtp, optim = (parts[k] for k in ("encoder", "adapter", "llm", "mtp", "optim"))
         features, spec_augment, freeze, parallel = (parts[k] for k in ("features", "spec_augment", "freeze",
                                                                        "parallel"))
@@ -171,6 +183,11 @@ class SALMModule(L.LightningModule):
             self.llm.mtp = head
         record_mtp_in_config(self.llm.config, head)
         self.num_mtp_depths = head.num_depths if head is not None else 0
+        if mtp.training_mode == "head_only" and head is None:
+            raise ValueError("model.mtp.training_mode=head_only but no MTP head is built (model.mtp.num_layers=0 or "
+                             "the checkpoint ships none): set --model.mtp.num_layers to at least 1")
+        self.balancer = MoEBalancer(parts["moe_balance"])
+        self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
         self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
         self._t_last: float | None = None
 
@@ -181,6 +198,21 @@ class SALMModule(L.LightningModule):
         return self.num_mtp_depths > 0
 
     @property
+    def head_only(self) -> bool:
+        """model.mtp.training_mode == head_only: only llm.mtp trains, everything else frozen and in eval mode."""
+        return self.cfg_mtp.training_mode == "head_only"
+
+    def train(self, mode: bool = True):
+        """Lightning's train(); under head_only every module but the head stays in eval mode (no dropout,
+        no SpecAugment, BatchNorm statistics untouched)."""
+        super().train(mode)
+        if mode and self.head_only:
+            for m in (self.features, self.spec_augment, self.audio, self.adapter, self.llm):
+                m.eval()
+            self.llm.mtp.train()
+        return self
+
+    @property
     def mtp_head(self):
         return getattr(self.llm, "mtp", None)
 
@@ -188,6 +220,10 @@ class SALMModule(L.LightningModule):
         """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names."""
         frozen = []
         for name, p in self.named_parameters():
+            if self.head_only and not name.startswith("llm.mtp."):  # head_only: the head alone trains
+                p.requires_grad_(False)
+                frozen.append(name)
+                continue
             hit = any(re.search(pat, name) for pat in self.cfg_freeze.patterns)
             if hit and not any(re.search(pat, name) for pat in self.cfg_freeze.unfreeze):
                 p.requires_grad_(False)
@@ -206,28 +242,32 @@ class SALMModule(L.LightningModule):
         trainer = self._trainer
         check_precision(self, trainer)
         self.apply_freeze()
-        apply_param_dtypes(self)
-        from salm_mtp.parallel import apply_parallelism
-
+        if trainer is not None:  # outside a trainer (evaluation, export) every tensor stays fp32
+            apply_param_dtypes(self)
         apply_parallelism(self)  # on meta: each rank keeps a plan of its shards, no memory yet
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         missing_mamba_kernels(self.llm, device)
         load = trainer is not None and getattr(trainer, "ckpt_path", None) is None
         self.materialize_weights(device, load_pretrained=load)
 
-    def materialize_weights(self, device: torch.device | str = "cpu", load_pretrained: bool = True) -> dict:
+    def materialize_weights(self, device: torch.device | str = "cpu", load_pretrained: bool = True,
+                            init_new: bool = True) -> dict:
         """Allocate this rank's shards on ``device`` and fill them; returns {"loaded": names, "initialised": names}.
 
         Pretrained tensors (``load_pretrained``): the encoder from model.encoder.path, the LLM and a shipped
         MTP head (1:1) from model.llm.path, each rank reading only its slices. Every other parameter is
         initialised by its module's own init under a seed derived from ``init_seed`` and its name.
         ``mtp.init_from_backbone`` then copies the backbone's (loaded) last blocks into a new head.
+        ``init_new=False`` leaves the other tensors uninitialised: only for callers that load a complete
+        state dict strictly right after (salm_mtp.io's sharded-checkpoint loader).
         """
         if is_materialized(self):
             raise RuntimeError("SALMModule weights are already materialised")
         materialize(self, device)
         loaded = self._load_pretrained() if load_pretrained else set()
         params = {n for n, _ in self.named_parameters()}
+        if not init_new:
+            return {"loaded": loaded, "initialised": set()}
         initialised = init_parameters(self, params - loaded, broadcast_seed(self.init_seed))
         head = self.mtp_head
         if head is not None and self.cfg_mtp.init_from_backbone and not any(n.startswith("llm.mtp.") for n in loaded):
@@ -322,27 +362,37 @@ class SALMModule(L.LightningModule):
         The statistics vector is laid out by :meth:`_stat_names`: summed CE, hits and counts of the
         main head and each depth, then CTC sum and count; all-reduced over the dp group.
         """
-        merged, enc, enc_lens = self.prepare_inputs(batch)
+        head_only = self.head_only
+        with self.balancer.collecting(self.training):  # expert loads of this step's forward only
+            with torch.no_grad() if head_only else contextlib.nullcontext():  # head_only: no graph before the head
+                merged, enc, enc_lens = self.prepare_inputs(batch)
+                h0 = self(merged.inputs_embeds)
+            hiddens = self.mtp_hiddens(h0, merged.inputs_embeds)
         dp_size, _ = data_parallel(self._trainer)
         n_global = all_reduce_sum((merged.targets != IGNORE_INDEX).sum().float(), self._trainer)
-        h0 = self(merged.inputs_embeds)
         weight = self.llm.lm_head.weight
         stats = head_stats(
             h0,
-            self.mtp_hiddens(h0, merged.inputs_embeds),
+            hiddens,
             weight,
             merged.targets,
-            mtp_weight=weight.detach() if self.cfg_mtp.detach_backbone else None,
+            mtp_weight=weight.detach() if (self.cfg_mtp.detach_backbone or head_only) else None,
             chunk_size=self.lm_head_chunk_size,
+            mtp_loss=self.cfg_mtp.loss,
+            lk_lambda=self.cfg_mtp.lk_lambda,
         )
         scale = dp_size if self.cfg_parallel.scale_loss_by_dp_size else 1
         loss, _, _ = combine_losses(stats, n_global, self.cfg_mtp.loss_scaling_factor, scale)
+        if self.training:
+            loss = loss + self.balancer.aux_loss() * scale
         ctc_sum = ctc_count = torch.zeros((), device=h0.device)
-        if self.ctc_weight > 0:
+        if self.ctc_weight > 0 and not head_only:
             ctc_sum, ctc_count = self.ctc_stats(enc, enc_lens, batch)
             ctc_global = all_reduce_sum(ctc_count, self._trainer).clamp(min=1.0)
             loss = loss + self.ctc_weight * ctc_sum / ctc_global * scale
-        vec = [t for s in stats for t in (s.ce_sum.detach(), s.correct, s.count)]
+        zero = torch.zeros((), device=h0.device)
+        vec = [t for s in stats for t in (s.ce_sum.detach(), s.correct, s.count,
+                                          zero if s.div_sum is None else s.div_sum.detach())]
         vec += [ctc_sum.detach(), ctc_count]
         summed = all_reduce_sum(torch.stack([v.float() for v in vec]), self._trainer)
         return loss, summed, int(batch["input_ids"].shape[0])
@@ -353,7 +403,7 @@ class SALMModule(L.LightningModule):
 
     def _stat_names(self) -> list[str]:
         names = ["main"] + [f"depth_{k}" for k in range(1, self.num_mtp_depths + 1)]
-        return [f"{n}.{f}" for n in names for f in ("ce", "correct", "count")] + ["ctc.ce", "ctc.count"]
+        return [f"{n}.{f}" for n in names for f in ("ce", "correct", "count", "div")] + ["ctc.ce", "ctc.count"]
 
     def summarise(self, summed: torch.Tensor) -> dict[str, float]:
         """Global metrics from a summed statistics vector (what is logged)."""
@@ -361,11 +411,14 @@ class SALMModule(L.LightningModule):
         n = max(s["main.count"], 1.0)
         out = {"main_loss": s["main.ce"] / n, "main_acc": s["main.correct"] / n, "target_tokens": s["main.count"]}
         mtp = 0.0
+        distill = self.cfg_mtp.loss != "ce"
         for k in range(1, self.num_mtp_depths + 1):
             nk = max(s[f"depth_{k}.count"], 1.0)
             out[f"mtp_loss/depth_{k}"] = s[f"depth_{k}.ce"] / nk
             out[f"mtp_acc/depth_{k}"] = s[f"depth_{k}.correct"] / nk
-            mtp += s[f"depth_{k}.ce"] / n
+            if distill:
+                out[f"mtp_{self.cfg_mtp.loss}/depth_{k}"] = s[f"depth_{k}.div"] / nk
+            mtp += s[f"depth_{k}.div" if distill else f"depth_{k}.ce"] / n
         if self.num_mtp_depths:
             out["mtp_loss"] = self.cfg_mtp.loss_scaling_factor / self.num_mtp_depths * mtp
         out["loss"] = out["main_loss"] + out.get("mtp_loss", 0.0)
@@ -400,6 +453,22 @@ class SALMModule(L.LightningModule):
             self.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False, batch_size=bsz)
         self._t_last = now
         return loss
+
+    def on_train_start(self) -> None:
+        self.train()  # Lightning leaves modes as they are: apply head_only's eval modes (train() below)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the aux-loss-free bias update of trainable routers (before any callback, so a
+        checkpoint written at the end of this step holds the updated biases: resuming is exact)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.balancer.loads:
+            self._moe_metrics = self.balancer.step(lambda t: all_reduce_sum(t, self._trainer))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Log each trainable MoE layer's expert-load imbalance of the step (max / mean load)."""
+        metrics, self._moe_metrics = getattr(self, "_moe_metrics", {}), {}
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def _eval_step(self, batch: dict) -> None:
         if self._skip_empty(batch):

@@ -128,3 +128,66 @@ def test_shipped_head_cannot_be_rebuilt_differently(tok_dir):
     with pytest.raises(ValueError, match="must be >= 1"):
         MTPHead(cfg, 0, "*E")
 
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_head_is_causal_under_every_attention_implementation(tok_dir, attn):
+    """Changing only the last position must leave every earlier depth output unchanged."""
+    from salm_mtp.config import LLMConfig
+
+    kw = tiny.tiny_kwargs(tok_dir, pattern="M*E", mtp_layers=2, mtp_pattern="*E")
+    kw["llm"] = LLMConfig(**{**kw["llm"].__dict__, "attn_implementation": attn})
+    torch.manual_seed(0)
+    from salm_mtp.io import build_module
+
+    m = build_module(**kw).eval()
+    g = torch.Generator().manual_seed(0)
+    h0, e = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    h0b, eb = h0.clone(), e.clone()
+    h0b[:, -1] += 3.0
+    eb[:, -1] -= 3.0
+    with torch.no_grad():
+        a, b = m.mtp_head(h0, e), m.mtp_head(h0b, eb)
+    for k, (x, y) in enumerate(zip(a, b), 1):
+        # depth k's input at t includes e rolled by k: position T-1-k sees the changed embedding
+        keep = 7 - 1 - k
+        torch.testing.assert_close(x[:, :keep], y[:, :keep], rtol=0, atol=1e-6, msg=f"depth {k}")
+        assert not torch.allclose(x[:, -1], y[:, -1])
+
+
+def test_head_only_training_changes_the_head_and_nothing_else(tok_dir):
+    """model.mtp.training_mode=head_only: after 3 optimizer steps every non-head parameter and buffer is
+    bit-identical (BatchNorm statistics, router biases included), the head has changed."""
+    import lightning as L
+
+    kw = tiny.tiny_kwargs(tok_dir, pattern="M*E", mtp=MTPConfig(num_layers=2, training_mode="head_only", loss="kl"),
+                          init_seed=0, ctc_weight=0.3)
+    module = SALMModule(**kw)
+    batch = tiny.make_batch(module.tokenizer, ["one two three", "a dog ran home"], [8000, 12000])
+    snaps = {}
+
+    class Snap(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snaps["before"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snaps["modes"] = {n: m.training for n, m in pl_module.named_modules()}
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()])
+    loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(module, train_dataloaders=loader)
+    after = module.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], snaps["before"][k])}
+    assert changed and all(k.startswith("llm.mtp.") for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("llm.mtp.layers.0.") for k in changed)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("llm.mtp.") for n in trainable)
+    in_train = [n for n, on in snaps["modes"].items() if on and n and not n.startswith("llm.mtp")]
+    assert not in_train, f"non-head modules must train in eval mode: {in_train[:5]}"
+    assert snaps["modes"]["llm.mtp"]
+
+
+def test_head_only_without_a_head_names_the_key(tok_dir):
+    with pytest.raises(ValueError, match=r"training_mode=head_only but no MTP head.*--model\.mtp\.num_layers"):
+        SALMModule(**tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=0, training_mode="head_only")))

@@ -99,6 +99,7 @@ class MTPHead(nn.Module):
         self.use_repeated_layer = use_repeated_layer
         physical = 1 if use_repeated_layer else num_depths
         block_cfg = mtp_block_config(llm_config, pattern, physical)
+        self.block_config = block_cfg  # its _attn_implementation decides the mask (causal_masks)
         H, eps = llm_config.hidden_size, llm_config.layer_norm_epsilon
         first_index = llm_config.num_hidden_layers
         layers = []
@@ -120,13 +121,32 @@ class MTPHead(nn.Module):
         n = len(self.pattern)
         return list(self.layers[d * n : (d + 1) * n])
 
+    def causal_masks(self, x: torch.Tensor, past_key_values=None, position_ids: torch.Tensor | None = None) -> dict:
+        """Per block type, the mask transformers' Nemotron-H builds for its own layers (causal for attention
+        under every implementation: eager gets an explicit (B, 1, T, T) mask, sdpa its causal flag)."""
+        from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
+        kw = dict(config=self.block_config, inputs_embeds=x, attention_mask=None, past_key_values=past_key_values,
+                  position_ids=position_ids)
+        return {"full_attention": create_causal_mask(**kw), "linear_attention": create_recurrent_attention_mask(**kw)}
+
     def forward_depth(self, k: int, h_prev: torch.Tensor, e_k: torch.Tensor, **block_kwargs) -> torch.Tensor:
-        """One depth: h_prev (B, T, H) and e_k (B, T, H) -> h_k (B, T, H), already final-normed."""
+        """One depth: h_prev (B, T, H) and e_k (B, T, H) -> h_k (B, T, H), already final-normed.
+
+        ``block_kwargs`` go to every block (e.g. ``past_key_values``, ``position_ids`` when decoding); the
+        causal masks are built here unless given as ``attention_mask={block_type: mask}``.
+        """
         blocks = self.depth_blocks(k)
         first = blocks[0]
         x = first.eh_proj(torch.cat([first.enorm(e_k), first.hnorm(h_prev)], dim=-1))  # embedding first
+        masks = block_kwargs.pop("attention_mask", None)
+        if masks is None:
+            masks = self.causal_masks(x, block_kwargs.get("past_key_values"), block_kwargs.get("position_ids"))
         for block in blocks:
-            x = block(x, **block_kwargs)
+            x = block(x, attention_mask=masks.get(block.block_type), **block_kwargs)
         return blocks[-1].final_layernorm(x)
 
     def forward(self, h0: torch.Tensor, embeds: torch.Tensor) -> list[torch.Tensor]:
