@@ -73,6 +73,8 @@ class EncoderConfig:
 class AdapterConfig:
     """Modality adapter: stacks encoder frames and projects them to the LLM width."""
 
+    path: str | None = None
+    """adapter.safetensors of an export (scripts/export.py) to start from; null = a new adapter."""
     stack_frames: int = 2
     """Encoder frames concatenated into one LLM position (2 = 160 ms per audio embedding)."""
     hidden_size: int = 256
@@ -150,6 +152,9 @@ class MTPConfig:
     init_from_backbone: bool = False
     """Initialise a new head's blocks (norm + mixer) from the loaded backbone's last blocks of the same type instead of
     random init; the fusion (enorm, hnorm, eh_proj) and final_layernorm stay new."""
+    replace_existing_head: bool = False
+    """Build a new head from num_layers / pattern even when the checkpoint ships one (its mtp.* tensors are then
+    ignored), e.g. a deeper head trained head_only on top of an exported SALM model."""
     training_mode: str = "joint"
     """joint: the MTP loss trains with the main loss (backbone included); head_only: only llm.mtp trains (encoder,
     adapter, backbone, embeddings and lm_head frozen and in eval mode, the backbone forward without autograd), e.g.

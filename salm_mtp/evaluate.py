@@ -8,7 +8,9 @@ Per batch (``DynamicCutSampler`` with ``max_cuts=--batch-size``, manifest order,
 ``SALMDataset``):
   1. batched greedy decoding with the backbone's cache (salm_mtp.generate), timed;
   2. the MTP head's drafts along the model's own greedy answer (teacher-forced, one forward) ->
-     per-depth acceptance (metrics.mtp_acceptance; eos counts as a token, padding does not);
+     per-depth marginal agreement (metrics.mtp_acceptance; eos counts as a token, padding does not) and
+     the chained acceptance a self-speculative decoder gets (depth k only when 1..k-1 agree too:
+     metrics.chained_acceptance_counts) with the mean accepted length 1 + sum_k chained_k;
   3. the main head's teacher-forced top-1 accuracy on the reference answers (``main_acc``).
 
 Writes to ``--out``:
@@ -17,7 +19,8 @@ Writes to ``--out``:
   metrics.json  num_utterances (cuts evaluated, failed included), num_failed, num_asr, num_ast,
                 wer, cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors, ref_chars,
                 num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
-                mtp_acceptance (one value per depth; [] without a head), main_acc,
+                mtp_acceptance (marginal, one value per depth; [] without a head), mtp_chained_acceptance,
+                mean_accepted_length (tokens per backbone forward; null without a head), main_acc,
                 generated_tokens, decode_seconds (prompt encoding + prefill + decode steps only),
                 tokens_per_s, max_new_tokens. Undefined values (nan/inf) are written as null.
   report.png    acceptance bars + training curves of --metrics-csv (default: the metrics.csv that
@@ -134,6 +137,8 @@ class _Totals:
     seconds: float = 0.0
     acc_hits: list[float] = field(default_factory=list)
     acc_count: list[int] = field(default_factory=list)
+    chain_hits: list[int] = field(default_factory=list)
+    chain_count: list[int] = field(default_factory=list)
     main_correct: int = 0
     main_count: int = 0
 
@@ -184,6 +189,12 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) ->
             if n:
                 totals.acc_hits[k - 1] += round(frac * n)
                 totals.acc_count[k - 1] += n
+        chained = M.chained_acceptance_counts(tokens.cpu(), drafts.cpu(), valid.cpu())
+        if not totals.chain_hits:
+            totals.chain_hits, totals.chain_count = [0] * len(chained), [0] * len(chained)
+        for k, (hits, n) in enumerate(chained):
+            totals.chain_hits[k] += hits
+            totals.chain_count[k] += n
 
     correct, count = teacher_forced_hits(module, batch)
     totals.main_correct += correct
@@ -208,8 +219,10 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
     if num_depths:
         acceptance = [h / n if n else math.nan for h, n in zip(totals.acc_hits, totals.acc_count)]
         acceptance += [math.nan] * (num_depths - len(acceptance))  # no tokens decoded at all
+        chained = [h / n if n else math.nan for h, n in zip(totals.chain_hits, totals.chain_count)]
+        chained += [math.nan] * (num_depths - len(chained))
     else:
-        acceptance = []
+        acceptance, chained = [], []
     out = {
         "num_utterances": len(totals.rows),
         "num_failed": totals.num_failed,
@@ -225,6 +238,8 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
         "num_empty_hyps": w["num_empty_hyps"],
         "bleu": b["bleu"] if b is not None else None,
         "mtp_acceptance": [_finite(a) for a in acceptance],
+        "mtp_chained_acceptance": [_finite(a) for a in chained],
+        "mean_accepted_length": M.mean_accepted_length(chained) if num_depths else None,
         "main_acc": totals.main_correct / totals.main_count if totals.main_count else math.nan,
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
@@ -254,7 +269,11 @@ def format_table(m: dict) -> str:
         ("main_acc (teacher-forced)", fmt(m["main_acc"], pct=True)),
     ]
     for k, a in enumerate(m["mtp_acceptance"], start=1):
-        rows.append((f"MTP acceptance depth {k}", fmt(a, pct=True)))
+        rows.append((f"MTP acceptance depth {k} (marginal)", fmt(a, pct=True)))
+    for k, a in enumerate(m.get("mtp_chained_acceptance") or [], start=1):
+        rows.append((f"MTP chained acceptance depth {k}", fmt(a, pct=True)))
+    if m.get("mean_accepted_length") is not None:
+        rows.append(("mean accepted length (tokens/forward)", fmt(m["mean_accepted_length"])))
     rows += [("tokens/s", fmt(m["tokens_per_s"])), ("decode seconds", fmt(m["decode_seconds"]))]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

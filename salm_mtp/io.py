@@ -22,7 +22,6 @@ import warnings
 import torch
 
 from salm_mtp import weights as W
-from salm_mtp.materialize import fill_from_checkpoint
 from salm_mtp.model import PART_TYPES, SALMModule, config_from_dict
 from salm_mtp.modules.mtp import record_mtp_in_config
 
@@ -81,14 +80,9 @@ def load_export(export_dir: str, **overrides) -> SALMModule:
         raw = json.load(f)
     raw["llm"]["path"] = os.path.join(export_dir, raw["llm"]["path"])
     raw["encoder"]["path"] = os.path.join(export_dir, raw["encoder"]["path"])
+    raw["adapter"]["path"] = os.path.join(export_dir, "adapter.safetensors")
     raw.update(overrides)
-    module = build_module(**raw)
-    adapter_file = os.path.join(export_dir, "adapter.safetensors")
-    files = W.checkpoint_files_of(adapter_file)
-    with W.TensorReader(files) as reader:
-        sources = {k: W.Source((k,)) for k in files}
-        fill_from_checkpoint(module.adapter, reader, sources, f"adapter {adapter_file!r}", prefix="adapter.")
-    return module
+    return build_module(**raw)
 
 
 def load_model(path: str) -> SALMModule:
@@ -121,6 +115,8 @@ def export_hf(module: SALMModule, out_dir: str) -> dict[str, str]:
 
     salm = module.salm_config()
     salm["llm"]["path"], salm["encoder"]["path"], salm["tokenizer_path"] = "llm", "encoder", None
+    salm["adapter"]["path"] = "adapter.safetensors"
+    salm["mtp"]["replace_existing_head"] = False  # the exported head is the one to load
     with open(os.path.join(out_dir, "salm_config.json"), "w") as f:
         json.dump(salm, f, indent=2, default=list)
     return {"llm": llm_dir, "encoder": enc_dir, "root": out_dir}

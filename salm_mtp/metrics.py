@@ -188,3 +188,32 @@ def top1_accuracy(logits_or_pred: torch.Tensor, targets: torch.Tensor, ignore_in
         )
     keep = targets != ignore_index
     return ((pred == targets) & keep).sum().float() / keep.sum().float()
+
+
+def chained_acceptance_counts(main_tokens: torch.Tensor, draft_tokens: torch.Tensor,
+                              valid: torch.Tensor) -> list[tuple[int, int]]:
+    """Per depth k, (hits, pairs) of chained acceptance along the greedy path (speculative decoding's).
+
+    Depth k counts as accepted at step t only if depths 1..k all drafted the greedy tokens
+    ``main_tokens[n, t + j]`` (j = 1..k). With every earlier depth right, depth k's inputs equal the
+    teacher-forced ones, so this is exactly what a self-speculative decoder drafting at step t accepts.
+    Pairs are (n, t) with ``valid[n, t + k]``, as in :func:`mtp_acceptance`.
+    """
+    main_tokens, draft_tokens, valid = (torch.as_tensor(t) for t in (main_tokens, draft_tokens, valid))
+    N, D, L = draft_tokens.shape
+    valid = valid.bool()
+    out: list[tuple[int, int]] = []
+    chain = torch.ones(N, L, dtype=torch.bool)  # chain[n, t]: depths 1..k-1 all right at step t
+    for k in range(1, D + 1):
+        right = torch.zeros(N, L, dtype=torch.bool)
+        right[:, : L - k] = draft_tokens[:, k - 1, : L - k] == main_tokens[:, k:]
+        keep = torch.zeros(N, L, dtype=torch.bool)
+        keep[:, : L - k] = valid[:, k:]
+        chain = chain & right
+        out.append((int((chain & keep).sum()), int(keep.sum())))
+    return out
+
+
+def mean_accepted_length(chained: list[float]) -> float:
+    """Tokens per backbone forward of a self-speculative decoder: 1 (the backbone's own) + sum_k chained_k."""
+    return 1.0 + sum(c for c in chained if c == c)

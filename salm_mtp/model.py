@@ -153,6 +153,7 @@ class SALMModule(L.LightningModule):
             raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
         self.save_hyperparameters()
         self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_optim = encoder, llm, mtp, optim
+        self.cfg_adapter = adapter
         self.cfg_freeze, self.cfg_parallel = freeze, parallel
         self.ctc_weight = ctc_weight
         self.lm_head_chunk_size = lm_head_chunk_size
@@ -177,7 +178,7 @@ class SALMModule(L.LightningModule):
             self.audio = AudioEncoder(enc_cfg, ctc_classes)
             self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
             self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
-            self.mtp_shipped = shipped_mtp(self.llm.config) is not None
+            self.mtp_shipped = shipped_mtp(self.llm.config) is not None and not mtp.replace_existing_head
             head = build_mtp_head(self.llm, mtp)
         if head is not None:
             self.llm.mtp = head
@@ -277,6 +278,14 @@ class SALMModule(L.LightningModule):
     def _load_pretrained(self) -> set[str]:
         """Read the configured pretrained parts into the materialised module; returns the names filled."""
         loaded: set[str] = set()
+        if self.cfg_adapter.path is not None:
+            path = self.cfg_adapter.path
+            files = W.checkpoint_files_of(path)
+            with W.TensorReader(files) as reader:
+                sources = {k: W.Source((k,)) for k in files}
+                names = fill_from_checkpoint(self.adapter, reader, sources, f"model.adapter.path={path!r}",
+                                             prefix="adapter.")
+            loaded |= {f"adapter.{n}" for n in names}
         if self.cfg_encoder.path is not None:
             path = self.cfg_encoder.path
             files = W.checkpoint_files(path)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import tiny
 from salm_mtp.io import build_module, export_hf, load_export
 from salm_mtp.weights import CheckpointError
-from salm_mtp.config import EncoderConfig, LLMConfig, MTPConfig
+from salm_mtp.config import AdapterConfig, EncoderConfig, LLMConfig, MTPConfig
 from salm_mtp.model import SALMModule
 
 E = 4  # experts of the tiny config
@@ -165,3 +165,24 @@ def test_init_from_backbone_copies_the_loaded_backbone(tok_dir, tmp_path):
             for k, v in getattr(dst, part).state_dict().items():
                 assert torch.equal(v, ref[k]), f"{part}.{k}"
     assert not torch.equal(head[0].eh_proj.weight, torch.zeros_like(head[0].eh_proj.weight))  # fusion stays new
+
+
+def test_new_deeper_head_on_an_export(tok_dir, tmp_path):
+    """replace_existing_head + the export's llm/encoder/adapter: everything loaded but a new 2-depth head."""
+    src = _super_like(tok_dir, ctc_weight=0.3)
+    export_hf(src, str(tmp_path / "exp"))
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=2, pattern="*E", replace_existing_head=True),
+                          ctc_weight=0.3, init_seed=4)
+    kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "exp/llm")), None
+    kw["encoder"] = EncoderConfig(path=str(tmp_path / "exp/encoder"), dropout=0.0)
+    kw["adapter"] = AdapterConfig(path=str(tmp_path / "exp/adapter.safetensors"), stack_frames=2, hidden_size=32)
+    m = build_module(**kw)
+    assert m.num_mtp_depths == 2 and not m.mtp_shipped
+    ref = src.state_dict()
+    for k, v in m.state_dict().items():
+        if not k.startswith("llm.mtp."):
+            assert torch.equal(v, ref[k]), k
+    assert m.mtp_head.layers[2].eh_proj.weight.shape == (32, 64)  # the second depth exists: new
+    with pytest.raises(CheckpointError, match=r"model\.adapter\.path=.*does not exist|does not exist"):
+        kw["adapter"] = AdapterConfig(path=str(tmp_path / "nope.safetensors"))
+        build_module(**kw)

@@ -87,3 +87,17 @@ def test_top1_accuracy():
     assert top1_accuracy(logits, targets).item() == 0.5  # right, wrong, ignored
     assert top1_accuracy(torch.tensor([1, 0, 2]), torch.tensor([1, 0, 0])).item() == pytest.approx(2 / 3)
     assert math.isnan(top1_accuracy(logits, torch.full((1, 3), -100)).item())
+
+
+def test_chained_acceptance_counts_only_unbroken_chains():
+    from salm_mtp.metrics import chained_acceptance_counts, mean_accepted_length
+
+    main = torch.tensor([[10, 11, 12, 13, 14]])
+    drafts = torch.full((1, 2, 5), -1)
+    # step t: depth 1 predicts main[t+1], depth 2 predicts main[t+2]
+    drafts[0, 0] = torch.tensor([11, 99, 13, 14, -1])  # right at t = 0, 2, 3
+    drafts[0, 1] = torch.tensor([12, 13, 99, -1, -1])  # right at t = 0, 1 (t = 1 breaks at depth 1)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    (h1, n1), (h2, n2) = chained_acceptance_counts(main, drafts, valid)
+    assert (h1, n1) == (3, 4) and (h2, n2) == (1, 3)  # depth 2 at t = 1 is right but unchained
+    assert mean_accepted_length([h1 / n1, h2 / n2]) == pytest.approx(1 + 0.75 + 1 / 3)

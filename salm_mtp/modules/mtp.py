@@ -52,7 +52,7 @@ def resolve_mtp(llm_config: NemotronHConfig, cfg: MTPConfig) -> tuple[int, str]:
     Raises ValueError naming the key when the choice contradicts a shipped head or asks for a
     block type the backbone cannot build.
     """
-    shipped = shipped_mtp(llm_config)
+    shipped = None if cfg.replace_existing_head else shipped_mtp(llm_config)
     D = cfg.num_layers if cfg.num_layers is not None else (shipped[0] if shipped else 0)
     if D == 0:
         return 0, cfg.pattern or (shipped[1] if shipped else "")
