@@ -162,7 +162,7 @@ def model_kwargs(cfg, tokenizer: str | None = None) -> tuple[dict, str | None]:
             "inline LLM's vocabulary is the tokenizer's size. Set --model.tokenizer_path (e.g. tests/tokenizer or "
             "data/demo/tokenizer)"
         )
-    kw["tokenizer_path"] = tokenizer or _STANDIN_TOKENIZER
+    kw["tokenizer_path"] = tokenizer or os.path.relpath(_STANDIN_TOKENIZER)
     return kw, f"no tokenizer at {tok!r}: using {kw['tokenizer_path']!r} (the vocabulary comes from config.json)"
 
 
@@ -272,20 +272,17 @@ def shard_records(module, world_size: int) -> tuple[list[ParamRecord], list[str]
 
 
 # ------------------------------------------------------------------------------------ bytes per rank
-def _size(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 def group_sizes(records: list[ParamRecord], n: int, reduce_dtype: torch.dtype | None) -> dict[str, dict]:
     """Per FSDP group: parameters, unsharded all-gather bytes and the backward gradient-buffer peak over n ranks."""
     out: dict[str, dict] = {}
     for r in records:
         g = out.setdefault(r.group, {"params": 0, "gathered_bytes": 0, "grad_buffer_bytes": 0, "trainable": False})
         g["params"] += math.prod(r.shape)
-        g["gathered_bytes"] += r.gathered_numel(n) * _size(r.compute_dtype)
-        if r.trainable:
+        g["gathered_bytes"] += r.gathered_numel(n) * r.compute_dtype.itemsize
+        if r.trainable:  # autograd's unsharded gradient + the reduce-scatter input
             g["trainable"] = True
-            g["grad_buffer_bytes"] += r.gathered_numel(n) * (_size(r.compute_dtype) + _size(reduce_dtype or r.compute_dtype))
+            reduce_size = (reduce_dtype or r.compute_dtype).itemsize
+            g["grad_buffer_bytes"] += r.gathered_numel(n) * (r.compute_dtype.itemsize + reduce_size)
     return out
 
 
@@ -296,7 +293,7 @@ def per_rank(records: list[ParamRecord], n: int, reduce_dtype: torch.dtype | Non
     params = grads = optim = 0
     for r in records:
         local = r.local_numel(n)
-        b = local * _size(r.dtype)
+        b = local * r.dtype.itemsize
         key = f"{'trainable' if r.trainable else 'frozen'}/{str(r.dtype).removeprefix('torch.')}"
         by_kind[key] = by_kind.get(key, 0) + b
         params += b
@@ -363,7 +360,7 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
     from salm_mtp.parallel import _dtype
 
     par = module.cfg_parallel
-    b = _size(_dtype(par.param_dtype) or torch.float32)
+    b = (_dtype(par.param_dtype) or torch.float32).itemsize
     feat = module.features.config
     enc = module.audio.encoder.config
     llm = module.llm.config

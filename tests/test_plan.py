@@ -22,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "data", "configs")
 SUPER_BACKBONE = 120_668_687_360  # DESIGN.md §10: Super's published config built on meta with transformers 5.23
 # demo with a frozen, bf16-stored LLM backbone, so trainable != total and two storage dtypes appear
-DEMO = ["--config", "conf/demo.yaml", "--model.tokenizer_path=tests/tokenizer", "--model.freeze.patterns=[^llm\\.model\\.]",
-        "--model.parallel.param_dtype=bfloat16", "--model.parallel.frozen_dtype=bfloat16"]
+DEMO = ["--config", "conf/demo.yaml", "--model.tokenizer_path=tests/tokenizer",
+        "--model.freeze.patterns=[^llm\\.model\\.]", "--model.parallel.param_dtype=bfloat16",
+        "--model.parallel.frozen_dtype=bfloat16"]
 SUPER = ["--config", "conf/nemotron3_super.yaml", f"--model.llm.path={CONFIGS}/nemotron3_super_120b_a12b",
          f"--model.encoder.path={CONFIGS}/parakeet_ctc_1.1b"]
 
@@ -127,7 +128,8 @@ def test_super_counts_equal_the_trainers_module(super_plan, tmp_path, monkeypatc
         llm = NemotronHForCausalLM(config)
     assert sum(p.numel() for p in llm.parameters()) == SUPER_BACKBONE
     kinds = list(config.layers_block_type)
-    block = {k: sum(p.numel() for p in llm.model.layers[kinds.index(k)].parameters()) for k in ("full_attention", "moe")}
+    layer = {k: llm.model.layers[kinds.index(k)] for k in ("full_attention", "moe")}
+    block = {k: sum(p.numel() for p in m.parameters()) for k, m in layer.items()}
     H = config.hidden_size
     head = block["full_attention"] + block["moe"] + 2 * H + 2 * H * H + H
     assert super_plan["params_by_part"]["llm"] == SUPER_BACKBONE
