@@ -451,6 +451,9 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
     if precision in LOW_PRECISION_TRUE:
         notes.append(f"trainer.precision={precision}: training refuses it (salm_mtp.parallel.check_precision); planned "
                      "as 32-true with model.parallel dtypes")
+    if par.frozen_dtype not in (None, "float32") and par.param_dtype != par.frozen_dtype:
+        notes.append(f"model.parallel.frozen_dtype={par.frozen_dtype} with param_dtype={par.param_dtype}: FSDP2 training "
+                     f"refuses it (one compute dtype per group); set --model.parallel.param_dtype={par.frozen_dtype}")
     acts = activation_estimate(module, cfg.data.max_duration, cfg.text_tokens_per_second, cfg.cut_seconds)
     act = acts["with_ac_bytes"] if par.activation_checkpointing else acts["without_ac_bytes"]
     overhead = int(cfg.overhead_gib * GIB)

@@ -155,7 +155,7 @@ def test_head_is_causal_under_every_attention_implementation(tok_dir, attn):
         assert not torch.allclose(x[:, -1], y[:, -1])
 
 
-def test_head_only_training_changes_the_head_and_nothing_else(tok_dir):
+def test_head_only_training_changes_the_head_and_nothing_else(tok_dir, tmp_path):
     """model.mtp.training_mode=head_only: after 3 optimizer steps every non-head parameter and buffer is
     bit-identical (BatchNorm statistics, router biases included), the head has changed."""
     import lightning as L
@@ -173,7 +173,7 @@ def test_head_only_training_changes_the_head_and_nothing_else(tok_dir):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             snaps["modes"] = {n: m.training for n, m in pl_module.named_modules()}
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()])
     loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, train_dataloaders=loader)
