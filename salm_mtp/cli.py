@@ -76,6 +76,9 @@ def main(args: list[str] | None = None) -> None:
 
         plan.main(argv[1:])
         return
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config field docstrings are the --help
     # Our logged values are already reduced over the data-parallel group (SALMModule.summarise):
     # Lightning's advice to add sync_dist=True would average them a second time.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(")

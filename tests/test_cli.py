@@ -94,3 +94,15 @@ def test_predict_writes_hypotheses(full_run, corpus, tok_dir, tmp_path):
     rows = [json.loads(line) for line in open(path)]
     assert sorted(r["id"] for r in rows) == [f"c{i:03d}" for i in range(24)]
     assert all(set(r) == {"id", "task", "ref", "hyp"} and isinstance(r["hyp"], str) for r in rows)
+
+
+def test_fit_help_shows_config_field_docstrings():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "salm_mtp.cli", "fit", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    assert "--model.mtp.num_layers NUM_LAYERS Depths D (num_nextn_predict_layers)" in text
+    assert "--model.parallel.frozen_dtype FROZEN_DTYPE Storage dtype of frozen parameters" in text
