@@ -74,8 +74,29 @@ class Source:
     """True: the module tensor is ``torch.stack`` of ``keys`` (fused experts)."""
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def safetensors_header(file: str) -> tuple[dict, int]:
+    """(the JSON header of a safetensors file, the byte offset where its data starts)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class TensorReader:
     """Reads slices of named tensors from a set of safetensors files, keeping each file open once.
+
+    A block that spans whole rows (all an FSDP2 Shard(0) slice or one expert ever needs) is read as one
+    byte range with ``os.pread`` into a fresh buffer: unlike the memory map behind ``safe_open``, no page
+    of the file stays resident in this process after the copy, so a rank's memory grows by its shard only.
+    Other blocks go through ``safe_open(...).get_slice``.
 
         with TensorReader(files) as r:
             t = r.read(Source(("backbone.embeddings.weight",)), offset=(0, 0), shape=(100, 64))
@@ -84,6 +105,8 @@ class TensorReader:
     def __init__(self, files: dict[str, str]):
         self.files = files
         self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
+        self._fds: dict[str, int] = {}
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -92,6 +115,9 @@ class TensorReader:
         for f in self._open.values():
             f.__exit__(None, None, None)
         self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _handle(self, key: str):
         file = self.files[key]
@@ -101,7 +127,11 @@ class TensorReader:
 
     def shape(self, source: Source) -> tuple[int, ...]:
         """Global shape of the module tensor ``source`` describes (read from the headers only)."""
-        one = tuple(self._handle(source.keys[0]).get_slice(source.keys[0]).get_shape())
+        key = source.keys[0]
+        file = self.files[key]
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(file)
+        one = tuple(self._headers[file][0][key]["shape"])
         return (len(source.keys), *one) if source.stacked else one
 
     def read(self, source: Source, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
@@ -114,13 +144,42 @@ class TensorReader:
             return torch.stack(parts)
         return self._read_one(source.keys[0], offset, shape)
 
+    def _read_rows(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Rows [offset[0], offset[0] + shape[0]) of a tensor read with one pread; None if not whole rows."""
+        file = self.files[key]
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(file)
+        header, data_start = self._headers[file]
+        info = header.get(key)
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if info else None
+        full = tuple(info["shape"]) if info else ()
+        if dtype is None or not full or tuple(shape[1:]) != full[1:] or any(offset[1:]):
+            return None
+        row = dtype.itemsize
+        for d in full[1:]:
+            row *= d
+        begin = data_start + info["data_offsets"][0] + offset[0] * row
+        nbytes = shape[0] * row
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        buf = bytearray(nbytes)
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            got = os.preadv(self._fds[file], [view[done:]], begin + done)
+            if got <= 0:
+                raise CheckpointError(f"{file!r}: tensor {key} is truncated (read {done} of {nbytes} bytes)")
+            done += got
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
+
     def _read_one(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        f = self._handle(key)
-        if not shape:
-            t = f.get_tensor(key)
-        else:
+        t = self._read_rows(key, offset, shape) if shape else None
+        if t is None and not shape:
+            t = self._handle(key).get_tensor(key)
+        elif t is None:
             index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-            t = f.get_slice(key)[index]
+            t = self._handle(key).get_slice(key)[index]
         READ_STATS["bytes"] += t.numel() * t.element_size()
         READ_STATS["tensors"] += 1
         return t
