@@ -1,7 +1,7 @@
 """Evaluate a trained SALM model on a lhotse manifest: greedy hypotheses, WER/CER/BLEU, MTP acceptance.
 
     python scripts/evaluate.py --ckpt runs/demo/version_0/checkpoints/last.ckpt \\
-        --manifest data/demo/test_cuts.jsonl.gz --out eval/demo
+        --manifest data/demo/test_cuts.jsonl.gz --out eval/demo [--decode greedy|mtp]
     python scripts/evaluate.py --model exports/demo --manifest ... --out ...
 
 Per batch (``DynamicCutSampler`` with ``max_cuts=--batch-size``, manifest order, collated by
@@ -12,6 +12,9 @@ Per batch (``DynamicCutSampler`` with ``max_cuts=--batch-size``, manifest order,
      the chained acceptance a self-speculative decoder gets (depth k only when 1..k-1 agree too:
      metrics.chained_acceptance_counts) with the mean accepted length 1 + sum_k chained_k;
   3. the main head's teacher-forced top-1 accuracy on the reference answers (``main_acc``).
+With ``--decode mtp`` step 1 also runs MTP self-speculative decoding (salm_mtp.decoding.speculative) on
+the same prompts, greedy and MTP alternating which goes first from batch to batch; the hypotheses are
+the MTP decoder's, and its live figures are added under ``spec_*`` names.
 
 Writes to ``--out``:
   hyps.jsonl    one object per manifest cut: {"id", "task", "ref", "hyp"}; a cut whose audio could
@@ -22,7 +25,15 @@ Writes to ``--out``:
                 mtp_acceptance (marginal, one value per depth; [] without a head), mtp_chained_acceptance,
                 mean_accepted_length (tokens per backbone forward; null without a head), main_acc,
                 generated_tokens, decode_seconds (prompt encoding + prefill + decode steps only),
-                tokens_per_s, max_new_tokens. Undefined values (nan/inf) are written as null.
+                tokens_per_s, max_new_tokens, decode ("greedy" | "mtp"). Undefined values (nan/inf) are
+                written as null. The mtp_* acceptance figures above are teacher-forced along the finished
+                greedy answer (offline). --decode mtp adds what the speculative decoder measured:
+                spec_num_drafts, spec_tokens_per_forward (emitted tokens / verification forwards),
+                spec_chained_acceptance (per depth), spec_mean_accepted_length (1 + their sum),
+                spec_row_forwards / greedy_row_forwards (backbone forwards summed over rows, prefills
+                included), greedy_decode_seconds / spec_decode_seconds (decoding the same encoded
+                prompts), spec_speedup (their ratio), spec_identical_to_greedy, spec_mismatched_rows;
+                decode_seconds then covers prompt encoding + the MTP decode.
   report.png    acceptance bars + training curves of --metrics-csv (default: the metrics.csv that
                 Lightning's CSVLogger wrote next to the checkpoint's run dir, if any)
 
@@ -46,6 +57,7 @@ from tqdm import tqdm
 
 from salm_mtp import metrics as M
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.decoding.speculative import SpecStats, mtp_decode
 from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
 
@@ -141,6 +153,15 @@ class _Totals:
     chain_count: list[int] = field(default_factory=list)
     main_correct: int = 0
     main_count: int = 0
+    decode: str = "greedy"
+    spec: SpecStats | None = None
+    greedy_seconds: float = 0.0
+    spec_seconds: float = 0.0
+    num_drafts: int | None = None
+    greedy_row_forwards: int = 0
+    spec_mismatched_rows: int = 0
+    batches: int = 0
+    last_spec_seconds: float = 0.0
 
 
 def teacher_forced_hits(module, batch: dict) -> tuple[int, int]:
@@ -170,9 +191,15 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) ->
     _sync(dev)
     t0 = time.perf_counter()
     prompt = encode_prompts(module, batch)
-    tokens, lengths = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
     _sync(dev)
-    totals.seconds += time.perf_counter() - t0
+    t_enc = time.perf_counter() - t0
+    if totals.decode == "mtp":
+        tokens, lengths = _greedy_and_mtp(module, batch, prompt, max_new_tokens, totals)
+        totals.seconds += t_enc + totals.last_spec_seconds
+    else:
+        tokens, lengths = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
+        _sync(dev)
+        totals.seconds += time.perf_counter() - t0
     totals.tokens += int(lengths.sum())
     hyps = decode_text(module.tokenizer, tokens.cpu(), lengths.cpu())
     for cid, task, ref, hyp in zip(batch["ids"], batch["tasks"], batch["answers"], hyps):
@@ -199,6 +226,39 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) ->
     correct, count = teacher_forced_hits(module, batch)
     totals.main_correct += correct
     totals.main_count += count
+
+
+def _greedy_and_mtp(module, batch: dict, prompt, max_new_tokens: int, totals: _Totals):
+    """Greedy and MTP decoding of the same encoded prompts (which runs first alternates per batch); the
+    MTP tokens, timings and counts go to ``totals``."""
+    dev = module.device
+    order = ("greedy", "mtp") if totals.batches % 2 == 0 else ("mtp", "greedy")
+    totals.batches += 1
+    out = {}
+    for which in order:
+        _sync(dev)
+        t0 = time.perf_counter()
+        if which == "greedy":
+            out["greedy"] = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
+        else:
+            out["mtp"] = mtp_decode(module, batch, max_new_tokens=max_new_tokens, num_drafts=totals.num_drafts,
+                                    prompt=prompt)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        if which == "greedy":
+            totals.greedy_seconds += dt
+        else:
+            totals.spec_seconds += dt
+            totals.last_spec_seconds = dt
+    (g_tokens, g_lengths), (tokens, lengths, stats) = out["greedy"], out["mtp"]
+    if totals.spec is None:
+        totals.spec = SpecStats(stats.num_drafts)
+    totals.spec.add(stats)
+    totals.greedy_row_forwards += int(g_lengths.sum())  # greedy: one backbone forward per token (prefill incl.)
+    totals.spec_mismatched_rows += sum(
+        int(n) != int(gn) or not torch.equal(tokens[b, :n], g_tokens[b, :n])
+        for b, (n, gn) in enumerate(zip(lengths.tolist(), g_lengths.tolist())))
+    return tokens, lengths
 
 
 def _finite(x):
@@ -245,7 +305,24 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
         "decode_seconds": totals.seconds,
         "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else math.nan,
         "max_new_tokens": max_new_tokens,
+        "decode": totals.decode,
     }
+    if totals.decode == "mtp":
+        spec = totals.spec or SpecStats(totals.num_drafts or num_depths)
+        rows = len(ok)
+        out.update({
+            "spec_num_drafts": spec.num_drafts,
+            "spec_tokens_per_forward": spec.tokens_per_forward,
+            "spec_chained_acceptance": [_finite(a) for a in spec.chained_acceptance()],
+            "spec_mean_accepted_length": spec.mean_accepted_length(),
+            "spec_row_forwards": rows + spec.forwards,
+            "greedy_row_forwards": totals.greedy_row_forwards,
+            "greedy_decode_seconds": totals.greedy_seconds,
+            "spec_decode_seconds": totals.spec_seconds,
+            "spec_speedup": totals.greedy_seconds / totals.spec_seconds if totals.spec_seconds > 0 else math.nan,
+            "spec_identical_to_greedy": totals.spec_mismatched_rows == 0,
+            "spec_mismatched_rows": totals.spec_mismatched_rows,
+        })
     return {k: _finite(v) for k, v in out.items()}
 
 
@@ -275,14 +352,30 @@ def format_table(m: dict) -> str:
     if m.get("mean_accepted_length") is not None:
         rows.append(("mean accepted length (tokens/forward)", fmt(m["mean_accepted_length"])))
     rows += [("tokens/s", fmt(m["tokens_per_s"])), ("decode seconds", fmt(m["decode_seconds"]))]
+    if m.get("decode") == "mtp":
+        rows += [("MTP decoding: drafts per step", fmt(m["spec_num_drafts"])),
+                 ("  tokens per verification forward", fmt(m["spec_tokens_per_forward"]))]
+        for k, a in enumerate(m["spec_chained_acceptance"], start=1):
+            rows.append((f"  chained acceptance depth {k} (live)", fmt(a, pct=True)))
+        rows += [("  mean accepted length (live)", fmt(m["spec_mean_accepted_length"])),
+                 ("  backbone forwards greedy / mtp", f"{m['greedy_row_forwards']} / {m['spec_row_forwards']}"),
+                 ("  decode seconds greedy / mtp",
+                  f"{fmt(m['greedy_decode_seconds'])} / {fmt(m['spec_decode_seconds'])}"),
+                 ("  speedup (greedy / mtp wall)", fmt(m["spec_speedup"])),
+                 ("  identical to greedy", "yes" if m["spec_identical_to_greedy"] else
+                  f"NO ({m['spec_mismatched_rows']} rows differ)")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_tokens: int = 64,
              limit: int | None = None, metrics_csv: str | None = None, title: str | None = None,
-             prompt: PromptConfig | None = None, num_workers: int = 0, progress: bool = True) -> dict:
+             prompt: PromptConfig | None = None, num_workers: int = 0, progress: bool = True,
+             decode: str = "greedy", num_drafts: int | None = None) -> dict:
     """Decode ``manifest`` with ``module``, write hyps.jsonl / metrics.json / report.png under ``out_dir``.
+
+    ``decode``: "greedy", or "mtp" (also MTP self-speculative decoding with ``num_drafts`` drafts per step,
+    default all the head's depths; its hypotheses are written).
 
     Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as
     batches finish, so an interrupted run keeps what it decoded.
@@ -291,9 +384,13 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if decode not in ("greedy", "mtp"):
+        raise ValueError(f"--decode must be greedy or mtp, got {decode!r}")
+    if decode == "mtp" and not module.num_mtp_depths:
+        raise ValueError("--decode mtp needs a model with an MTP head (this one has none); use --decode greedy")
     os.makedirs(out_dir, exist_ok=True)
     it, n_cuts = batches(manifest, module.tokenizer, batch_size, limit, prompt, num_workers)
-    totals = _Totals()
+    totals = _Totals(decode=decode, num_drafts=num_drafts)
     was_training = module.training
     module.eval()
     hyps_path = os.path.join(out_dir, "hyps.jsonl")
@@ -345,6 +442,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading audio (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--decode", choices=("greedy", "mtp"), default="greedy",
+                   help="greedy (default), or mtp: also MTP self-speculative decoding of the same prompts (its "
+                        "hypotheses are written), with its live acceptance, forwards and wall time against greedy")
+    p.add_argument("--num-drafts", type=int, default=None,
+                   help="--decode mtp: drafts per step (1..the head's depths; default all of them)")
     return p.parse_args(argv)
 
 
@@ -357,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics_csv = args.metrics_csv if args.metrics_csv is not None else default_metrics_csv(args.ckpt)
     result = evaluate(module, args.manifest, args.out, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, metrics_csv=metrics_csv,
-                      num_workers=args.num_workers, progress=not args.no_progress)
+                      num_workers=args.num_workers, progress=not args.no_progress, decode=args.decode,
+                      num_drafts=args.num_drafts)
     print(format_table(result))
     print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, report.png")
     return 0

@@ -6,6 +6,9 @@
     drafts = mtp_drafts(module, batch, tokens, lengths)            # (B, D, L)
     metrics.mtp_acceptance(tokens, drafts, valid)                  # per-depth acceptance
 
+MTP self-speculative decoding (the same tokens from fewer backbone forwards) is
+salm_mtp.decoding.speculative.mtp_decode.
+
 The batch layout is salm_mtp.data.dataset's; only the prompt part of each row is used
 (``input_ids[b, :prompt_lens[b]]``, with its one audio placeholder), so a batch that also holds
 reference answers decodes exactly like a prompt-only one.
@@ -70,12 +73,14 @@ def inference(module) -> Iterator[None]:
     """``torch.no_grad()`` and eval mode (no dropout, no SpecAugment) for the block; the module's
     mode is restored after."""
     was_training = module.training
-    module.eval()
+    if was_training:  # walking every submodule costs ~2 ms: only when the mode changes
+        module.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        module.train(was_training)
+        if was_training:
+            module.train(True)
 
 
 def encode_prompts(module, batch: dict) -> MergedInputs:
@@ -138,12 +143,26 @@ def _append_answers(prompt: MergedInputs, embed: torch.nn.Embedding, tokens: tor
 
 
 # ---------------------------------------------------------------------------------------- decoding
+def left_pad(embeds: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt embeddings (b, T, H) with lengths (b,) -> left-padded (b, P, H), P = max(lens), so
+    every row's last prompt position is column P-1, and the (b, P) long mask of real positions."""
+    b, _, H = embeds.shape
+    P = int(lens.max())
+    x = embeds.new_zeros(b, P, H)
+    mask = torch.zeros(b, P, dtype=torch.long, device=embeds.device)
+    for i in range(b):
+        n = int(lens[i])
+        x[i, P - n :] = embeds[i, :n]
+        mask[i, P - n :] = 1
+    return x, mask
+
+
 def next_token_logits(lm_head, h: torch.Tensor, banned_id: int | None) -> torch.Tensor:
-    """fp32 logits (b, V) of the last hidden states (b, H); the audio placeholder can never be generated
-    (an answer holding it could not be fed back through the merge)."""
+    """fp32 logits (..., V) of hidden states (..., H), e.g. the last ones (b, H); the audio placeholder can
+    never be generated (an answer holding it could not be fed back through the merge)."""
     logits = lm_head(h).float()
     if banned_id is not None and banned_id < logits.shape[-1]:
-        logits[:, banned_id] = float("-inf")
+        logits[..., banned_id] = float("-inf")
     return logits
 
 
@@ -152,14 +171,9 @@ def _decode_cached(llm, embeds: torch.Tensor, lens: torch.Tensor, max_new_tokens
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy tokens (b, n <= max_new_tokens) for right-padded prompt embeddings (b, T, H), and
     their logits (b, n, V) if ``keep_logits`` (else None: B x n x V fp32 can be large)."""
-    b, _, H = embeds.shape
+    b = embeds.shape[0]
     P = int(lens.max())
-    x = embeds.new_zeros(b, P, H)  # left-padded: every row ends at column P-1
-    mask = torch.zeros(b, P, dtype=torch.long, device=embeds.device)
-    for i in range(b):
-        n = int(lens[i])
-        x[i, P - n :] = embeds[i, :n]
-        mask[i, P - n :] = 1
+    x, mask = left_pad(embeds, lens)  # every row ends at column P-1
     padded = bool((lens != P).any())
     out = llm.model(inputs_embeds=x, attention_mask=mask if padded else None, use_cache=True)
     cache, h = out.past_key_values, out.last_hidden_state[:, -1]  # (b, H)
@@ -290,6 +304,9 @@ def mtp_drafts(module, batch: dict, answer_tokens: torch.Tensor, lengths: torch.
 
         drafts[b, k-1, t] = argmax lm_head(h_k[b, P_b - 1 + t])   predicts answer_tokens[b, t + k]
 
+    (the audio placeholder excluded from the argmax, as in decoding: no answer holds it, and the
+    speculative decoder's live drafts equal these wherever its earlier drafts were right),
+
     which is ``metrics.mtp_acceptance``'s convention: pass ``valid = arange(L) < lengths``.
 
     Args:
@@ -318,5 +335,6 @@ def mtp_drafts(module, batch: dict, answer_tokens: torch.Tensor, lengths: torch.
         pos = (prompt.lengths - 1)[:, None] + torch.arange(L, device=dev)[None, :]  # (B, L)
         pos = pos.clamp(max=embeds.shape[1] - 1)  # rows shorter than L: positions past the end are padding
         idx = pos[:, :, None].expand(B, L, embeds.shape[-1])
-        drafts = [module.llm.lm_head(h.gather(1, idx)).float().argmax(-1) for h in hiddens]  # D x (B, L)
+        drafts = [next_token_logits(module.llm.lm_head, h.gather(1, idx), module.placeholder_id).argmax(-1)
+                  for h in hiddens]  # D x (B, L); the placeholder is banned as in decoding: it is never an answer token
         return torch.stack(drafts, 1)

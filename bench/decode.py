@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Greedy vs MTP self-speculative decoding of the same utterances: tokens per backbone forward, chained
+acceptance, wall time, and whether the outputs are identical.
+
+    python bench/decode.py --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt \\
+        --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/bench_decode [--limit 64] [--batch-sizes 1,16]
+    python bench/decode.py          # the floor: an untrained model of conf/demo.yaml's sizes, same utterances
+
+Per batch size: the utterances are batched in manifest order (as scripts/evaluate.py does), their prompts
+encoded once (not timed: both decoders share it), one untimed warm-up pass, then ``--repeats``
+repetitions; in each, every batch is decoded by greedy (salm_mtp.generate.greedy_decode, the cached
+decoder) and by MTP (salm_mtp.decoding.speculative.mtp_decode) for each ``--num-drafts``, the order
+rotating from batch to batch and repetition to repetition. Wall time is the median over repetitions of
+the summed decode time; speedup = greedy wall / MTP wall, the median over repetitions of that ratio
+(both timed in the same repetition: the machine's speed drifts between repetitions). ``--oracle`` adds an
+"mtp oracle" row, in the same rotation, whose drafts are the greedy tokens themselves (the head still
+runs): the ceiling of the decoder on this model and data, every draft accepted.
+
+Writes DIR/decode.json: the headline (first batch size, first D) as tokens_per_forward, speedup,
+identical, chained_acceptance, mean_accepted_length, plus every row under "runs"; prints a table.
+Rows: tokens = answer tokens decoded; fwd/utt = backbone forwards per utterance, prefill included
+(greedy: one per token); tok/fwd = tokens per verification forward (accepted drafts + the backbone's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from salm_mtp.decoding.speculative import SpecStats, SpeculativeDecoder, mtp_decode  # noqa: E402
+from salm_mtp.generate import (  # noqa: E402
+    _eos_id, _lengths_after_eos, _row_groups, encode_prompts, greedy_decode, inference, left_padding_exact,
+)
+
+DEMO_CONF = "conf/demo.yaml"
+DEMO_MANIFEST = "data/demo/test_cuts.jsonl.gz"
+
+
+def untrained_demo_model():
+    """The model conf/demo.yaml trains, freshly initialised (seed 0): the floor of the benchmark."""
+    import yaml
+
+    from salm_mtp.io import build_module
+
+    with open(DEMO_CONF) as f:
+        cfg = yaml.safe_load(f)["model"]
+    cfg["encoder"]["path"] = None
+    if not os.path.isfile(os.path.join(cfg["tokenizer_path"], "tokenizer.json")):
+        raise FileNotFoundError(f"{cfg['tokenizer_path']} has no tokenizer: run `python scripts/make_demo_data.py "
+                                "--out data/demo` (step 1 of scripts/run_demo.sh) or pass --ckpt")
+    torch.manual_seed(0)
+    return build_module(**cfg)
+
+
+def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_drafts: int):
+    """mtp_decode whose drafts are ``truth`` (greedy's tokens): every draft that predicts a real token is
+    accepted. Returns (tokens (B, max_new_tokens), SpecStats)."""
+    eos_id = _eos_id(module)
+    pad_id = module.tokenizer.pad_token_id
+    B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    stats = SpecStats(num_drafts)
+    padded_truth = torch.full((B, max_new_tokens + num_drafts + 1), pad_id, dtype=torch.long, device=dev)
+    padded_truth[:, : truth.shape[1]] = truth.to(dev)
+    with inference(module):
+        for rows in _row_groups(prompt.lengths, left_padding_exact(module.llm)):
+            with SpeculativeDecoder(module, num_drafts, max_new_tokens, eos_id, pad_id) as dec:
+                ref = padded_truth[rows]
+
+                def draft(k, h, dec=dec, ref=ref):
+                    return ref.gather(1, (dec.lens + k - 1).clamp(max=ref.shape[1] - 1)[:, None])[:, 0]
+
+                dec.draft_token = draft
+                dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
+                while not dec.finished:
+                    dec.step()
+                t, s = dec.result()
+            tokens[rows] = t
+            stats.add(s)
+    lengths = _lengths_after_eos(tokens, eos_id)
+    tokens = tokens.masked_fill(torch.arange(max_new_tokens, device=dev)[None, :] >= lengths[:, None], pad_id)
+    return tokens, stats
+
+
+def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
+                     max_new_tokens: int, oracle: bool) -> list[dict]:
+    """Rows of the table for one batch size (see the module docstring)."""
+    from salm_mtp.evaluate import batches
+
+    it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
+    data = [b for b in it if b["input_ids"].shape[0]]
+    prompts = [encode_prompts(module, b) for b in data]
+    deciders = ["greedy"] + [("mtp", d) for d in drafts] + ([("mtp oracle", d) for d in drafts] if oracle else [])
+    ref: list = [None] * len(data)
+    times = {k: [] for k in deciders}
+    stats: dict = {}
+    identical = dict.fromkeys(deciders, True)
+
+    def run(name, i):
+        b, p = data[i], prompts[i]
+        t0 = time.perf_counter()
+        if name == "greedy":
+            tokens, lengths = greedy_decode(module, b, max_new_tokens=max_new_tokens, prompt=p)
+            s = None
+        elif name[0] == "mtp":
+            tokens, lengths, s = mtp_decode(module, b, max_new_tokens=max_new_tokens, num_drafts=name[1], prompt=p)
+        else:
+            tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1])
+            tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
+        return time.perf_counter() - t0, tokens, lengths, s
+
+    for i in range(len(data)):  # warm-up, and the reference tokens
+        _, tokens, lengths, _ = run("greedy", i)
+        ref[i] = (tokens, lengths)
+        for name in deciders[1:]:
+            run(name, i)
+    for r in range(repeats):
+        total = dict.fromkeys(deciders, 0.0)
+        rep_stats = {k: SpecStats(k[1]) for k in deciders[1:]}
+        for i in range(len(data)):
+            shift = (r + i) % len(deciders)  # rotate which decoder goes first
+            for name in deciders[shift:] + deciders[:shift]:
+                dt, tokens, lengths, s = run(name, i)
+                total[name] += dt
+                identical[name] &= torch.equal(tokens, ref[i][0]) and torch.equal(lengths, ref[i][1])
+                if s is not None:
+                    rep_stats[name].add(s)
+        for name in deciders:
+            times[name].append(total[name])
+        stats = rep_stats  # deterministic: every repetition counts the same
+    n_tokens = sum(int(r[1].sum()) for r in ref)
+    rows = [{"batch_size": batch_size, "decoder": "greedy", "num_drafts": 0, "utterances": n_utts,
+             "tokens": n_tokens, "row_forwards": n_tokens, "wall_seconds": statistics.median(times["greedy"]),
+             "wall_seconds_all": times["greedy"], "tokens_per_forward": 1.0, "speedup": 1.0, "identical": True}]
+    for name in deciders[1:]:
+        s = stats[name]
+        # speedup: the median over repetitions of greedy / this decoder, both timed in the same repetition
+        speedup = statistics.median(g / t for g, t in zip(times["greedy"], times[name]))
+        rows.append({"batch_size": batch_size, "decoder": name[0], "num_drafts": name[1], "utterances": n_utts,
+                     "tokens": n_tokens, "row_forwards": n_utts + s.forwards,
+                     "wall_seconds": statistics.median(times[name]), "wall_seconds_all": times[name],
+                     "tokens_per_forward": s.tokens_per_forward, "chained_acceptance": s.chained_acceptance(),
+                     "mean_accepted_length": s.mean_accepted_length(), "batch_forwards": s.batch_forwards,
+                     "speedup": speedup, "identical": identical[name]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["batch", "decoder", "utts", "tokens", "fwd/utt", "tok/fwd", "chained acc", "acc.len", "wall s",
+            "speedup", "identical"]
+    lines = [head]
+    for r in rows:
+        name = r["decoder"] + (f" D={r['num_drafts']}" if r["num_drafts"] else "")
+        acc = " ".join(f"{100 * a:.1f}%" for a in r.get("chained_acceptance", [])) or "-"
+        mal = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
+        lines.append([str(r["batch_size"]), name, str(r["utterances"]), str(r["tokens"]),
+                      f"{r['row_forwards'] / r['utterances']:.2f}", f"{r['tokens_per_forward']:.2f}", acc, mal,
+                      f"{r['wall_seconds']:.3f}", f"{r['speedup']:.2f}x", "yes" if r["identical"] else "NO"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="Lightning checkpoint (default: an untrained conf/demo.yaml model)")
+    src.add_argument("--model", help="export directory (scripts/export.py)")
+    p.add_argument("--manifest", default=DEMO_MANIFEST, help=f"lhotse manifest (default {DEMO_MANIFEST})")
+    p.add_argument("--out", default="runs/bench_decode", help="output directory for decode.json")
+    p.add_argument("--limit", type=int, default=64, help="first N utterances of the manifest (default 64)")
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--num-drafts", default=None, help="comma-separated D values (default: the head's depths)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--oracle", action="store_true", help="also decode with oracle drafts (the ceiling)")
+    a = p.parse_args(argv)
+    logging_quiet()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.ckpt or a.model:
+        from salm_mtp.io import load_model
+
+        module, source = load_model(a.ckpt or a.model), a.ckpt or a.model
+    else:
+        module, source = untrained_demo_model(), f"untrained {DEMO_CONF} model (seed 0)"
+    module.eval()
+    if not module.num_mtp_depths:
+        raise SystemExit(f"{source} has no MTP head: nothing to draft with")
+    drafts = [int(d) for d in a.num_drafts.split(",")] if a.num_drafts else [module.num_mtp_depths]
+    rows = []
+    for bs in (int(b) for b in a.batch_sizes.split(",")):
+        rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle)
+    head = next(r for r in rows if r["decoder"] == "mtp")
+    result = {
+        "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
+        "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(),
+        "headline": {"batch_size": head["batch_size"], "num_drafts": head["num_drafts"]},
+        "tokens_per_forward": head["tokens_per_forward"], "speedup": head["speedup"], "identical": head["identical"],
+        "chained_acceptance": head["chained_acceptance"], "mean_accepted_length": head["mean_accepted_length"],
+        "runs": rows,
+    }
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "decode.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"model: {source}\nmanifest: {a.manifest} (first {a.limit}), {torch.get_num_threads()} threads, "
+          f"median of {a.repeats} repetitions\n")
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+def logging_quiet() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""MTP self-speculative decoding of a SALMModule: greedy's exact tokens from fewer backbone forwards
+(DESIGN.md §11).
+
+    from salm_mtp.decoding.speculative import mtp_decode
+    tokens, lengths, stats = mtp_decode(module, batch, max_new_tokens=64)   # == greedy_decode(module, batch)
+    stats.tokens_per_forward, stats.chained_acceptance()                   # measured while decoding
+
+One step, per row (y = the answer so far; its last token y[-1] is known but not yet fed to the backbone):
+  draft   depth 1 fuses the backbone's hidden state that produced y[-1] with emb(y[-1]) -> d_1; depth k
+          fuses depth k-1's output with emb(d_{k-1}) -> d_k (the head's training inputs, DESIGN.md §2)
+  verify  one cached backbone forward over [y[-1], d_1 .. d_D] -> the greedy tokens g_0 .. g_D there
+  accept  a = the longest prefix with d_j == g_{j-1}; emit g_0 .. g_a (a accepted drafts + the backbone's own)
+  commit  the backbone cache keeps the first a+1 fed positions (states.py: attention cropped, Mamba
+          states picked from the per-position record); the head then runs over those a+1 positions.
+Rejected drafts never reach a kept state, so the output is greedy's token for token.
+
+The head's caches. Depth k at position p reads the token at p + k, so only its positions up to
+(last fed position + 1 - k) are final; each step depth k reruns its k-1 newest positions (with the
+fresh drafts standing in for unknown tokens) together with the a+1 new ones, keeps a+1 of them and
+crops the rest. Depth 1 thus never reruns anything. Each depth has its own DynamicCache (a
+repeated-layer head reuses layer indices across depths); its Mamba sublayers, if any, are committed
+like the backbone's.
+
+Batches. Rows are left-padded at prefill (exact when generate.left_padding_exact, else rows decode in
+groups of equal prompt length, as greedy does). Every step appends max_b(a_b) + 1 columns to each
+attention cache; row b keeps a_b + 1 of them and the rest become holes, masked through the 2-D
+attention mask (Nemotron-H attention has no positions, so a hole changes nothing). Rows that finish
+(eos or max_new_tokens) ride along until all have, with acceptance 0 so they add no columns (their
+caches advance on whatever they are fed; nothing reads them again).
+
+Figures (SpecStats, summed over rows while they decode; the prefill's first token is not counted):
+  tokens_per_forward   emitted tokens / verification forwards = the mean accepted length, measured
+  chained_acceptance   per depth k: steps where depths 1..k were all accepted / steps whose depth-k draft
+                       predicted a real token (1 + their sum ~= tokens_per_forward)
+Teacher-forced agreement (generate.mtp_drafts along the finished greedy answer) is a different,
+offline figure: it scores every position, not the ones a decoder drafts from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+
+from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
+from salm_mtp.generate import (
+    _eos_id, _lengths_after_eos, _row_groups, encode_prompts, inference, left_pad, left_padding_exact,
+    next_token_logits,
+)
+from salm_mtp.metrics import mean_accepted_length
+from salm_mtp.modules.merge import MergedInputs
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass
+class SpecStats:
+    """Counts of a speculative decode (sums over rows and steps; see the module docstring)."""
+
+    num_drafts: int
+    forwards: int = 0
+    """verification forwards, one per row per step while the row decodes"""
+    emitted: int = 0
+    """tokens those forwards emitted (accepted drafts + the backbone's own), after eos / max_new_tokens cuts"""
+    hits: list[int] = field(default_factory=list)
+    """per depth k: steps where drafts 1..k were all accepted and depth k's token is part of the answer"""
+    pairs: list[int] = field(default_factory=list)
+    """per depth k: steps where depth k's draft predicted a token of the answer"""
+    batch_forwards: int = 0
+    """batched backbone calls (prefills + verification steps): what the wall time pays for"""
+
+    def __post_init__(self):
+        self.hits = self.hits or [0] * self.num_drafts
+        self.pairs = self.pairs or [0] * self.num_drafts
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.emitted / self.forwards if self.forwards else math.nan
+
+    def chained_acceptance(self) -> list[float]:
+        return [h / n if n else math.nan for h, n in zip(self.hits, self.pairs)]
+
+    def mean_accepted_length(self) -> float:
+        """1 + the sum of the chained acceptances (metrics.mean_accepted_length)."""
+        return mean_accepted_length(self.chained_acceptance())
+
+    def add(self, other: SpecStats) -> None:
+        self.forwards += other.forwards
+        self.emitted += other.emitted
+        self.batch_forwards += other.batch_forwards
+        self.hits = [a + b for a, b in zip(self.hits, other.hits)]
+        self.pairs = [a + b for a, b in zip(self.pairs, other.pairs)]
+
+    def as_dict(self) -> dict:
+        return {"num_drafts": self.num_drafts, "tokens_per_forward": self.tokens_per_forward,
+                "chained_acceptance": self.chained_acceptance(), "mean_accepted_length": self.mean_accepted_length(),
+                "verify_forwards": self.forwards, "emitted_tokens": self.emitted, "batch_forwards": self.batch_forwards}
+
+
+def step_counts(accepted: torch.Tensor, before: torch.Tensor, active: torch.Tensor, lengths: torch.Tensor,
+                num_drafts: int) -> SpecStats:
+    """The figures of a decode from its steps.
+
+    Args:
+        accepted: (S, b) drafts accepted at step s by row b (0..D).
+        before: (S, b) answer tokens row b had before step s (its drafts then predicted tokens before ..
+            before + D - 1; the backbone's own token is number before + accepted).
+        active: (S, b) bool, row b was still decoding at step s.
+        lengths: (b,) final answer lengths (after the eos / max_new_tokens cut).
+        num_drafts: D.
+    """
+    left = (lengths[None, :] - before).clamp(min=0)  # answer tokens still to come at each step
+    out = SpecStats(num_drafts, forwards=int(active.sum()),
+                    emitted=int((torch.minimum(accepted + 1, left) * active).sum()))
+    for k in range(1, num_drafts + 1):
+        real = active & (left >= k)  # depth k's draft predicted answer token before + k - 1
+        out.pairs[k - 1] = int(real.sum())
+        out.hits[k - 1] = int((real & (accepted >= k)).sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ decoder
+class SpeculativeDecoder:
+    """Speculative decoding state of the rows decoded together: ``prefill`` once, then ``step`` until
+    ``finished``, inside ``with``. Tests inspect ``cache`` (backbone), ``mask`` (its (b, S) key columns),
+    ``tokens``/``lens``.
+
+        with SpeculativeDecoder(module, num_drafts, max_new_tokens, eos_id, pad_id) as dec:
+            dec.prefill(embeds, lens)
+            while not dec.finished:
+                dec.step()
+            tokens, stats = dec.result()
+    """
+
+    def __init__(self, module, num_drafts: int, max_new_tokens: int, eos_id: int | None, pad_id: int):
+        self.llm, self.head, self.D = module.llm, module.llm.mtp, num_drafts
+        self.embed = self.llm.get_input_embeddings()
+        self.banned = module.placeholder_id
+        self.max_new, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
+        self.recorder = MambaRecorder(self.llm.model, self.head)
+        self._installed = None
+        # the cache layer that sizes depth k's attention masks: its first attention sublayer (None: no attention)
+        self.attn_idx = [None] + [next((blk.layer_idx for blk in self.head.depth_blocks(k)
+                                        if blk.block_type == "full_attention"), None) for k in range(1, num_drafts + 1)]
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (accepted, lens before, active)
+
+    def __enter__(self) -> SpeculativeDecoder:
+        """Install the Mamba state recording (states.py) for the decode; ``with`` is required."""
+        self._installed = self.recorder.installed()
+        self._installed.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._installed.__exit__(*exc)
+        self._installed = None
+
+    # -------------------------------------------------------------- helpers
+    def argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens (...) of hidden states (..., H) (fp32 logits, audio placeholder banned, as greedy)."""
+        return next_token_logits(self.llm.lm_head, h, self.banned).argmax(-1)
+
+    def draft_token(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Depth k's draft (b,) from its output (b, H) at the drafting position (tests replace it by an oracle:
+        row b's draft then predicts answer token ``lens[b] + k - 1``)."""
+        return self.argmax(h)
+
+    def _depth(self, k: int, h: torch.Tensor, e: torch.Tensor, cache, mask2d: torch.Tensor) -> torch.Tensor:
+        """MTP depth k over a chunk (b, n, H) continuing ``cache``; ``mask2d`` (b, past + n) key columns."""
+        m = mask2d if self.need_mask else None
+        cfg = self.head.block_config
+        masks = {"linear_attention": create_recurrent_attention_mask(config=cfg, inputs_embeds=h, attention_mask=m)}
+        if self.attn_idx[k] is not None:
+            masks["full_attention"] = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=m,
+                                                         past_key_values=cache, layer_idx=self.attn_idx[k])
+        return self.head.forward_depth(k, h, e, past_key_values=cache, use_cache=True, attention_mask=masks)
+
+    # -------------------------------------------------------------- prefill
+    def prefill(self, embeds: torch.Tensor, lens: torch.Tensor) -> None:
+        """Backbone and head over the prompts (right-padded (b, T, H), lengths (b,)); first token, first drafts."""
+        b = embeds.shape[0]
+        dev = embeds.device
+        x, mask = left_pad(embeds, lens)  # (b, P, H), (b, P)
+        self.need_mask = bool((lens != x.shape[1]).any())  # padding or holes: masks must be passed
+        out = self.llm.model(inputs_embeds=x, attention_mask=mask if self.need_mask else None, use_cache=True)
+        self.cache, h0 = out.past_key_values, out.last_hidden_state  # h0 (b, P, H)
+        self.mask = mask.bool()
+        y0 = self.argmax(h0[:, -1])  # (b,)
+        self.tokens = torch.full((b, self.max_new + self.D + 1), self.pad_id, dtype=torch.long, device=dev)
+        self.tokens[:, 0] = y0
+        self.lens = torch.ones(b, dtype=torch.long, device=dev)
+        self.done = self.lens >= self.max_new
+        if self.eos_id is not None:
+            self.done |= y0 == self.eos_id
+        self.last = y0
+        self.batch_forwards = 1
+        self.drafts = self._prefill_head(x, self.mask, h0, y0)
+
+    def _prefill_head(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        """Each depth over the prompt positions; (b, D) drafts at the last one."""
+        b, P, _ = x.shape
+        keep = mask[..., None].to(x.dtype)  # zero the padding: its hidden states are never read
+        h_prev = h0 * keep
+        tail = [self.embed(y0)[:, None]]  # embeddings past the prompt: y0, d_1, d_2, ...
+        self.head_caches, self.head_masks, self.carry, drafts = [], [], [None], []
+        for k in range(1, self.D + 1):
+            e = torch.cat([x[:, k:], *tail], 1) * keep  # (b, P, H): depth k at p reads position p + k
+            cache = DynamicCache(config=self.head.block_config)
+            c = P - k + 1  # positions 0..P-k read known inputs: kept; the last k-1 read drafts
+            h_k = self._depth(k, h_prev[:, :c], e[:, :c], cache, mask[:, :c])
+            self.carry.append(h_k[:, -1:])  # depth k at its last kept position (depth k+1's first input next step)
+            if k > 1:  # Mamba sublayers record instead of advancing: nothing of the tail is committed
+                h_tail = self._depth(k, h_prev[:, c:], e[:, c:], cache, mask)
+                self.recorder.take()
+                crop_attention(cache, k - 1)
+                h_k = torch.cat([h_k, h_tail], 1)
+            d = self.draft_token(k, h_k[:, -1])
+            drafts.append(d)
+            tail.append(self.embed(d)[:, None])
+            self.head_caches.append(cache)
+            self.head_masks.append(mask[:, :c])
+            h_prev = h_k * keep
+        return torch.stack(drafts, 1)
+
+    # -------------------------------------------------------------- one step
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def step(self) -> None:
+        """Verify the drafts, keep the accepted prefix, draft again."""
+        b, D = self.last.shape[0], self.D
+        dev = self.last.device
+        fed = torch.cat([self.last[:, None], self.drafts], 1)  # (b, D+1)
+        m = torch.cat([self.mask, self.mask.new_ones(b, D + 1)], 1) if self.need_mask else None
+        out = self.llm.model(input_ids=fed, past_key_values=self.cache, attention_mask=m, use_cache=True)
+        rec = self.recorder.take()
+        h = out.last_hidden_state  # (b, D+1, H)
+        g = self.argmax(h)  # (b, D+1): g_j = greedy token after fed[:, : j+1]
+        active = ~self.done
+        acc = (self.drafts == g[:, :D]).long().cumprod(1).sum(1) * active  # (b,) accepted drafts
+        keep = acc + 1
+        n0 = int(keep.max())
+        commit(self.cache, rec, keep)
+        crop_attention(self.cache, D + 1 - n0)
+        new_cols = torch.arange(n0, device=dev)[None, :] < keep[:, None]  # (b, n0)
+        self.need_mask |= not bool(new_cols.all())
+        self.mask = torch.cat([self.mask, new_cols], 1)
+
+        self.steps.append((acc, self.lens.clone(), active))
+        cols = self.lens[:, None] + torch.arange(D + 1, device=dev)[None, :]  # rows that are done write past their end
+        self.tokens.scatter_(1, cols.clamp(max=self.tokens.shape[1] - 1), g)
+        stopped = torch.zeros_like(self.done)
+        if self.eos_id is not None:
+            stopped = ((g == self.eos_id) & (torch.arange(D + 1, device=dev)[None, :] < keep[:, None])).any(1)
+        self.lens = self.lens + keep * active
+        self.done = self.done | (active & stopped) | (self.lens >= self.max_new)
+        self.last = g.gather(1, acc[:, None])[:, 0]
+        self.batch_forwards += 1
+        if not self.finished:
+            self.drafts = self._draft(h[:, :n0], g[:, :n0], acc, new_cols)
+
+    def _draft(self, h0: torch.Tensor, g: torch.Tensor, acc: torch.Tensor, new_cols: torch.Tensor) -> torch.Tensor:
+        """Run each depth over its chunk after a step that kept ``acc + 1`` positions; (b, D) new drafts.
+
+        Depth k's chunk (n0 + k - 1 columns; row b's first acc_b + k are real): its position before the new
+        ones (k > 1; input: depth k-1's output kept there last step, ``carry``), then the new positions.
+        Its token inputs: g_0 .. g_acc, then the drafts d_1 .. d_{k-1} of this round.
+        """
+        b, n0, _ = h0.shape
+        rows = torch.arange(b, device=h0.device)
+        tok, h_prev, drafts, carry = g, h0, [], [None]
+        for k in range(1, self.D + 1):
+            if k > 1:
+                h_prev = torch.cat([self.carry[k - 1], h_prev], 1)
+                tok = torch.cat([tok, tok.new_zeros(b, 1)], 1)
+                tok.scatter_(1, (acc + k - 1)[:, None], drafts[-1][:, None])
+            cache = self.head_caches[k - 1]
+            m = torch.cat([self.head_masks[k - 1], new_cols.new_ones(b, n0 + k - 1)], 1)
+            h_k = self._depth(k, h_prev, self.embed(tok), cache, m)  # (b, n0 + k - 1, H)
+            rec = self.recorder.take()
+            drafts.append(self.draft_token(k, h_k[rows, acc + k - 1]))
+            carry.append(h_k[rows, acc][:, None])  # the last position kept
+            commit(cache, rec, acc + 1)
+            crop_attention(cache, k - 1)
+            self.head_masks[k - 1] = torch.cat([self.head_masks[k - 1], new_cols], 1)
+            h_prev = h_k
+        self.carry = carry
+        return torch.stack(drafts, 1)
+
+    # -------------------------------------------------------------- results
+    def result(self) -> tuple[torch.Tensor, SpecStats]:
+        """(tokens (b, <= max_new) with the same values as greedy's up to each row's length, stats)."""
+        tokens = self.tokens[:, : self.max_new]
+        lengths = _lengths_after_eos(tokens, self.eos_id)
+        stats = SpecStats(self.D, batch_forwards=self.batch_forwards)
+        if self.steps:
+            acc, before, active = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
+            stats.add(step_counts(acc, before, active, lengths, self.D))
+        return tokens, stats
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | None = None,
+               stop_at_eos: bool = True, prompt: MergedInputs | None = None, batched: bool | None = None):
+    """Greedy answer tokens of every row of ``batch`` by MTP self-speculative decoding.
+
+    Args mirror :func:`salm_mtp.generate.greedy_decode`; ``num_drafts`` = D, the drafts per step (the first
+    D depths of the head; default all of them).
+
+    Returns:
+        tokens (B, L), lengths (B,) exactly as ``greedy_decode`` returns them, and a :class:`SpecStats`.
+    """
+    depths = module.num_mtp_depths
+    D = depths if num_drafts is None else num_drafts
+    if depths == 0:
+        raise ValueError("the model has no MTP head to draft with: decode with greedy (--decode greedy)")
+    if not 1 <= D <= depths:
+        raise ValueError(f"num_drafts must be in 1..{depths} (the head's depths), got {num_drafts}; set --num-drafts")
+    eos_id = _eos_id(module) if stop_at_eos else None
+    pad_id = module.tokenizer.pad_token_id
+    pad_id = int(pad_id) if pad_id is not None else _eos_id(module)
+    stats = SpecStats(D)
+    with inference(module):
+        if prompt is None:
+            prompt = encode_prompts(module, batch)
+        B = prompt.lengths.numel()
+        dev = prompt.inputs_embeds.device
+        if B == 0 or max_new_tokens <= 0:
+            return (torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+                    stats)
+        if batched is None:
+            batched = left_padding_exact(module.llm)
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        for rows in _row_groups(prompt.lengths, batched):
+            with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id) as dec:
+                dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
+                while not dec.finished:
+                    dec.step()
+                t, s = dec.result()
+            tokens[rows] = t
+            stats.add(s)
+        lengths = _lengths_after_eos(tokens, eos_id)
+        L = int(lengths.max())
+        tokens = tokens[:, :L].masked_fill(torch.arange(L, device=dev)[None, :] >= lengths[:, None], pad_id)
+    return tokens, lengths, stats
