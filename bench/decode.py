@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from salm_mtp.decoding.speculative import SpecStats, SpeculativeDecoder, mtp_decode  # noqa: E402
+from salm_mtp.decoding.speculative import SpecStats, decode_row_groups, mtp_decode  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
-    _eos_id, _lengths_after_eos, _row_groups, encode_prompts, greedy_decode, inference, left_padding_exact,
+    _eos_id, _lengths_after_eos, _pad_id, encode_prompts, greedy_decode, inference, left_padding_exact,
 )
 
 DEMO_CONF = "conf/demo.yaml"
@@ -64,28 +64,19 @@ def untrained_demo_model():
 def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_drafts: int):
     """mtp_decode whose drafts are ``truth`` (greedy's tokens): every draft that predicts a real token is
     accepted. Returns (tokens (B, max_new_tokens), SpecStats)."""
-    eos_id = _eos_id(module)
-    pad_id = module.tokenizer.pad_token_id
+    eos_id, pad_id = _eos_id(module), _pad_id(module)
     B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     stats = SpecStats(num_drafts)
     padded_truth = torch.full((B, max_new_tokens + num_drafts + 1), pad_id, dtype=torch.long, device=dev)
     padded_truth[:, : truth.shape[1]] = truth.to(dev)
+
+    def drafter(dec, rows):
+        ref = padded_truth[rows]
+        return lambda k, h: ref.gather(1, (dec.lens + k - 1).clamp(max=ref.shape[1] - 1)[:, None])[:, 0]
+
     with inference(module):
-        for rows in _row_groups(prompt.lengths, left_padding_exact(module.llm)):
-            with SpeculativeDecoder(module, num_drafts, max_new_tokens, eos_id, pad_id) as dec:
-                ref = padded_truth[rows]
-
-                def draft(k, h, dec=dec, ref=ref):
-                    return ref.gather(1, (dec.lens + k - 1).clamp(max=ref.shape[1] - 1)[:, None])[:, 0]
-
-                dec.draft_token = draft
-                dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
-                while not dec.finished:
-                    dec.step()
-                t, s = dec.result()
-            tokens[rows] = t
-            stats.add(s)
+        tokens = decode_row_groups(module, prompt, num_drafts, max_new_tokens, eos_id, pad_id,
+                                   left_padding_exact(module.llm), stats, drafter)
     lengths = _lengths_after_eos(tokens, eos_id)
     tokens = tokens.masked_fill(torch.arange(max_new_tokens, device=dev)[None, :] >= lengths[:, None], pad_id)
     return tokens, stats

@@ -116,6 +116,12 @@ def _eos_id(module) -> int:
     return int(eos)
 
 
+def _pad_id(module) -> int:
+    """The id decoded rows are padded with: the tokenizer's pad token, else eos."""
+    pad = module.tokenizer.pad_token_id
+    return int(pad) if pad is not None else _eos_id(module)
+
+
 def _lengths_after_eos(tokens: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """(B,) tokens up to and including the first eos of each row (all of them if none)."""
     B, L = tokens.shape
@@ -246,8 +252,7 @@ def greedy_decode(module, batch: dict, max_new_tokens: int = 64, use_cache: bool
         (tokens, lengths, logits).
     """
     eos_id = _eos_id(module) if stop_at_eos else None
-    pad_id = module.tokenizer.pad_token_id
-    pad_id = int(pad_id) if pad_id is not None else _eos_id(module)
+    pad_id = _pad_id(module)
     with inference(module):
         if prompt is None:
             prompt = encode_prompts(module, batch)

@@ -281,18 +281,13 @@ class SALMModule(L.LightningModule):
         if self.cfg_adapter.path is not None:
             path = self.cfg_adapter.path
             files = W.checkpoint_files_of(path)
-            with W.TensorReader(files) as reader:
-                sources = {k: W.Source((k,)) for k in files}
-                names = fill_from_checkpoint(self.adapter, reader, sources, f"model.adapter.path={path!r}",
-                                             prefix="adapter.")
-            loaded |= {f"adapter.{n}" for n in names}
+            loaded |= _fill(self, "adapter", files, {k: W.Source((k,)) for k in files}, f"model.adapter.path={path!r}",
+                            prefix="adapter.")
         if self.cfg_encoder.path is not None:
             path = self.cfg_encoder.path
             files = W.checkpoint_files(path)
-            with W.TensorReader(files) as reader:
-                sources = W.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
-                names = fill_from_checkpoint(self.audio, reader, sources, f"encoder checkpoint {path!r}")
-            loaded |= {f"audio.{n}" for n in names}
+            sources = W.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
+            loaded |= _fill(self, "audio", files, sources, f"encoder checkpoint {path!r}")
         if self.cfg_llm.path is not None:
             path = self.cfg_llm.path
             files = W.checkpoint_files(path)
@@ -311,9 +306,7 @@ class SALMModule(L.LightningModule):
             def skip(k: str) -> bool:
                 return (k.startswith("mtp.") and not load_mtp) or (tied and k == "lm_head.weight")
 
-            with W.TensorReader(files) as reader:
-                names = fill_from_checkpoint(self.llm, reader, sources, f"LLM checkpoint {path!r}", skip=skip)
-            loaded |= {f"llm.{n}" for n in names}
+            loaded |= _fill(self, "llm", files, sources, f"LLM checkpoint {path!r}", skip=skip)
         return loaded
 
     def setup(self, stage: str) -> None:
@@ -519,3 +512,11 @@ class SALMModule(L.LightningModule):
         """The constructor arguments as plain data (written next to exports)."""
         return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in self.hparams.items()}
 
+
+def _fill(module, part: str, files: dict[str, str], sources: dict, what: str, skip=lambda k: False,
+          prefix: str = "") -> set[str]:
+    """Fill ``module.<part>`` from ``sources`` (this rank's slices only); returns the root-level names filled.
+    ``prefix`` goes before tensor names in errors."""
+    with W.TensorReader(files) as reader:
+        names = fill_from_checkpoint(getattr(module, part), reader, sources, what, prefix=prefix, skip=skip)
+    return {f"{part}.{n}" for n in names}

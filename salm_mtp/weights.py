@@ -59,11 +59,6 @@ def checkpoint_files_of(file: str) -> dict[str, str]:
         return {k: file for k in f.keys()}
 
 
-def has_mtp_tensors(path: str) -> bool:
-    """Whether a local HF directory really holds ``mtp.*`` tensors."""
-    return any(k.startswith("mtp.") for k in checkpoint_files(path))
-
-
 @dataclass(frozen=True)
 class Source:
     """Where one module tensor lives on disk: one key, or E per-expert keys stacked along dim 0."""
@@ -119,6 +114,11 @@ class TensorReader:
             os.close(fd)
         self._fds.clear()
 
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(file)
+        return self._headers[file]
+
     def _handle(self, key: str):
         file = self.files[key]
         if file not in self._open:
@@ -128,10 +128,7 @@ class TensorReader:
     def shape(self, source: Source) -> tuple[int, ...]:
         """Global shape of the module tensor ``source`` describes (read from the headers only)."""
         key = source.keys[0]
-        file = self.files[key]
-        if file not in self._headers:
-            self._headers[file] = safetensors_header(file)
-        one = tuple(self._headers[file][0][key]["shape"])
+        one = tuple(self._header(self.files[key])[0][key]["shape"])
         return (len(source.keys), *one) if source.stacked else one
 
     def read(self, source: Source, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
@@ -147,9 +144,7 @@ class TensorReader:
     def _read_rows(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
         """Rows [offset[0], offset[0] + shape[0]) of a tensor read with one pread; None if not whole rows."""
         file = self.files[key]
-        if file not in self._headers:
-            self._headers[file] = safetensors_header(file)
-        header, data_start = self._headers[file]
+        header, data_start = self._header(file)
         info = header.get(key)
         dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if info else None
         full = tuple(info["shape"]) if info else ()
@@ -264,17 +259,6 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stack per-expert ``X.experts.{e}.P.weight`` of an in-memory state dict into ``X.experts.P`` (E, out, in)."""
     sources = group_sources(list(state))
     return {k: torch.stack([state[x] for x in s.keys]) if s.stacked else state[s.keys[0]] for k, s in sources.items()}
-
-
-def read_full(files: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
-    """Whole tensors by checkpoint name (small checkpoints and tests only)."""
-    with TensorReader(files) as r:
-        out = {}
-        for k in keys:
-            src = Source((k,))
-            shape = r.shape(src)
-            out[k] = r.read(src, (0,) * len(shape), shape)
-        return out
 
 
 # ------------------------------------------------------------------------------- writing

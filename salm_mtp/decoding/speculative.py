@@ -47,7 +47,7 @@ from transformers.masking_utils import create_causal_mask, create_recurrent_atte
 
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
 from salm_mtp.generate import (
-    _eos_id, _lengths_after_eos, _row_groups, encode_prompts, inference, left_pad, left_padding_exact,
+    _eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference, left_pad, left_padding_exact,
     next_token_logits,
 )
 from salm_mtp.metrics import mean_accepted_length
@@ -302,6 +302,29 @@ class SpeculativeDecoder:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
+                      batched: bool, stats: SpecStats, drafter=None) -> torch.Tensor:
+    """Speculative decoding of every row group of ``prompt`` (one group when left padding is exact);
+    adds each group's figures to ``stats`` and returns tokens (B, max_new_tokens), pad after each row's end.
+
+    ``drafter(decoder, rows)``, if given, returns the ``draft_token(k, h)`` replacing the head's drafts
+    (bench/decode.py's oracle feeds greedy's own tokens through it).
+    """
+    B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    for rows in _row_groups(prompt.lengths, batched):
+        with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id) as dec:
+            if drafter is not None:
+                dec.draft_token = drafter(dec, rows)
+            dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
+            while not dec.finished:
+                dec.step()
+            t, s = dec.result()
+        tokens[rows] = t
+        stats.add(s)
+    return tokens
+
+
 def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | None = None,
                stop_at_eos: bool = True, prompt: MergedInputs | None = None, batched: bool | None = None):
     """Greedy answer tokens of every row of ``batch`` by MTP self-speculative decoding.
@@ -319,8 +342,7 @@ def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | 
     if not 1 <= D <= depths:
         raise ValueError(f"num_drafts must be in 1..{depths} (the head's depths), got {num_drafts}; set --num-drafts")
     eos_id = _eos_id(module) if stop_at_eos else None
-    pad_id = module.tokenizer.pad_token_id
-    pad_id = int(pad_id) if pad_id is not None else _eos_id(module)
+    pad_id = _pad_id(module)
     stats = SpecStats(D)
     with inference(module):
         if prompt is None:
@@ -332,15 +354,7 @@ def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | 
                     stats)
         if batched is None:
             batched = left_padding_exact(module.llm)
-        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        for rows in _row_groups(prompt.lengths, batched):
-            with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id) as dec:
-                dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
-                while not dec.finished:
-                    dec.step()
-                t, s = dec.result()
-            tokens[rows] = t
-            stats.add(s)
+        tokens = decode_row_groups(module, prompt, D, max_new_tokens, eos_id, pad_id, batched, stats)
         lengths = _lengths_after_eos(tokens, eos_id)
         L = int(lengths.max())
         tokens = tokens[:, :L].masked_fill(torch.arange(L, device=dev)[None, :] >= lengths[:, None], pad_id)
