@@ -1,13 +1,16 @@
-"""Token-normalised losses of the main head and the MTP depths (pure functions, DESIGN.md §3).
+"""Token-normalised losses of the main head and the MTP depths (pure functions, docs/design.md §3), and the
+statistics vector that carries them to the logs (its layout and summary: ``stat_names``, ``summarise_stats``).
 
     N      = all_reduce_sum(#valid main targets on this rank)            global count
     L_main = sum_t CE(main) / N
     L_mtp  = lambda / D * sum_k sum_t CE(depth k) / N
-    loss   = (L_main + L_mtp) * dp_size      DDP / FSDP2 average gradients over ranks: the factor
+    L_ctc  = ctc_weight * sum CTC / all_reduce_sum(#CTC targets)         only with model.ctc_weight > 0
+    loss   = (L_main + L_mtp + L_ctc + aux) * dp_size
+                                              DDP / FSDP2 average gradients over ranks: the factor
                                               cancels that average, so gradients equal those of
                                               the global-batch token mean.
 
-Self-distillation of the MTP depths (``model.mtp.loss: kl | lk``, DESIGN.md §12): depth k at
+Self-distillation of the MTP depths (``model.mtp.loss: kl | lk``, docs/design.md §3): depth k at
 position t is trained against the backbone's own detached next-token distribution at t + k (the main
 head predicts token t+k+1 there, as depth k does at t), on exactly the positions the CE uses:
 
@@ -191,3 +194,75 @@ def ctc_sum(
     loss = F.ctc_loss(log_probs, targets.clamp(min=0), lengths, target_lens, blank=blank,
                       reduction="sum", zero_infinity=True)
     return loss, target_lens.sum().float()
+
+
+# ------------------------------------------------------------------------------ statistics vector
+# One step's (or one eval epoch's) statistics travel as one flat fp32 vector so that a single all_reduce_sum
+# sums them over the data-parallel group; ``stat_names`` is its layout and ``summarise_stats`` turns the
+# summed vector into the logged metrics (docs/design.md §3). Layout, D = number of MTP depths:
+#
+#   main.{ce,correct,count,div}  depth_1.{...}  ...  depth_D.{...}  ctc.ce  ctc.count  aux.loss
+#
+# ``*.div`` is 0 for CE-trained depths; ``aux.loss`` is the MoE sequence aux loss of this rank as added to the
+# optimised loss (0 when off or outside training).
+STAT_FIELDS = ("ce", "correct", "count", "div")
+
+
+def stat_names(num_depths: int) -> list[str]:
+    """Names of the statistics vector's entries, in order (layout above)."""
+    heads = ["main"] + [f"depth_{k}" for k in range(1, num_depths + 1)]
+    return [f"{h}.{f}" for h in heads for f in STAT_FIELDS] + ["ctc.ce", "ctc.count", "aux.loss"]
+
+
+def stats_vector(stats: list[CEStats], ctc: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 aux: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """This rank's statistics vector (``stat_names(len(stats) - 1)`` entries, fp32, detached).
+
+    Args:
+        stats: ``head_stats`` output (main head, then each depth).
+        ctc: (summed CTC loss, target-token count) of this rank, or None when the CTC loss is off.
+        aux: the MoE aux loss this rank added to its optimised loss (before the dp_size factor).
+    """
+    zero = stats[0].ce_sum.new_zeros((), dtype=torch.float32)
+    vec = [t for s in stats for t in (s.ce_sum, s.correct, s.count, zero if s.div_sum is None else s.div_sum)]
+    vec += list(ctc) if ctc is not None else [zero, zero]
+    vec.append(torch.as_tensor(aux, dtype=torch.float32, device=zero.device))
+    return torch.stack([v.detach().float().reshape(()).to(zero.device) for v in vec])
+
+
+def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: float, mtp_loss: str = "ce",
+                    ctc_weight: float = 0.0) -> dict[str, float]:
+    """The logged metrics of a statistics vector summed over ranks (and, in evaluation, over batches).
+
+    ``loss`` is the optimised objective, term for term as ``combine_losses`` plus the model adds them:
+
+        loss = L_main + L_mtp + ctc_weight * ctc_loss + aux_loss
+
+    with every count global. In a training step this equals the optimised loss of one process, and with
+    ``model.parallel.scale_loss_by_dp_size`` (the default) the mean over ranks of the per-rank optimised
+    losses: the value whose gradient DDP / FSDP2's averaged gradients are.
+    """
+    s = dict(zip(stat_names(num_depths), summed.tolist()))
+    n = max(s["main.count"], 1.0)
+    out = {"main_loss": s["main.ce"] / n, "main_acc": s["main.correct"] / n, "target_tokens": s["main.count"]}
+    distill = mtp_loss != "ce"
+    mtp = 0.0
+    for k in range(1, num_depths + 1):
+        nk = max(s[f"depth_{k}.count"], 1.0)
+        out[f"mtp_loss/depth_{k}"] = s[f"depth_{k}.ce"] / nk  # per-depth CE over the depth's own targets
+        out[f"mtp_acc/depth_{k}"] = s[f"depth_{k}.correct"] / nk
+        if distill:
+            out[f"mtp_{mtp_loss}/depth_{k}"] = s[f"depth_{k}.div"] / nk
+        mtp += s[f"depth_{k}.div" if distill else f"depth_{k}.ce"] / n  # the optimised term: over main's count
+    loss = out["main_loss"]
+    if num_depths:
+        out["mtp_loss"] = loss_scaling_factor / num_depths * mtp
+        loss += out["mtp_loss"]
+    if ctc_weight > 0:
+        out["ctc_loss"] = s["ctc.ce"] / max(s["ctc.count"], 1.0)
+        loss += ctc_weight * out["ctc_loss"]
+    if s["aux.loss"] != 0.0:
+        out["moe_aux_loss"] = s["aux.loss"]
+        loss += s["aux.loss"]
+    out["loss"] = loss
+    return out

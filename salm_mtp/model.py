@@ -35,7 +35,7 @@ from salm_mtp.config import (
     ParallelConfig,
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
-from salm_mtp.loss import combine_losses, ctc_sum, head_stats
+from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, summarise_stats
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
@@ -361,8 +361,9 @@ class SALMModule(L.LightningModule):
     def compute_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(optimised loss, globally summed statistics vector, batch size).
 
-        The statistics vector is laid out by :meth:`_stat_names`: summed CE, hits and counts of the
-        main head and each depth, then CTC sum and count; all-reduced over the dp group.
+        The statistics vector is laid out by ``salm_mtp.loss.stat_names`` (summed CE, hits, counts and
+        divergences of the main head and each depth, CTC sum and count, MoE aux loss), all-reduced over the
+        dp group; ``summarise`` turns it into the logged metrics, whose ``loss`` is the one optimised here.
         """
         head_only = self.head_only
         with self.balancer.collecting(self.training):  # expert loads of this step's forward only
@@ -385,48 +386,24 @@ class SALMModule(L.LightningModule):
         )
         scale = dp_size if self.cfg_parallel.scale_loss_by_dp_size else 1
         loss, _, _ = combine_losses(stats, n_global, self.cfg_mtp.loss_scaling_factor, scale)
-        if self.training:
-            loss = loss + self.balancer.aux_loss() * scale
-        ctc_sum = ctc_count = torch.zeros((), device=h0.device)
+        aux = self.balancer.aux_loss() if self.training else 0.0
+        loss = loss + aux * scale
+        ctc = None
         if self.ctc_weight > 0 and not head_only:
-            ctc_sum, ctc_count = self.ctc_stats(enc, enc_lens, batch)
-            ctc_global = all_reduce_sum(ctc_count, self._trainer).clamp(min=1.0)
-            loss = loss + self.ctc_weight * ctc_sum / ctc_global * scale
-        zero = torch.zeros((), device=h0.device)
-        vec = [t for s in stats for t in (s.ce_sum.detach(), s.correct, s.count,
-                                          zero if s.div_sum is None else s.div_sum.detach())]
-        vec += [ctc_sum.detach(), ctc_count]
-        summed = all_reduce_sum(torch.stack([v.float() for v in vec]), self._trainer)
+            ctc = self.ctc_stats(enc, enc_lens, batch)
+            ctc_global = all_reduce_sum(ctc[1], self._trainer).clamp(min=1.0)
+            loss = loss + self.ctc_weight * ctc[0] / ctc_global * scale
+        summed = all_reduce_sum(stats_vector(stats, ctc, aux), self._trainer)
         return loss, summed, int(batch["input_ids"].shape[0])
 
     def ctc_stats(self, enc: torch.Tensor, enc_lens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count."""
         return ctc_sum(self.audio.ctc_head(enc), enc_lens, batch["ctc_ids"], batch["ctc_lens"], self.audio.blank_id)
 
-    def _stat_names(self) -> list[str]:
-        names = ["main"] + [f"depth_{k}" for k in range(1, self.num_mtp_depths + 1)]
-        return [f"{n}.{f}" for n in names for f in ("ce", "correct", "count", "div")] + ["ctc.ce", "ctc.count"]
-
     def summarise(self, summed: torch.Tensor) -> dict[str, float]:
-        """Global metrics from a summed statistics vector (what is logged)."""
-        s = dict(zip(self._stat_names(), summed.tolist()))
-        n = max(s["main.count"], 1.0)
-        out = {"main_loss": s["main.ce"] / n, "main_acc": s["main.correct"] / n, "target_tokens": s["main.count"]}
-        mtp = 0.0
-        distill = self.cfg_mtp.loss != "ce"
-        for k in range(1, self.num_mtp_depths + 1):
-            nk = max(s[f"depth_{k}.count"], 1.0)
-            out[f"mtp_loss/depth_{k}"] = s[f"depth_{k}.ce"] / nk
-            out[f"mtp_acc/depth_{k}"] = s[f"depth_{k}.correct"] / nk
-            if distill:
-                out[f"mtp_{self.cfg_mtp.loss}/depth_{k}"] = s[f"depth_{k}.div"] / nk
-            mtp += s[f"depth_{k}.div" if distill else f"depth_{k}.ce"] / n
-        if self.num_mtp_depths:
-            out["mtp_loss"] = self.cfg_mtp.loss_scaling_factor / self.num_mtp_depths * mtp
-        out["loss"] = out["main_loss"] + out.get("mtp_loss", 0.0)
-        if self.ctc_weight > 0:
-            out["ctc_loss"] = s["ctc.ce"] / max(s["ctc.count"], 1.0)
-        return out
+        """Global metrics from a summed statistics vector (what is logged; ``salm_mtp.loss.summarise_stats``)."""
+        return summarise_stats(summed, self.num_mtp_depths, self.cfg_mtp.loss_scaling_factor, self.cfg_mtp.loss,
+                               self.ctc_weight)
 
     # ------------------------------------------------------------------ steps
     def _skip_empty(self, batch: dict) -> bool:

@@ -50,9 +50,10 @@ def test_fit_writes_checkpoints_metrics_and_config(full_run):
         assert c in cols, c
     losses = logged_losses(run)
     assert sorted(losses) == [0, 1, 2, 3, 4, 5]
-    for r in rows:  # loss = main_loss + mtp_loss, as logged
+    for r in rows:  # loss = main_loss + mtp_loss + ctc_weight * ctc_loss (conf/tiny.yaml: 0.3), as logged
         if r.get("loss"):
-            assert float(r["loss"]) == pytest.approx(float(r["main_loss"]) + float(r["mtp_loss"]), rel=1e-6)
+            parts = float(r["main_loss"]) + float(r["mtp_loss"]) + 0.3 * float(r["ctc_loss"])
+            assert float(r["loss"]) == pytest.approx(parts, rel=1e-6)
     cfg = yaml.safe_load(open(os.path.join(version, "config.yaml")))
     assert cfg["trainer"]["logger"][0]["init_args"]["save_dir"] == run  # interpolation saw the override
     assert cfg["data"]["tokenizer_path"] == cfg["model"]["tokenizer_path"]
