@@ -178,6 +178,52 @@ class MTPConfig:
                f"must be >= 0, got {self.loss_scaling_factor}")
 
 
+def default_lora_targets() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"]
+
+
+LORA_REFUSED_TARGETS = ("out_proj", "conv1d")
+"""Mamba2 modules LoRA cannot adapt in Nemotron-H (see LoRAConfig.target_modules)."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the LLM (HF peft; salm_mtp/modules/lora.py). With r > 0 the LLM's own weights are frozen
+    (stored in model.parallel.frozen_dtype) and only the adapters train (fp32 master weights); the encoder, the adapter
+    and a new MTP head keep their own freeze settings. Export merges the adapters into the base weights."""
+
+    r: int = 0
+    """Rank of each adapter; 0 = no LoRA (the whole LLM trains, subject to model.freeze)."""
+    alpha: float = 16.0
+    """Scaling numerator: each adapter adds (alpha / r) * B @ A to its layer's weight."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input (training only)."""
+    target_modules: list[str] = field(default_factory=default_lora_targets)
+    """Module name suffixes to adapt (nn.Linear layers): attention q/k/v/o_proj, Mamba2 in_proj, MLP and MoE shared-
+    expert up/down_proj. Routed MoE experts are fused 3-D tensors (experts.up_proj (E, out, in)), not Linear modules:
+    they get no adapter and stay frozen. Mamba2 out_proj and conv1d are refused: the fused CUDA Mamba kernel reads
+    out_proj.weight directly (an adapter there would be silently skipped) and peft refuses to load such adapters."""
+    mtp_head: bool = False
+    """Adapters on a shipped MTP head too (its base weights then frozen); false = the head trains per model.freeze and
+    model.mtp. A new (not shipped) head always trains in full: true is refused for it."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "model.lora.r", f"must be >= 0, got {self.r}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        self.target_modules = list(self.target_modules)
+        _check(bool(self.target_modules), "model.lora.target_modules", "must name at least one module")
+        bad = sorted(set(self.target_modules) & set(LORA_REFUSED_TARGETS))
+        _check(not bad, "model.lora.target_modules",
+               f"holds {bad}: Nemotron-H's fused Mamba kernel reads out_proj.weight directly, bypassing an adapter, "
+               "and peft refuses LoRA on Mamba out_proj/conv1d; remove them")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are built (r > 0)."""
+        return self.r > 0
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay to a floor."""

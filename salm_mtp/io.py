@@ -7,14 +7,22 @@ export directory, and export one to HF-format directories. The only module that 
 
 Export layout (``export_hf``)::
 
-    DIR/llm/          HF Nemotron-H: config.json (num_nextn_predict_layers, mtp_layers_block_type),
-                      model.safetensors with backbone.* / lm_head.* / mtp.layers.{i}.* (per expert), tokenizer
+    DIR/llm/          HF Nemotron-H: config.json, model.safetensors with backbone.* / lm_head.* /
+                      mtp.layers.{i}.* (per expert), tokenizer
     DIR/encoder/      HF Parakeet CTC (or bare encoder) directory
     DIR/adapter.safetensors, DIR/salm_config.json
+
+``llm/`` is written for older consumers too (docs/design.md §7): config.json carries, beside the lists
+transformers 5 reads (``layers_block_type``, ``mtp_layers_block_type``), the released Nemotron-3 fields
+``hybrid_override_pattern`` / ``mtp_hybrid_override_pattern`` strings and an integer ``num_hidden_layers``;
+tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 4.x; 5.x reads it too) instead of
+transformers 5's ``TokenizersBackend``. Serving stacks (vLLM, llama.cpp) take one MTP depth:
+``mtp_depths=1`` exports only the first.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -23,7 +31,8 @@ import torch
 
 from salm_mtp import weights as W
 from salm_mtp.model import PART_TYPES, SALMModule, config_from_dict
-from salm_mtp.modules.mtp import record_mtp_in_config
+from salm_mtp.modules.lora import ADAPTER_DIR, base_view, has_lora, save_adapter
+from salm_mtp.modules.mtp import SYMBOL_OF, record_mtp_in_config
 
 
 def build_module(device: str = "cpu", load_pretrained: bool = True, init_new: bool = True, **kwargs) -> SALMModule:
@@ -75,7 +84,7 @@ def load_export(export_dir: str, **overrides) -> SALMModule:
     """A SALMModule from an ``export_hf`` directory, every weight loaded (the head 1:1)."""
     cfg_file = os.path.join(export_dir, "salm_config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{export_dir!r} has no salm_config.json: not a directory written by scripts/export.py")
+        raise FileNotFoundError(f"{export_dir!r} has no salm_config.json: not a directory written by `salm-mtp export`")
     with open(cfg_file) as f:
         raw = json.load(f)
     raw["llm"]["path"] = os.path.join(export_dir, raw["llm"]["path"])
@@ -97,18 +106,83 @@ def load_model(path: str) -> SALMModule:
     return load_lightning_checkpoint(path)
 
 
-def export_hf(module: SALMModule, out_dir: str) -> dict[str, str]:
+SERVED_MTP_DEPTHS = 1
+"""MTP depths vLLM and llama.cpp serve (deeper heads only by repeating depth 1)."""
+
+
+def first_depths(head, n: int):
+    """A view of ``head`` with only its first ``n`` depths (shares the parameters; for export)."""
+    D = head.num_depths
+    if not 1 <= n <= D:
+        raise ValueError(f"--mtp-depths must be between 1 and the head's {D} depths, got {n}")
+    view = copy.copy(head)  # nn.Module shallow copy: own _modules dict, same parameter tensors
+    view._modules = dict(head._modules)
+    view.num_depths = n
+    if not head.use_repeated_layer:
+        view.layers = torch.nn.ModuleList(list(head.layers)[: n * len(head.pattern)])
+    return view
+
+
+def write_legacy_llm_fields(llm_dir: str) -> None:
+    """Add the released Nemotron-3 config fields and a transformers-4 tokenizer class to an ``llm/`` export."""
+    cfg_file = os.path.join(llm_dir, "config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    layers = cfg["layers_block_type"]
+    cfg["hybrid_override_pattern"] = "".join(SYMBOL_OF[t] for t in layers)
+    cfg["num_hidden_layers"] = len(layers)
+    if cfg.get("num_nextn_predict_layers"):
+        cfg["mtp_hybrid_override_pattern"] = "".join(SYMBOL_OF[t] for t in cfg["mtp_layers_block_type"])
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    tok_file = os.path.join(llm_dir, "tokenizer_config.json")
+    if os.path.isfile(tok_file):
+        with open(tok_file) as f:
+            tok = json.load(f)
+        if tok.get("tokenizer_class") in (None, "TokenizersBackend"):  # the transformers 5-only name
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(tok_file, "w") as f:
+            json.dump(tok, f, indent=2, ensure_ascii=False)
+
+
+def export_hf(module: SALMModule, out_dir: str, mtp_depths: int | None = None, lora: str = "merge") -> dict[str, str]:
     """Write an unsharded SALMModule as HF-format directories (layout in the module docstring).
 
     Returns the paths written. ``DIR/llm`` is a plain Nemotron-H checkpoint: serving stacks and
-    ``--model.llm.path=DIR/llm`` load its head back 1:1.
+    ``--model.llm.path=DIR/llm`` load its head back 1:1. ``mtp_depths``: export only the head's first
+    depths (None: all; serving stacks take 1, and a warning says so when more are written).
+    LoRA adapters (model.lora.r > 0) are always merged into ``DIR/llm``'s base weights (a plain Nemotron-H: no
+    peft needed to serve it; ``salm_config.json`` says r=0). ``lora="adapter"`` also writes the backbone's adapters
+    alone in peft's format to ``DIR/lora_adapter/`` (``peft.PeftModel.from_pretrained`` onto the base LLM they were
+    trained on, model.llm.path; the MTP head's adapters live in the merged export only).
     """
+    if lora not in ("merge", "adapter"):
+        raise ValueError(f"lora={lora!r}: use 'merge' (LoRA merged into llm/) or 'adapter' (merged, and the adapter "
+                         "alone in peft's format)")
+    if lora == "adapter" and not has_lora(module.llm):
+        raise ValueError("lora='adapter' but the model has no LoRA adapters (model.lora.r=0): export without it")
     llm_dir, enc_dir = os.path.join(out_dir, "llm"), os.path.join(out_dir, "encoder")
     os.makedirs(llm_dir, exist_ok=True)
     os.makedirs(enc_dir, exist_ok=True)
-    record_mtp_in_config(module.llm.config, module.mtp_head)
-    module.llm.save_pretrained(llm_dir)  # per-expert on-disk names, mtp.layers.{i}.* included
+    head = module.mtp_head
+    export_head = head if head is None or mtp_depths is None else first_depths(head, mtp_depths)
+    if export_head is not None and export_head.num_depths > SERVED_MTP_DEPTHS:
+        warnings.warn(
+            f"exporting an MTP head with {export_head.num_depths} depths: vLLM and llama.cpp serve depth 1 only "
+            "(llama.cpp's converter requires num_nextn_predict_layers == 1); pass --mtp-depths 1 to export only "
+            "the first depth", UserWarning, stacklevel=2)
+    if export_head is not head:
+        module.llm.mtp = export_head
+    try:
+        record_mtp_in_config(module.llm.config, export_head)
+        with base_view(module.llm, merged=True):  # LoRA merged into plain Linear layers: checkpoint names
+            module.llm.save_pretrained(llm_dir)  # per-expert on-disk names, mtp.layers.{i}.* included
+    finally:
+        if export_head is not head:
+            module.llm.mtp = head
+        record_mtp_in_config(module.llm.config, head)
     module.tokenizer.save_pretrained(llm_dir)
+    write_legacy_llm_fields(llm_dir)
 
     W.save_encoder_hf(module.audio, enc_dir)
     W.save_tensors(module.adapter.state_dict(), os.path.join(out_dir, "adapter.safetensors"))
@@ -117,11 +191,19 @@ def export_hf(module: SALMModule, out_dir: str) -> dict[str, str]:
     salm["llm"]["path"], salm["encoder"]["path"], salm["tokenizer_path"] = "llm", "encoder", None
     salm["adapter"]["path"] = "adapter.safetensors"
     salm["mtp"]["replace_existing_head"] = False  # the exported head is the one to load
+    written = {}
+    if lora == "adapter":
+        written["lora_adapter"] = save_adapter(module.llm, module.cfg_lora, os.path.join(out_dir, ADAPTER_DIR),
+                                               base_model=module.cfg_llm.path)
+    if has_lora(module.llm):
+        salm["lora"].update(r=0, mtp_head=False)  # merged: the exported LLM is a plain one
+    if export_head is not head:
+        salm["mtp"]["num_layers"] = export_head.num_depths
     with open(os.path.join(out_dir, "salm_config.json"), "w") as f:
         json.dump(salm, f, indent=2, default=list)
-    return {"llm": llm_dir, "encoder": enc_dir, "root": out_dir}
+    return {"llm": llm_dir, "encoder": enc_dir, "root": out_dir, **written}
 
 
-def export_checkpoint(ckpt_path: str, out_dir: str) -> dict[str, str]:
+def export_checkpoint(ckpt_path: str, out_dir: str, mtp_depths: int | None = None, lora: str = "merge") -> dict[str, str]:
     """Load a Lightning checkpoint (.ckpt file or sharded directory) into an unsharded module and export it."""
-    return export_hf(load_model(ckpt_path), out_dir)
+    return export_hf(load_model(ckpt_path), out_dir, mtp_depths=mtp_depths, lora=lora)

@@ -141,8 +141,12 @@ def _owner_init(root: nn.Module) -> dict[str, Callable[[nn.Module], None]]:
 
 
 @torch.no_grad()
-def init_parameters(root: nn.Module, names: set[str], base_seed: int) -> set[str]:
+def init_parameters(root: nn.Module, names: set[str], base_seed: int,
+                    init_fns: dict[str, Callable[[nn.Module], None]] | None = None) -> set[str]:
     """Initialise the parameters of ``root`` named in ``names`` with their modules' own init code.
+
+    ``init_fns`` (module name -> init function) overrides the owner's init for those modules (LoRA
+    adapters: ``salm_mtp.modules.lora.adapter_inits``).
 
     For each module owning such a parameter (children before parents), every parameter of its
     subtree is swapped for a full-size fp32 CPU stand-in, the init functions of the subtree run in
@@ -151,7 +155,7 @@ def init_parameters(root: nn.Module, names: set[str], base_seed: int) -> set[str
     again, so a parent's init that rewrites a child (Nemotron-H rescales Mamba ``out_proj``) wins
     exactly as in transformers' own post-order ``initialize_weights``. Returns the names initialised.
     """
-    init_fn = _owner_init(root)
+    init_fn = {**_owner_init(root), **(init_fns or {})}
     modules = list(root.named_modules())
     done: set[str] = set()
     for mod_name, mod in reversed(modules):  # reversed pre-order: descendants before ancestors

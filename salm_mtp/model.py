@@ -30,6 +30,7 @@ from salm_mtp.config import (
     EncoderConfig,
     FreezeConfig,
     LLMConfig,
+    LoRAConfig,
     MTPConfig,
     OptimConfig,
     ParallelConfig,
@@ -39,6 +40,7 @@ from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, sum
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
+from salm_mtp.modules.lora import adapter_inits, apply_lora, base_name, base_view, is_adapter_param
 from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer
 from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
 from salm_mtp.modules.mtp import backbone_pairs, build_mtp_head, record_mtp_in_config, shipped_mtp
@@ -85,6 +87,7 @@ PART_TYPES = {
     "freeze": FreezeConfig,
     "parallel": ParallelConfig,
     "moe_balance": MoEBalanceConfig,
+    "lora": LoRAConfig,
 }
 
 
@@ -116,6 +119,7 @@ class SALMModule(L.LightningModule):
         freeze: FreezeConfig = FreezeConfig(),
         parallel: ParallelConfig = ParallelConfig(),
         moe_balance: MoEBalanceConfig = MoEBalanceConfig(),
+        lora: LoRAConfig = LoRAConfig(),
         tokenizer_path: str | None = None,
         ctc_weight: float = 0.0,
         lm_head_chunk_size: int = 2048,
@@ -134,6 +138,7 @@ class SALMModule(L.LightningModule):
             freeze: parameters to freeze by regex (``--model.freeze.*``).
             parallel: FSDP2 / DP options (``--model.parallel.*``).
             moe_balance: expert-load balancing of trainable MoE routers (``--model.moe_balance.*``).
+            lora: LoRA adapters on the LLM (``--model.lora.*``; r=0 = off).
             tokenizer_path: tokenizer directory; null = the LLM directory's tokenizer.
             ctc_weight: weight of an encoder CTC auxiliary loss on the transcript (0 = off).
             lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
@@ -145,7 +150,7 @@ class SALMModule(L.LightningModule):
         # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
         parts = config_from_dict(dict(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, optim=optim,
                                       features=features, spec_augment=spec_augment, freeze=freeze,
-                                      parallel=parallel, moe_balance=moe_balance))
+                                      parallel=parallel, moe_balance=moe_balance, lora=lora))
         encoder, adapter, llm, mtp, optim = (parts[k] for k in ("encoder", "adapter", "llm", "mtp", "optim"))
         features, spec_augment, freeze, parallel = (parts[k] for k in ("features", "spec_augment", "freeze",
                                                                        "parallel"))
@@ -182,6 +187,14 @@ class SALMModule(L.LightningModule):
             head = build_mtp_head(self.llm, mtp)
         if head is not None:
             self.llm.mtp = head
+        self.cfg_lora = parts["lora"]
+        if self.cfg_lora.enabled:
+            if self.cfg_lora.mtp_head and not (head is not None and self.mtp_shipped):
+                raise ValueError("model.lora.mtp_head=true but no shipped MTP head is loaded (none in model.llm.path, "
+                                 "model.mtp.num_layers=0 or replace_existing_head): a new head trains in full; set "
+                                 "--model.lora.mtp_head=false")
+            with meta_parameters():  # adapters on meta too: materialised and initialised with everything else
+                apply_lora(self.llm, self.cfg_lora, include_head=self.cfg_lora.mtp_head)
         record_mtp_in_config(self.llm.config, head)
         self.num_mtp_depths = head.num_depths if head is not None else 0
         if mtp.training_mode == "head_only" and head is None:
@@ -218,15 +231,26 @@ class SALMModule(L.LightningModule):
         return getattr(self.llm, "mtp", None)
 
     def apply_freeze(self) -> list[str]:
-        """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names."""
+        """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names.
+
+        Patterns see checkpoint names (``x.weight``, also for LoRA-wrapped layers). With model.lora.r > 0 the LLM's
+        base weights are frozen too (the MTP head's only with model.lora.mtp_head), unless model.freeze.unfreeze
+        matches them; the adapters themselves train unless head_only (model.freeze.patterns never match them).
+        """
         frozen = []
+        lora_on, lora_head = self.cfg_lora.enabled, self.cfg_lora.mtp_head
         for name, p in self.named_parameters():
             if self.head_only and not name.startswith("llm.mtp."):  # head_only: the head alone trains
                 p.requires_grad_(False)
                 frozen.append(name)
                 continue
-            hit = any(re.search(pat, name) for pat in self.cfg_freeze.patterns)
-            if hit and not any(re.search(pat, name) for pat in self.cfg_freeze.unfreeze):
+            if is_adapter_param(name):
+                continue
+            name = base_name(name)
+            unfrozen = any(re.search(pat, name) for pat in self.cfg_freeze.unfreeze)
+            lora_base = lora_on and name.startswith("llm.") and (lora_head or not name.startswith("llm.mtp."))
+            hit = lora_base or any(re.search(pat, name) for pat in self.cfg_freeze.patterns)
+            if hit and not unfrozen:
                 p.requires_grad_(False)
                 frozen.append(name)
         return frozen
@@ -261,18 +285,30 @@ class SALMModule(L.LightningModule):
         ``mtp.init_from_backbone`` then copies the backbone's (loaded) last blocks into a new head.
         ``init_new=False`` leaves the other tensors uninitialised: only for callers that load a complete
         state dict strictly right after (salm_mtp.io's sharded-checkpoint loader).
+        LoRA: the base weights are read and initialised under their checkpoint names and modules
+        (``lora.base_view``: a LoRA model's base equals the plain model's for the same seed), then each adapter's
+        A by kaiming-uniform under its own seed and B = 0. Names returned are the module's own.
         """
         if is_materialized(self):
             raise RuntimeError("SALMModule weights are already materialised")
         materialize(self, device)
-        loaded = self._load_pretrained() if load_pretrained else set()
-        params = {n for n, _ in self.named_parameters()}
+        own = {id(p): n for n, p in self.named_parameters()}
+        seed = broadcast_seed(self.init_seed) if init_new else 0
+        initialised: set[str] = set()
+        with base_view(self):  # LoRA layers unwrapped: checkpoint names, transformers' init code
+            plain = {n: own[id(p)] for n, p in self.named_parameters()}
+            loaded = self._load_pretrained() if load_pretrained else set()
+            if init_new:
+                initialised = init_parameters(self, set(plain) - loaded, seed)
+                head = self.mtp_head
+                if (head is not None and self.cfg_mtp.init_from_backbone
+                        and not any(n.startswith("llm.mtp.") for n in loaded)):
+                    copy_parameters(backbone_pairs(head, self.llm))
+        loaded = {plain.get(n, n) for n in loaded}  # buffers keep their names
         if not init_new:
             return {"loaded": loaded, "initialised": set()}
-        initialised = init_parameters(self, params - loaded, broadcast_seed(self.init_seed))
-        head = self.mtp_head
-        if head is not None and self.cfg_mtp.init_from_backbone and not any(n.startswith("llm.mtp.") for n in loaded):
-            copy_parameters(backbone_pairs(head, self.llm))
+        adapters = {n for n in own.values() if is_adapter_param(n)}
+        initialised = {plain[n] for n in initialised} | init_parameters(self, adapters, seed, adapter_inits(self))
         return {"loaded": loaded, "initialised": initialised}
 
     def _load_pretrained(self) -> set[str]:

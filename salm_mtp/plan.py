@@ -411,6 +411,8 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
 
 # -------------------------------------------------------------------------------------------- plan
 def _part(name: str) -> str:
+    if ".lora_A." in name or ".lora_B." in name:  # LoRA adapters (model.lora), counted apart from their base
+        return "llm.mtp.lora" if name.startswith("llm.mtp.") else "llm.lora"
     if name.startswith("llm.mtp."):
         return "llm.mtp"
     return "llm" if name.startswith("llm.") else name.split(".", 1)[0]
