@@ -76,6 +76,8 @@ def test_unreadable_audio_is_dropped_and_counted(tokenizer, sine_corpus, tmp_pat
     messages = [r.getMessage() for r in caplog.records]
     assert any("c001" in m and "c001.flac" in m for m in messages)
     assert any("c002" in m and "c002.flac" in m for m in messages)
+    assert [(b["cut_id"], b["reason"]) for b in batch["skipped"]] == [("c001", "unreadable_audio"),
+                                                                     ("c002", "unreadable_audio")]
 
 
 def test_all_dropped_gives_an_empty_batch(tokenizer, sine_corpus, tmp_path):
@@ -94,8 +96,14 @@ def test_other_sample_rates_are_resampled_to_16k(tokenizer, sine_corpus):
     assert np.isclose(batch["audios"][0, :1600].abs().max().item(), 0.5, atol=0.05)
 
 
-def test_unknown_task_in_manifest_is_an_error(tokenizer, sine_corpus):
-    cuts = load_cuts(sine_corpus(n=1)).to_eager()
+def test_unknown_task_is_a_bad_cut(tokenizer, sine_corpus):
+    from salm_mtp.data.policy import BadCutError
+
+    cuts = load_cuts(sine_corpus(n=2)).to_eager()
     cuts[0].supervisions[0].custom["task"] = "qa"
-    with pytest.raises(ValueError, match="unknown task 'qa'"):
-        SALMDataset(tokenizer)[cuts]
+    batch = SALMDataset(tokenizer)[cuts]  # skip (default): dropped and listed
+    assert batch["ids"] == ["c001"]
+    assert [(b["cut_id"], b["reason"]) for b in batch["skipped"]] == [("c000", "bad_task")]
+    assert "unknown task 'qa'" in batch["skipped"][0]["detail"]
+    with pytest.raises(BadCutError, match="cut 'c000'.*bad_task: unknown task 'qa'"):
+        SALMDataset(tokenizer, policy="raise")[cuts]

@@ -20,6 +20,10 @@
   prefetch buffer.
 - Manifests may store audio paths relative to their own directory (the demo corpus does):
   ``load_cuts`` resolves them, so the data loads from any working directory.
+- Bad cuts (salm_mtp.data.policy) follow ``on_bad_cut``. Before the first training batch
+  (``precheck``) every train and val cut is checked (manifest line, duration, text, audio header);
+  under "raise" the first bad one stops the run there, under "skip" they are counted in ``skip_log``
+  and left out by the samplers, so no batch ever holds more than ``max_duration`` seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from salm_mtp.data.dataset import SALMDataset
+from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.policy import POLICIES, BadCut, CutChecker, SkipLog, handle
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.errors import check_ckpt_path, check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +81,29 @@ class DataConfig:
     """Upper bound on cuts per batch (None: only ``max_duration`` limits it)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt wording and template."""
+    on_bad_cut: str = "skip"
+    """What a bad cut (unreadable/empty/mis-declared/too long audio, empty or too long text, a manifest line that is
+    not a cut) does: skip (left out, logged, counted as skipped_cuts/<reason>, listed in skipped_cuts.jsonl of the run
+    dir) or raise (the run stops before training, naming cut, file and reason)."""
+    max_cut_duration: float | None = None
+    """Longest usable cut in seconds; null: only max_duration bounds it (a longer cut can never be batched)."""
+    max_target_tokens: int | None = 2048
+    """Most answer tokens per cut (eos excluded); longer answers are bad cuts. null: no bound."""
+    max_seq_len: int | None = None
+    """Most LLM positions per cut (prompt + audio embeddings + answer); null: no bound."""
+    precheck: bool = True
+    """Check every train and val cut (manifest lines, durations, text, audio headers) before the first training step;
+    false: cuts are only checked when loaded (a bad val cut then shows at the first validation)."""
 
     def __post_init__(self) -> None:
         if self.prompt is None:
             self.prompt = PromptConfig()
+        if self.on_bad_cut not in POLICIES:
+            raise ValueError(f"data.on_bad_cut must be 'skip' or 'raise', got {self.on_bad_cut!r}; set --data.on_bad_cut")
+        for key in ("max_cut_duration", "max_target_tokens", "max_seq_len"):
+            val = getattr(self, key)
+            if val is not None and not val > 0:
+                raise ValueError(f"data.{key} must be > 0 or null, got {val}; set --data.{key}")
         if not self.max_duration > 0:
             raise ValueError(
                 f"data.max_duration must be > 0, got {self.max_duration}; set --data.max_duration"
@@ -102,15 +128,6 @@ class DataConfig:
                 f"data.tokenizer_path: no such directory {self.tokenizer_path!r}; set "
                 f"--data.tokenizer_path (the demo tokenizer is made by `{_MAKE_DEMO}`)"
             )
-
-
-def load_cuts(path: str | Path) -> CutSet:
-    """Open a CutSet manifest lazily; relative audio paths resolve from the manifest's directory.
-
-    Absolute paths are kept as they are (``Path(root) / "/abs"`` is ``"/abs"``).
-    """
-    root = Path(path).resolve().parent
-    return CutSet.from_jsonl_lazy(path).with_recording_path_prefix(root)
 
 
 class ResumableSampler(Sampler):
@@ -202,6 +219,7 @@ class SALMDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         max_cuts: cap on cuts per batch (None: no cap).
         prompt: prompt wording and template.
+        on_bad_cut, max_cut_duration, max_target_tokens, max_seq_len, precheck: the bad-cut policy.
     """
 
     def __init__(
@@ -217,6 +235,11 @@ class SALMDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_cuts: int | None = None,
         prompt: PromptConfig | None = None,
+        on_bad_cut: str = "skip",
+        max_cut_duration: float | None = None,
+        max_target_tokens: int | None = 2048,
+        max_seq_len: int | None = None,
+        precheck: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = DataConfig(
@@ -231,10 +254,20 @@ class SALMDataModule(pl.LightningDataModule):
             num_workers=num_workers,
             max_cuts=max_cuts,
             prompt=prompt if prompt is not None else PromptConfig(),
+            on_bad_cut=on_bad_cut,
+            max_cut_duration=max_cut_duration,
+            max_target_tokens=max_target_tokens,
+            max_seq_len=max_seq_len,
+            precheck=precheck,
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
         self._cuts: dict[str, CutSet] = {}
+        self.skip_log = SkipLog()
+        """Cuts skipped by this process (samplers, precheck) and reported by the training loop's batches."""
+        self.audio_positions_per_second: float | None = None
+        self._bad_ids: set[str] = set()
+        self._prechecked = False
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> SALMDataModule:
@@ -246,6 +279,11 @@ class SALMDataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.dataset = None  # rebuilt with this tokenizer
 
+    def set_audio_rate(self, positions_per_second: float) -> None:
+        """LLM positions per second of audio (from the model): counted in ``max_seq_len``."""
+        self.audio_positions_per_second = positions_per_second
+        self.dataset = None
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer, loaded from ``tokenizer_path`` on first use."""
         if self.tokenizer is None:
@@ -253,14 +291,38 @@ class SALMDataModule(pl.LightningDataModule):
                 raise ValueError(
                     "no tokenizer: set --data.tokenizer_path or call SALMDataModule.set_tokenizer()"
                 )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.tokenizer_path)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.tokenizer_path)
+            except (OSError, ValueError) as e:
+                from salm_mtp.errors import SalmError
+
+                raise SalmError(f"data.tokenizer_path={self.cfg.tokenizer_path!r}: no loadable tokenizer there "
+                                f"({str(e)[:200]}); set --data.tokenizer_path") from None
         return self.tokenizer
+
+    def checker(self, for_batching: bool = True) -> CutChecker:
+        """The bad-cut checks of these settings (``for_batching``: a cut must fit in one batch)."""
+        return CutChecker(
+            self.get_dataset().formatter,
+            max_target_tokens=self.cfg.max_target_tokens,
+            max_seq_len=self.cfg.max_seq_len,
+            max_cut_duration=self.cfg.max_cut_duration,
+            max_duration=self.cfg.max_duration if for_batching else None,
+            audio_positions_per_second=self.audio_positions_per_second,
+        )
 
     def get_dataset(self) -> SALMDataset:
         if self.dataset is None:
             tok = self.get_tokenizer()
-            self.dataset = SALMDataset(tok, PromptFormatter(tok, self.cfg.prompt))
+            fmt = PromptFormatter(tok, self.cfg.prompt)
+            self.dataset = SALMDataset(tok, fmt, policy=self.cfg.on_bad_cut)
+            self.dataset.checker = self.checker()
         return self.dataset
+
+    def report_skipped(self, batch: dict) -> None:
+        """Count the cuts a (worker-built) batch left out; called by the loop for every batch it takes."""
+        for bad in batch.get("skipped", ()):
+            self.skip_log.record(BadCut(**bad), warn=False)
 
     # ---- cuts and samplers -----------------------------------------------------------------
     def _cutset(self, split: str) -> CutSet:
@@ -269,8 +331,44 @@ class SALMDataModule(pl.LightningDataModule):
             path = getattr(self.cfg, key)
             if path is None:
                 raise ValueError(f"data.{key} is not set; set --data.{key} (e.g. `{_MAKE_DEMO}`)")
-            self._cuts[split] = load_cuts(path)
+            self._cuts[split] = load_cuts(path, self._on_bad)
         return self._cuts[split]
+
+    def _on_bad(self, bad: BadCut) -> None:
+        handle(bad, self.cfg.on_bad_cut, self.skip_log)
+
+    def _usable(self, split: str, with_text: bool = True) -> CutSet:
+        """The split's cuts without bad ones (policy applied); each fits in one batch of max_duration."""
+        checker = self.checker()
+
+        def ok(cut) -> bool:
+            if cut.id in self._bad_ids:
+                return False
+            bad = checker.check_duration(cut) or (checker.check_text(cut) if with_text else None)
+            if bad is not None:
+                self._on_bad(bad)
+                return False
+            return True
+
+        return self._cutset(split).filter(ok)
+
+    def precheck(self) -> None:
+        """Check every train and val cut once (manifest lines, durations, text, audio headers), before training."""
+        if self._prechecked or not self.cfg.precheck:
+            return
+        self._prechecked = True
+        checker = self.checker()
+        for split in ("train", "val"):
+            if getattr(self.cfg, f"{split}_manifest") is None:
+                continue
+            n = 0
+            for cut in self._cutset(split):
+                n += 1
+                bad = checker.check_metadata(cut, with_header=True)
+                if bad is not None:
+                    self._on_bad(bad)
+                    self._bad_ids.add(cut.id)
+            log.info("data.%s_manifest: %d cuts checked, %d bad", split, n, len(self._bad_ids))
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group: batches differ across it, not inside TP."""
@@ -312,7 +410,13 @@ class SALMDataModule(pl.LightningDataModule):
         return int(fit_loop.epoch_progress.current.processed) if fit_loop is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
+        """The earliest hook of a run: checks the checkpoint to restore and the output directory first."""
         self._check_no_distributed_sampler()
+        trainer = self.trainer
+        if trainer is not None:
+            check_ckpt_path(getattr(trainer, "ckpt_path", None))
+            if trainer.is_global_zero:
+                check_writable_dir(trainer.default_root_dir, "trainer.default_root_dir")
 
     # ---- loaders ---------------------------------------------------------------------------
     def _warn_if_before_restore(self) -> None:
@@ -331,8 +435,9 @@ class SALMDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         self._warn_if_before_restore()
+        self.precheck()
         rank, world_size = self._dp_rank_and_size()
-        cuts = self._cutset("train")
+        cuts = self._usable("train")
         # lhotse refuses more buckets than cuts: tiny (test) sets get one bucket per cut
         num_buckets = sum(1 for _ in islice(cuts, self.cfg.num_buckets))
         if num_buckets == 0:
@@ -364,10 +469,10 @@ class SALMDataModule(pl.LightningDataModule):
         loader.pending = self._prefetched_batches
         return loader
 
-    def _eval_dataloader(self, split: str) -> DataLoader:
+    def _eval_dataloader(self, split: str, with_text: bool = True) -> DataLoader:
         rank, world_size = self._dp_rank_and_size()
         sampler = DynamicCutSampler(
-            self._cutset(split),
+            self._usable(split, with_text),
             max_duration=self.cfg.max_duration,
             max_cuts=self.cfg.max_cuts,
             shuffle=False,
@@ -375,15 +480,21 @@ class SALMDataModule(pl.LightningDataModule):
             rank=rank,
         )
         dataset = self.get_dataset()
+        if not with_text:  # prediction: references are not needed, only the audio
+            dataset = SALMDataset(dataset.tokenizer, dataset.formatter, checker=dataset.checker,
+                                  policy=dataset.policy, check_text=False)
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         # no val manifest: an empty list tells Lightning there is no validation
-        return self._eval_dataloader("val") if self.cfg.val_manifest is not None else []
+        if self.cfg.val_manifest is None:
+            return []
+        self.precheck()  # validate/test runs without fit, or the sanity check before the first train batch
+        return self._eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """``salm-mtp predict`` decodes the test manifest (``--data.test_manifest``)."""
-        return self._eval_dataloader("test")
+        return self._eval_dataloader("test", with_text=False)

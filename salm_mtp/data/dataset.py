@@ -23,8 +23,11 @@ Batch layout (all tensors right-padded)::
     ids          list[str]       cut ids
     tasks        list[str]       task per row ("asr" / "ast")
     answers      list[str]       reference answer: transcript (asr) or target_text (ast)
-    num_dropped  int             cuts dropped from this batch (unreadable audio, no supervision)
+    num_dropped  int             cuts dropped from this batch (unreadable audio, no supervision, ...)
+    skipped      list[dict]      one ``BadCut.to_json()`` per dropped cut: cut_id, reason, detail, file
 
+Bad cuts follow ``policy`` (salm_mtp.data.policy): "skip" drops them (listed in ``skipped``; the
+training process counts them: workers cannot), "raise" raises BadCutError naming cut, file and reason.
 If every cut is dropped the batch has B = 0 (shapes (0, 0) / (0,)): callers skip it.
 """
 
@@ -39,6 +42,7 @@ from lhotse import CutSet
 from lhotse.cut import Cut
 from transformers import PreTrainedTokenizerBase
 
+from salm_mtp.data.policy import BadCut, CutChecker, source_of
 from salm_mtp.data.prompt import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -61,14 +65,6 @@ def reference_answer(cut: Cut) -> tuple[str, str]:
     return task, sup.text or ""
 
 
-def _source_of(cut: Cut) -> str:
-    """Where the cut's audio lives, for error messages."""
-    try:
-        return ", ".join(str(s.source) for s in cut.recording.sources)
-    except AttributeError:
-        return "<no recording>"
-
-
 class SALMDataset(torch.utils.data.Dataset):
     """Collates a CutSet into the batch documented in the module docstring.
 
@@ -77,6 +73,10 @@ class SALMDataset(torch.utils.data.Dataset):
             ``eos_token_id`` when it has no pad token: padding is masked by ``input_lens``).
         formatter: builds prompt + answer ids; default ``PromptFormatter(tokenizer)``.
         ctc_tokenizer: tokenizes ``ctc_ids``; default ``tokenizer``.
+        checker: the text / duration checks (``CutChecker``); default: the formatter's with no length
+            bounds (only missing supervisions, bad tasks and empty answers are bad).
+        policy: "skip" or "raise" (``data.on_bad_cut``).
+        check_text: apply the text checks (False for prediction: the reference is not needed).
     """
 
     def __init__(
@@ -84,47 +84,77 @@ class SALMDataset(torch.utils.data.Dataset):
         tokenizer: PreTrainedTokenizerBase,
         formatter: PromptFormatter | None = None,
         ctc_tokenizer: PreTrainedTokenizerBase | None = None,
+        checker: CutChecker | None = None,
+        policy: str = "skip",
+        check_text: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.formatter = formatter if formatter is not None else PromptFormatter(tokenizer)
         self.ctc_tokenizer = ctc_tokenizer if ctc_tokenizer is not None else tokenizer
+        self.checker = checker if checker is not None else CutChecker(self.formatter)
+        self.policy = policy
+        self.check_text = check_text
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else tokenizer.eos_token_id
 
-    def _load_audio(self, cut: Cut) -> np.ndarray | None:
-        """Mono float32 waveform (S,) at 16 kHz, or None (logged) if it cannot be read."""
+    @staticmethod
+    def _task_of(cut: Cut) -> BadCut | None:
+        """Without text checks (prediction) only the task must be usable; the reference may be empty."""
+        if not cut.supervisions:
+            return None
         try:
-            if cut.sampling_rate != SAMPLE_RATE:
-                cut = cut.resample(SAMPLE_RATE)
-            audio = cut.load_audio()  # (C, S)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is dropped, never fatal
-            log.warning("dropping cut %s: cannot read audio %s: %s", cut.id, _source_of(cut), err)
-            return None
+            task, _ = reference_answer(cut)
+        except ValueError as e:
+            return BadCut(cut.id, "bad_task", str(e), source_of(cut))
+        if task not in ("asr", "ast"):
+            return BadCut(cut.id, "bad_task", f"unknown task {task!r} (valid: asr, ast)", source_of(cut))
+        return None
+
+    def load_audio(self, cut: Cut) -> np.ndarray | BadCut:
+        """Mono float32 waveform (S,) at 16 kHz, or the BadCut saying why it cannot be used."""
+        from lhotse.audio.utils import DurationMismatchError
+
+        src = source_of(cut)
+        if getattr(cut, "recording", None) is None:
+            return BadCut(cut.id, "unreadable_audio", "the cut has no recording", src)
+        try:
+            audio = cut.load_audio()  # (C, S) at the recording's rate
+        except DurationMismatchError as err:
+            return BadCut(cut.id, "duration_mismatch", f"{err} (the manifest declares {cut.duration:.3f} s)", src)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a bad cut, never a crash
+            return BadCut(cut.id, "unreadable_audio", f"cannot read audio: {type(err).__name__}: {err}", src)
         if audio is None or audio.size == 0:
-            log.warning("dropping cut %s: empty audio in %s", cut.id, _source_of(cut))
-            return None
+            return BadCut(cut.id, "empty_audio", f"0 samples, the manifest declares {cut.duration:.3f} s", src)
+        bad = self.checker.check_loaded(cut, audio.shape[-1], cut.sampling_rate)
+        if bad is not None:
+            return bad
+        if cut.sampling_rate != SAMPLE_RATE:
+            try:
+                audio = cut.resample(SAMPLE_RATE).load_audio()
+            except Exception as err:  # noqa: BLE001
+                return BadCut(cut.id, "unreadable_audio", f"cannot resample: {type(err).__name__}: {err}", src)
         return np.asarray(audio, dtype=np.float32).mean(axis=0)  # (S,) mixdown of channels
 
     def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
         audios, input_ids, loss_masks, prompt_lens, ctc_ids = [], [], [], [], []
         ids, tasks, answers = [], [], []
-        num_dropped = 0
+        skipped: list[dict] = []
         for cut in cuts:
-            if not cut.supervisions:
-                log.warning("dropping cut %s: it has no supervision (no transcript)", cut.id)
-                num_dropped += 1
+            bad = self.checker.check_text(cut) if self.check_text else self._task_of(cut)
+            audio = self.load_audio(cut) if bad is None else bad
+            if isinstance(audio, BadCut):
+                if self.policy == "raise":
+                    raise audio.error()
+                log.warning("skipping %s", audio.message())
+                skipped.append(audio.to_json())  # counted by the training process (SkipLog)
                 continue
-            audio = self._load_audio(cut)
-            if audio is None:
-                num_dropped += 1
-                continue
-            task, answer = reference_answer(cut)
+            task, answer = reference_answer(cut) if cut.supervisions else ("asr", "")
             enc = self.formatter.encode(task, answer)
             audios.append(torch.from_numpy(audio))
             input_ids.append(torch.tensor(enc.input_ids, dtype=torch.int64))
             loss_masks.append(torch.tensor(enc.loss_mask, dtype=torch.bool))
             prompt_lens.append(enc.prompt_len)
-            text = cut.supervisions[0].text or ""
+            text = (cut.supervisions[0].text or "") if cut.supervisions else ""
             ctc = self.ctc_tokenizer.encode(text, add_special_tokens=False)
             ctc_ids.append(torch.tensor(ctc, dtype=torch.int64))
             ids.append(cut.id)
@@ -147,7 +177,8 @@ class SALMDataset(torch.utils.data.Dataset):
             "ids": ids,
             "tasks": tasks,
             "answers": answers,
-            "num_dropped": num_dropped,
+            "num_dropped": len(skipped),
+            "skipped": skipped,
         }
 
 

@@ -1,0 +1,261 @@
+"""Bad-cut policy: what makes a cut unusable, and what happens to it (``data.on_bad_cut: skip | raise``).
+
+A cut is bad for one of these reasons (the names are the metric suffixes ``skipped_cuts/<reason>``)::
+
+    manifest_not_utf8 / manifest_not_json / manifest_not_a_cut   a manifest line that is not a cut
+    no_supervision            the cut has no supervision (no transcript)
+    bad_task                  unknown supervision.custom["task"], or ast without target_text
+    empty_text                the answer (transcript / target_text) is empty or only whitespace
+    too_many_target_tokens    the answer is longer than data.max_target_tokens tokens
+    too_long_sequence         prompt + audio positions + answer exceed data.max_seq_len
+    too_long_audio            the cut is longer than data.max_cut_duration, or than data.max_duration
+                              (one batch could not hold it)
+    unreadable_audio          the audio file is missing or cannot be decoded
+    empty_audio               the audio holds no samples
+    duration_mismatch         the file holds fewer/more samples than the manifest declares
+
+skip: the cut is left out; its id, file and reason are logged once (a warning), counted per reason and
+appended to ``skipped_cuts.jsonl`` in the run directory (``SkipLog``). raise: ``BadCutError`` (a
+``SalmError``) names the cut, the file and the reason. Text, duration and audio-header checks run
+before training over the train and val manifests (``SALMDataModule.precheck``); decoding errors can
+only show when a cut is loaded (``SALMDataset``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from salm_mtp.errors import SalmError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("skip", "raise")
+REASONS = (
+    "manifest_not_utf8", "manifest_not_json", "manifest_not_a_cut", "no_supervision", "bad_task", "empty_text",
+    "too_many_target_tokens", "too_long_sequence", "too_long_audio", "unreadable_audio", "empty_audio",
+    "duration_mismatch",
+)
+
+
+class BadCutError(SalmError):
+    """A bad cut under ``data.on_bad_cut=raise`` (or a manifest that cannot be read at all)."""
+
+
+@dataclass(frozen=True)
+class BadCut:
+    """One bad cut (or manifest line): who, where, why."""
+
+    cut_id: str | None
+    """The cut's id; None for a manifest line that is not a cut."""
+    reason: str
+    """One of REASONS."""
+    detail: str
+    """What exactly is wrong (values included)."""
+    file: str
+    """The audio source of the cut, or the manifest of a bad line."""
+    line: int | None = None
+    """1-based manifest line of a bad line."""
+
+    def __post_init__(self) -> None:
+        assert self.reason in REASONS, self.reason
+
+    @property
+    def key(self) -> tuple:
+        return (self.cut_id, self.reason, self.file, self.line)
+
+    def message(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        who = f"cut {self.cut_id!r}" if self.cut_id is not None else "manifest line"
+        return f"{who} ({where}): {self.reason}: {self.detail}"
+
+    def error(self) -> BadCutError:
+        return BadCutError(
+            f"bad {self.message()}. data.on_bad_cut=raise stops here: fix or remove it (`salm-mtp validate-data "
+            "MANIFEST` lists every bad cut), or set --data.on_bad_cut=skip to leave such cuts out (counted)")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def handle(bad: BadCut, policy: str, sink: SkipLog | None = None) -> None:
+    """Apply ``policy`` to ``bad``: raise its BadCutError, or record it in ``sink`` (logged once)."""
+    if policy == "raise":
+        raise bad.error()
+    if sink is not None:
+        sink.record(bad)
+    else:
+        log.warning("skipping %s", bad.message())
+
+
+class SkipLog:
+    """The skipped cuts of a run: each logged once, counted per reason, appended to a jsonl file.
+
+    Records made before ``set_path`` are written when it is called. ``counts`` is a Counter by reason.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.path: str | None = None
+        self._seen: set[tuple] = set()
+        self._pending: list[BadCut] = []
+
+    def record(self, bad: BadCut, warn: bool = True) -> bool:
+        """Count ``bad`` unless already seen (a cut is skipped again every epoch); True when new.
+        ``warn=False``: the finder already logged it (SALMDataset, possibly in a worker)."""
+        if bad.key in self._seen:
+            return False
+        self._seen.add(bad.key)
+        self.counts[bad.reason] += 1
+        if warn:
+            log.warning("skipping %s", bad.message())
+        self._pending.append(bad)
+        self._flush()
+        return True
+
+    def set_path(self, path: str) -> None:
+        """Write to ``path`` (created empty) from now on, pending records first."""
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "w").close()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.path is None or not self._pending:
+            return
+        with open(self.path, "a") as f:
+            for bad in self._pending:
+                f.write(json.dumps(bad.to_json(), ensure_ascii=False) + "\n")
+        self._pending.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line: total and count per reason."""
+        parts = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items()))
+        where = f" (listed in {self.path})" if self.path else ""
+        return f"skipped cuts: {self.total}" + (f" [{parts}]{where}" if self.total else "")
+
+
+# ------------------------------------------------------------------------------------------ checks
+def source_of(cut) -> str:
+    """Where the cut's audio lives, for messages."""
+    try:
+        return ", ".join(str(s.source) for s in cut.recording.sources)
+    except AttributeError:
+        return "<no recording>"
+
+
+def _tolerance() -> float:
+    from lhotse.audio.utils import get_audio_duration_mismatch_tolerance
+
+    return float(get_audio_duration_mismatch_tolerance())
+
+
+class CutChecker:
+    """The checks of one run's settings on cut metadata and audio (no policy: each returns a BadCut or None).
+
+    Args:
+        formatter: the run's PromptFormatter (tokenizes the answer as training does).
+        max_target_tokens: most answer tokens (eos excluded); None: no bound.
+        max_seq_len: most LLM positions: prompt + answer tokens + audio embeddings; None: no bound.
+        max_cut_duration: longest cut in seconds; None: no bound besides ``max_duration``.
+        max_duration: seconds per batch: a longer cut can never be batched; None: no bound.
+        audio_positions_per_second: LLM positions per second of audio (set by the model); None: the audio
+            part is not counted in ``max_seq_len``.
+    """
+
+    def __init__(self, formatter, max_target_tokens: int | None = None, max_seq_len: int | None = None,
+                 max_cut_duration: float | None = None, max_duration: float | None = None,
+                 audio_positions_per_second: float | None = None) -> None:
+        self.formatter = formatter
+        self.max_target_tokens = max_target_tokens
+        self.max_seq_len = max_seq_len
+        self.max_cut_duration = max_cut_duration
+        self.max_duration = max_duration
+        self.audio_positions_per_second = audio_positions_per_second
+
+    def check_text(self, cut) -> BadCut | None:
+        """Supervision, task, answer text and token lengths."""
+        from salm_mtp.data.dataset import reference_answer
+
+        src = source_of(cut)
+        if not cut.supervisions:
+            return BadCut(cut.id, "no_supervision", "the cut has no supervision (no transcript)", src)
+        try:
+            task, answer = reference_answer(cut)
+            prompt = self.formatter.prompt_ids(task) if task in ("asr", "ast") else None
+        except ValueError as e:
+            return BadCut(cut.id, "bad_task", str(e), src)
+        if prompt is None:
+            return BadCut(cut.id, "bad_task", f"unknown task {task!r} (valid: asr, ast)", src)
+        if not isinstance(answer, str) or not answer.strip():
+            return BadCut(cut.id, "empty_text", f"the {task} answer is empty or whitespace: {answer!r}", src)
+        n_answer = len(self.formatter.answer_ids(task, answer))  # includes the final eos
+        if self.max_target_tokens is not None and n_answer - 1 > self.max_target_tokens:
+            return BadCut(cut.id, "too_many_target_tokens",
+                          f"{n_answer - 1} answer tokens > data.max_target_tokens={self.max_target_tokens}", src)
+        if self.max_seq_len is not None:
+            audio = math.ceil(cut.duration * self.audio_positions_per_second) if self.audio_positions_per_second else 0
+            total = len(prompt) - 1 + audio + n_answer
+            if total > self.max_seq_len:
+                return BadCut(cut.id, "too_long_sequence",
+                              f"{total} positions (prompt {len(prompt) - 1} + audio {audio} + answer {n_answer}) > "
+                              f"data.max_seq_len={self.max_seq_len}", src)
+        return None
+
+    def check_duration(self, cut) -> BadCut | None:
+        """The cut's declared duration against max_cut_duration and max_duration."""
+        for limit, key in ((self.max_cut_duration, "data.max_cut_duration"), (self.max_duration, "data.max_duration")):
+            if limit is not None and cut.duration > limit:
+                return BadCut(cut.id, "too_long_audio", f"{cut.duration:.2f} s > {key}={limit}", source_of(cut))
+        return None
+
+    def check_header(self, cut) -> BadCut | None:
+        """File sources exist and hold the declared number of samples (headers only, no decoding)."""
+        import soundfile as sf
+
+        rec = getattr(cut, "recording", None)
+        if rec is None:
+            return BadCut(cut.id, "unreadable_audio", "the cut has no recording", "<no recording>")
+        for s in rec.sources:
+            if s.type != "file":
+                continue
+            path = str(s.source)
+            if not os.path.isfile(path):
+                return BadCut(cut.id, "unreadable_audio", "no such file", path)
+            try:
+                info = sf.info(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable header is a bad cut
+                return BadCut(cut.id, "unreadable_audio", f"cannot read the header: {e}", path)
+            bad = self._compare(cut, info.frames, info.samplerate, path)
+            if bad is not None:
+                return bad
+        return None
+
+    def check_loaded(self, cut, num_samples: int, sampling_rate: int) -> BadCut | None:
+        """A decoded waveform of ``num_samples`` at ``sampling_rate`` against the cut's declared duration."""
+        return self._compare(cut, num_samples, sampling_rate, source_of(cut), whole_recording=False)
+
+    def _compare(self, cut, frames: int, rate: int, path: str, whole_recording: bool = True) -> BadCut | None:
+        if frames == 0:
+            declared = cut.recording.duration if whole_recording else cut.duration
+            return BadCut(cut.id, "empty_audio", f"0 samples, the manifest declares {declared:.3f} s", path)
+        declared = cut.recording.duration if whole_recording else cut.duration
+        actual = frames / rate
+        if abs(actual - declared) > max(_tolerance(), 1.5 / rate):
+            return BadCut(cut.id, "duration_mismatch",
+                          f"the file holds {actual:.3f} s ({frames} samples at {rate} Hz), the manifest declares "
+                          f"{declared:.3f} s", path)
+        return None
+
+    def check_metadata(self, cut, with_header: bool = False) -> BadCut | None:
+        """Every check that needs no decoding: duration, text, and (``with_header``) audio headers."""
+        return self.check_duration(cut) or self.check_text(cut) or (self.check_header(cut) if with_header else None)

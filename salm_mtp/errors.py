@@ -1,0 +1,69 @@
+"""The one error type users see, and the pre-flight checks of paths a run needs.
+
+``SalmError`` carries a one-paragraph message that names the file or key and the fix; the ``salm-mtp``
+entry point prints it without a traceback and exits with code 2 (``exit_code``). Everything that
+stops a run because of its inputs (a bad cut under ``data.on_bad_cut=raise``, an unreadable
+``--ckpt_path``, an unwritable output directory, a missing tokenizer, too many non-finite losses)
+raises a subclass of it.
+
+    salm-mtp fit ... --ckpt_path runs/x/last.ckpt      # truncated file
+    error: --ckpt_path 'runs/x/last.ckpt' is not a readable checkpoint (truncated or not a torch
+    checkpoint: File is not a zip file); pass another checkpoint, e.g. an earlier step*.ckpt of the run
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+
+
+class SalmError(Exception):
+    """An error in the inputs of a run; its message says what is wrong and how to fix it."""
+
+    exit_code: int = 2
+
+
+class CheckpointReadError(SalmError):
+    """``--ckpt_path`` cannot be read."""
+
+
+class OutputDirError(SalmError):
+    """An output directory cannot be written."""
+
+
+def check_ckpt_path(path: str | None) -> None:
+    """Raise CheckpointReadError unless ``path`` is None, a complete torch zip checkpoint or a sharded
+    (torch.distributed.checkpoint) directory with its ``.metadata``. Reads only the zip directory."""
+    if path is None or path in ("last", "best", "hpc", "registry"):  # Lightning's symbolic names
+        return
+    fix = "pass another checkpoint, e.g. an earlier step*.ckpt of the run"
+    if not os.path.exists(path):
+        raise CheckpointReadError(f"--ckpt_path {path!r} does not exist; {fix}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointReadError(
+                f"--ckpt_path {path!r} is a directory without .metadata: not a complete sharded checkpoint "
+                f"(its save was interrupted?); {fix}")
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointReadError(
+            f"--ckpt_path {path!r} is not a readable checkpoint (truncated or not a torch checkpoint: {e}); "
+            f"{fix}") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise CheckpointReadError(f"--ckpt_path {path!r} is a zip file but not a torch checkpoint; {fix}")
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """Create ``path`` if needed and check a file can be written there; OutputDirError names ``key``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".salm_write_check"):
+            pass
+    except OSError as e:
+        raise OutputDirError(
+            f"{key}={path!r} is not a writable directory ({e.strerror or e}); set --{key} to a directory you "
+            "can write") from None
