@@ -141,6 +141,10 @@ def write_legacy_llm_fields(llm_dir: str) -> None:
             tok = json.load(f)
         if tok.get("tokenizer_class") in (None, "TokenizersBackend"):  # the transformers 5-only name
             tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        extra = tok.get("extra_special_tokens")
+        if isinstance(extra, list):  # transformers 5 writes a list; 4.x reads named ones (a dict) there
+            del tok["extra_special_tokens"]
+            tok["additional_special_tokens"] = list(dict.fromkeys(tok.get("additional_special_tokens", []) + extra))
         with open(tok_file, "w") as f:
             json.dump(tok, f, indent=2, ensure_ascii=False)
 
