@@ -94,6 +94,20 @@ def main(args: list[str] | None = None) -> None:
 
         plan.main(argv[1:])
         return
+    if argv[:1] == ["validate-data"]:  # reads manifests only: no model, no Trainer
+        from salm_mtp.data import validate
+
+        sys.exit(validate.main(argv[1:]))
+    from salm_mtp.errors import SalmError
+
+    try:
+        _run_trainer_cli(args)
+    except SalmError as e:  # bad inputs: one paragraph naming the file/key and the fix, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def _run_trainer_cli(args: list[str] | None) -> None:
     _bound_malloc_caching()
     from jsonargparse import set_parsing_settings
 
@@ -112,4 +126,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()  # args=None: LightningCLI reads sys.argv itself (a list would make it warn about its args parameter)

@@ -32,6 +32,14 @@ class OutputDirError(SalmError):
     """An output directory cannot be written."""
 
 
+class MissingInputError(SalmError, FileNotFoundError):
+    """A configured input (tokenizer, manifest, model directory) is missing or unreadable."""
+
+
+class NonFiniteError(SalmError):
+    """Training produced non-finite losses or weights and stopped (no checkpoint holds such weights)."""
+
+
 def check_ckpt_path(path: str | None) -> None:
     """Raise CheckpointReadError unless ``path`` is None, a complete torch zip checkpoint or a sharded
     (torch.distributed.checkpoint) directory with its ``.metadata``. Reads only the zip directory."""

@@ -36,6 +36,7 @@ from salm_mtp.config import (
     ParallelConfig,
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
+from salm_mtp.errors import MissingInputError, NonFiniteError
 from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, summarise_stats
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
@@ -73,7 +74,9 @@ def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{key}={path!r}: no loadable tokenizer there ({e})") from e
+        raise MissingInputError(
+            f"{key}={path!r}: no loadable tokenizer there ({str(e)[:200]}); set --{key} to a HF tokenizer directory "
+            "(the demo one is made by scripts/make_demo_data.py)") from None
 
 
 PART_TYPES = {
@@ -124,6 +127,7 @@ class SALMModule(L.LightningModule):
         ctc_weight: float = 0.0,
         lm_head_chunk_size: int = 2048,
         init_seed: int | None = None,
+        max_nonfinite_steps: int = 20,
     ):
         """Build the model from typed configs.
 
@@ -145,6 +149,8 @@ class SALMModule(L.LightningModule):
             init_seed: seed of the new (not loaded) parameters' initialisation; each module's values
                 depend only on it and the module's name, so N ranks start from the weights 1 process
                 would. null = rank 0's global seed (seed_everything).
+            max_nonfinite_steps: a step whose loss is nan/inf (on any rank) is skipped: no update; after this
+                many consecutive ones the run stops with an error (non-zero exit).
         """
         super().__init__()
         # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
@@ -163,6 +169,13 @@ class SALMModule(L.LightningModule):
         self.ctc_weight = ctc_weight
         self.lm_head_chunk_size = lm_head_chunk_size
         self.init_seed = init_seed
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}; set "
+                             "--model.max_nonfinite_steps")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0
+        """Training steps skipped for a non-finite loss in this process's run (not restored on resume)."""
+        self._nonfinite_run = 0
 
         self.tokenizer = load_tokenizer(tokenizer_path or llm.path)
         self.placeholder_id = ensure_audio_placeholder(self.tokenizer)
@@ -349,6 +362,20 @@ class SALMModule(L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "set_tokenizer"):
             dm.set_tokenizer(self.tokenizer)  # one tokenizer (with the placeholder) for model and data
+        if dm is not None and hasattr(dm, "set_audio_rate"):
+            dm.set_audio_rate(self.audio_positions_per_second())  # counted in data.max_seq_len
+
+    def audio_positions_per_second(self) -> float:
+        """LLM positions per second of audio: feature frames / encoder subsampling / adapter stacking."""
+        feats = self.features.config
+        sub = getattr(self.audio.encoder.config, "subsampling_factor", 8)
+        return feats.sample_rate / feats.hop_length / sub / self.adapter.k
+
+    def configure_callbacks(self):
+        """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) for every run."""
+        from salm_mtp.callbacks import BadCutReport, Preemption
+
+        return [BadCutReport(), Preemption()]
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it
@@ -454,6 +481,7 @@ class SALMModule(L.LightningModule):
         if self._skip_empty(batch):
             return None  # no backward, no optimiser step, on every rank
         loss, summed, bsz = self.compute_losses(batch)
+        skip = self._nonfinite(loss)
         metrics = self.summarise(summed)
         bar = {"loss", "mtp_loss", "ctc_loss"}
         for name, value in metrics.items():
@@ -467,7 +495,47 @@ class SALMModule(L.LightningModule):
         if self._t_last is not None:
             self.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False, batch_size=bsz)
         self._t_last = now
-        return loss
+        self.log("nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=bsz)
+        return None if skip else loss
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """True (on every rank alike) when any rank's loss is nan/inf: the step is then skipped, counted and
+        logged; NonFiniteError after max_nonfinite_steps consecutive ones."""
+        bad = torch.logical_not(torch.isfinite(loss.detach())).float()
+        if not bool(all_reduce_sum(bad, self._trainer) > 0):
+            self._nonfinite_run = 0
+            return False
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        step = self.trainer.global_step if self._trainer is not None else -1
+        n, limit = self._nonfinite_run, self.max_nonfinite_steps
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"step {step}: non-finite loss ({float(loss.detach()):g}): step skipped, weights untouched "
+                       f"({n} consecutive, stop at {limit})")
+        if n >= limit:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else None
+            raise NonFiniteError(
+                f"{n} consecutive training steps had a non-finite loss (last at step {step}, lr {lr:g}); stopping. "
+                "The weights stayed finite and the checkpoints hold no non-finite weights. Lower --model.optim.lr "
+                "(or check the data: `salm-mtp validate-data MANIFEST`) and resume from the last checkpoint; "
+                f"--model.max_nonfinite_steps (now {limit}) sets how many are tolerated")
+        return True
+
+    def _check_finite_weights(self) -> None:
+        """NonFiniteError when an optimizer step left a non-finite trainable weight on any rank: raised before any
+        checkpoint of this step is written, so every checkpoint holds finite weights."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                bad += torch.logical_not(torch.isfinite(local.detach())).any().float()
+        if bool(all_reduce_sum(bad, self._trainer) > 0):
+            step = self.trainer.global_step if self._trainer is not None else -1
+            raise NonFiniteError(
+                f"the optimizer step at step {step} made weights non-finite (finite loss, exploding update); "
+                "stopping before any checkpoint holds them. Lower --model.optim.lr and resume from the last "
+                "checkpoint")
 
     def on_train_start(self) -> None:
         self.train()  # Lightning leaves modes as they are: apply head_only's eval modes (train() below)
@@ -476,6 +544,7 @@ class SALMModule(L.LightningModule):
         """The optimizer step, then the aux-loss-free bias update of trainable routers (before any callback, so a
         checkpoint written at the end of this step holds the updated biases: resuming is exact)."""
         super().optimizer_step(*args, **kwargs)
+        self._check_finite_weights()
         if self.balancer.loads:
             self._moe_metrics = self.balancer.step(lambda t: all_reduce_sum(t, self._trainer))
 
@@ -513,9 +582,13 @@ class SALMModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from salm_mtp.generate import greedy_generate
 
+        failed = [{"id": b["cut_id"], "task": None, "ref": None, "hyp": None, "error": f"{b['reason']}: {b['detail']}"}
+                  for b in batch.get("skipped", ())]  # counted and written, like evaluate's failed rows
+        if batch["input_ids"].shape[0] == 0:  # every cut of the batch was unreadable
+            return failed
         hyps = greedy_generate(self, batch)
-        return [{"id": i, "task": t, "ref": r, "hyp": h}
-                for i, t, r, h in zip(batch["ids"], batch["tasks"], batch["answers"], hyps)]
+        return failed + [{"id": i, "task": t, "ref": r, "hyp": h}
+                         for i, t, r, h in zip(batch["ids"], batch["tasks"], batch["answers"], hyps)]
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -1,0 +1,134 @@
+"""Callbacks every run gets (``SALMModule.configure_callbacks``): skipped-cut accounting and pre-emption.
+
+BadCutReport   counts the cuts the data left out (salm_mtp.data.policy): metrics ``skipped_cuts/<reason>``
+               (this rank's counts), ``skipped_cuts.jsonl`` in the run dir (``.rank<r>`` suffix when
+               several ranks), and the totals printed when the run ends (fit, validate, test, predict).
+Preemption     SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-emption warning with ``--signal=USR1@<secs>``; the
+               SLURM plugin's requeue signal when it has another one) only set a flag. At the next step
+               boundary (after the optimizer step) every rank agrees on it (all-reduce), saves a resumable
+               checkpoint ``<checkpoint dir>/preempted-step<N>.ckpt`` (model, head, optimizer, scheduler,
+               sampler position, RNG: the same state as a periodic checkpoint, so the resumed losses
+               equal the uninterrupted ones) and exits with code 128 + the signal number (143 for
+               SIGTERM, 130 for SIGINT, 138 for SIGUSR1): the code a shell reports for a process killed
+               by that signal, so a scheduler counts the run as interrupted, not as done. Resume with
+               ``salm-mtp fit ... --ckpt_path <that file>``. A second SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from salm_mtp.parallel import all_reduce_sum
+
+
+class Preempted(SystemExit):
+    """Raised after the pre-emption checkpoint is written; its code is 128 + the signal number."""
+
+
+class BadCutReport(L.Callback):
+    """Counts skipped cuts from every batch the loops take, logs them as metrics, prints the totals."""
+
+    def _log(self, trainer):
+        return getattr(getattr(trainer, "datamodule", None), "skip_log", None)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        skip_log = self._log(trainer)
+        log_dir = trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
+        if skip_log is not None and log_dir:
+            suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+            skip_log.set_path(os.path.join(log_dir, f"skipped_cuts{suffix}.jsonl"))
+
+    def _report(self, trainer, batch) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "report_skipped") and isinstance(batch, dict):
+            dm.report_skipped(batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._report(trainer, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        skip_log = self._log(trainer)
+        if skip_log is not None:
+            for reason, n in sorted(skip_log.counts.items()):
+                pl_module.log(f"skipped_cuts/{reason}", float(n), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._report(trainer, batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._report(trainer, batch)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._report(trainer, batch)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        skip_log = self._log(trainer)
+        if skip_log is not None:
+            rank = f"rank {trainer.global_rank}: " if trainer.world_size > 1 else ""
+            (rank_zero_warn if skip_log.total else rank_zero_info)(f"{rank}{stage}: {skip_log.summary()}")
+
+
+class Preemption(L.Callback):
+    """Signal -> checkpoint at the next step boundary on every rank -> exit 128 + signum (module docstring)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _signals(self, trainer) -> list[int]:
+        sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+        requeue = getattr(env, "requeue_signal", None)
+        if requeue is not None and requeue not in sigs:
+            sigs.append(requeue)
+        return sigs
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        print(f"salm-mtp: received signal {signum}: saving a checkpoint at the end of this step, then exiting "
+              f"with code {128 + self.signum}", flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning's own SIGTERM handler (its exits 0 without saving): ours replaces it for the run
+        self.signum = 0
+        for s in self._signals(trainer):
+            try:
+                self._previous[s] = signal.signal(s, self._handler)
+            except (ValueError, OSError):  # not the main thread, or not settable here
+                pass
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            try:
+                signal.signal(s, h)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._previous.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flag = torch.tensor(float(self.signum > 0), device=pl_module.device)
+        if not bool(all_reduce_sum(flag, trainer) > 0):  # every rank decides alike
+            return
+        signum = self.signum or signal.SIGTERM
+        ckpt = trainer.checkpoint_callback
+        ckpt_dir = getattr(ckpt, "dirpath", None) or os.path.join(trainer.log_dir or trainer.default_root_dir,
+                                                                  "checkpoints")
+        path = os.path.join(ckpt_dir, f"preempted-step{trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)  # collective: every rank writes its part
+        rank_zero_info(f"salm-mtp: pre-empted by signal {signum} after step {trainer.global_step}; resumable "
+                       f"checkpoint: {path}; exiting with code {128 + signum} (resume with --ckpt_path {path})")
+        self._restore()
+        raise Preempted(128 + signum)
