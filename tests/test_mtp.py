@@ -155,6 +155,32 @@ def test_head_is_causal_under_every_attention_implementation(tok_dir, attn):
         assert not torch.allclose(x[:, -1], y[:, -1])
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mtp_pattern", ["*E", "M*"])
+def test_cached_depth_chunks_equal_the_full_forward(tok_dir, attn, mtp_pattern):
+    """A depth run in chunks over its own cache, with the masks it builds itself, equals one full forward:
+    the mask's past length comes from the depth's attention layer, not the cache's (empty) layer 0."""
+    from transformers import DynamicCache
+
+    from salm_mtp.config import LLMConfig
+    from salm_mtp.io import build_module
+
+    kw = tiny.tiny_kwargs(tok_dir, pattern="M*E", mtp_layers=2, mtp_pattern=mtp_pattern)
+    kw["llm"] = LLMConfig(**{**kw["llm"].__dict__, "attn_implementation": attn})
+    torch.manual_seed(0)
+    m = build_module(**kw).eval()
+    head = m.llm.mtp
+    g = torch.Generator().manual_seed(1)
+    h, e = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    with torch.no_grad():
+        for k in (1, 2):
+            full = head.forward_depth(k, h, e)
+            cache = DynamicCache(config=head.block_config)
+            parts = [head.forward_depth(k, h[:, a:b], e[:, a:b], past_key_values=cache, use_cache=True)
+                     for a, b in ((0, 5), (5, 7), (7, 8), (8, 9))]
+            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5, msg=f"depth {k}")
+
+
 def test_head_only_training_changes_the_head_and_nothing_else(tok_dir, tmp_path):
     """model.mtp.training_mode=head_only: after 3 optimizer steps every non-head parameter and buffer is
     bit-identical (BatchNorm statistics, router biases included), the head has changed."""

@@ -121,17 +121,28 @@ class MTPHead(nn.Module):
         n = len(self.pattern)
         return list(self.layers[d * n : (d + 1) * n])
 
-    def causal_masks(self, x: torch.Tensor, past_key_values=None, position_ids: torch.Tensor | None = None) -> dict:
-        """Per block type, the mask transformers' Nemotron-H builds for its own layers (causal for attention
-        under every implementation: eager gets an explicit (B, 1, T, T) mask, sdpa its causal flag)."""
+    def causal_masks(self, x: torch.Tensor, past_key_values=None, position_ids: torch.Tensor | None = None,
+                     k: int = 1) -> dict:
+        """Per block type, the mask transformers' Nemotron-H builds for depth k's layers (causal for attention
+        under every implementation: eager gets an explicit (B, 1, T, past + T) mask, sdpa its causal flag).
+
+        With a cache, the past length is read from depth k's first attention layer: the head's layer indices
+        start after the backbone's, so the cache's layer 0 (what a bare ``get_seq_length()`` reads) may be
+        empty or a Mamba layer."""
         from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
+        attn_idx = next((b.layer_idx for b in self.depth_blocks(k) if b.block_type == "full_attention"), None)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = 0
+            if past_key_values is not None and attn_idx is not None:
+                past = past_key_values.get_seq_length(attn_idx)
             position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
         kw = dict(config=self.block_config, inputs_embeds=x, attention_mask=None, past_key_values=past_key_values,
                   position_ids=position_ids)
-        return {"full_attention": create_causal_mask(**kw), "linear_attention": create_recurrent_attention_mask(**kw)}
+        masks = {"linear_attention": create_recurrent_attention_mask(**kw)}
+        if attn_idx is not None:
+            masks["full_attention"] = create_causal_mask(**kw, layer_idx=attn_idx)
+        return masks
 
     def forward_depth(self, k: int, h_prev: torch.Tensor, e_k: torch.Tensor, **block_kwargs) -> torch.Tensor:
         """One depth: h_prev (B, T, H) and e_k (B, T, H) -> h_k (B, T, H), already final-normed.
@@ -144,7 +155,7 @@ class MTPHead(nn.Module):
         x = first.eh_proj(torch.cat([first.enorm(e_k), first.hnorm(h_prev)], dim=-1))  # embedding first
         masks = block_kwargs.pop("attention_mask", None)
         if masks is None:
-            masks = self.causal_masks(x, block_kwargs.get("past_key_values"), block_kwargs.get("position_ids"))
+            masks = self.causal_masks(x, block_kwargs.get("past_key_values"), block_kwargs.get("position_ids"), k)
         for block in blocks:
             x = block(x, attention_mask=masks.get(block.block_type), **block_kwargs)
         return blocks[-1].final_layernorm(x)
