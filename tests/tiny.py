@@ -86,3 +86,17 @@ def logged_losses(run_dir: str) -> dict[int, float]:
     (path,) = glob.glob(os.path.join(run_dir, "salm/version_*/metrics.csv"))
     with open(path) as f:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
+
+
+@torch.no_grad()
+def set_lora_b(module, std: float = 0.05) -> None:
+    """Give every LoRA B (zero at init, which makes adapters no-ops and A's gradients zero) values that depend
+    only on its name: equal for 1 process and for N FSDP2 ranks (each copies its own slice)."""
+    from salm_mtp.materialize import local_block, seed_for
+
+    for name, p in module.named_parameters():
+        if ".lora_B." in name:
+            g = torch.Generator().manual_seed(seed_for(0, name))
+            full = torch.randn(tuple(p.shape), generator=g) * std
+            local, offset = local_block(p)
+            local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))].to(local.dtype))

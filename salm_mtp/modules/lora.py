@@ -63,15 +63,13 @@ def apply_lora(llm: nn.Module, cfg: LoRAConfig, include_head: bool) -> list[str]
     """
     from peft import inject_adapter_in_model
 
-    before = {n: p.requires_grad for n, p in llm.named_parameters()}
-    try:
-        inject_adapter_in_model(peft_config(cfg, include_head), llm)
-    except ValueError as e:
-        if "not found in the base model" not in str(e):
-            raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
+    linear = [n for n, m in llm.named_modules() if isinstance(m, nn.Linear) and (include_head or not n.startswith("mtp."))]
+    if not any(n == t or n.endswith("." + t) for n in linear for t in cfg.target_modules):  # peft's suffix rule
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(f"model.lora.target_modules={cfg.target_modules} matches no Linear layer of the LLM; its "
-                         f"Linear layers are named {names}; set --model.lora.target_modules") from e
+                         f"Linear layers are named {names}; set --model.lora.target_modules")
+    before = {n: p.requires_grad for n, p in llm.named_parameters()}
+    inject_adapter_in_model(peft_config(cfg, include_head), llm)
     for n, p in llm.named_parameters():
         if not is_adapter_param(n):
             p.requires_grad_(before[base_name(n)])

@@ -86,6 +86,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
+class SetLoraB(L.Callback):
+    """Case key ``lora_b``: LoRA B set by name (tiny.set_lora_b) before the step, as the reference does."""
+
+    def __init__(self, std: float | None):
+        self.std = std
+
+    def on_train_start(self, trainer, pl_module):
+        if self.std is not None:
+            tiny.set_lora_b(pl_module, self.std)
+
+
 class GrabInit(L.Callback):
     """What every rank starts from, after configure_model and strategy setup, before the first step."""
 
@@ -176,7 +187,7 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
         strategy=strategy, accelerator="cpu", devices=world, max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, num_sanity_val_steps=1 if validate else 0,
-        callbacks=[PinBatchNorm(), init, grab, val], precision=case.get("precision", "32-true"),
+        callbacks=[PinBatchNorm(), SetLoraB(case.get("lora_b")), init, grab, val], precision=case.get("precision", "32-true"),
     )
     loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     plan_log.lines.clear()
