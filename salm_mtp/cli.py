@@ -101,10 +101,22 @@ def main(args: list[str] | None = None) -> None:
     from salm_mtp.errors import SalmError
 
     try:
+        _check_ckpt_arg(argv)  # LightningCLI itself reads --ckpt_path's hyperparameters before any Trainer hook
         _run_trainer_cli(args)
     except SalmError as e:  # bad inputs: one paragraph naming the file/key and the fix, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+
+
+def _check_ckpt_arg(argv: list[str]) -> None:
+    """SalmError (one paragraph) when ``--ckpt_path`` names a missing, truncated or non-torch file."""
+    from salm_mtp.errors import check_ckpt_path
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ckpt_path="):
+            check_ckpt_path(arg.split("=", 1)[1])
+        elif arg == "--ckpt_path" and i + 1 < len(argv):
+            check_ckpt_path(argv[i + 1])
 
 
 def _run_trainer_cli(args: list[str] | None) -> None:

@@ -480,8 +480,13 @@ class SALMModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_empty(batch):
             return None  # no backward, no optimiser step, on every rank
+        running = self._running_stats()
         loss, summed, bsz = self.compute_losses(batch)
         skip = self._nonfinite(loss)
+        self._skipped_step = skip
+        if skip:  # the forward already moved BatchNorm statistics toward nan: put them back
+            for buf, saved in running:
+                buf.copy_(saved)
         metrics = self.summarise(summed)
         bar = {"loss", "mtp_loss", "ctc_loss"}
         for name, value in metrics.items():
@@ -497,6 +502,15 @@ class SALMModule(L.LightningModule):
         self._t_last = now
         self.log("nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=bsz)
         return None if skip else loss
+
+    def _running_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of every BatchNorm running statistic a training forward updates (a few KiB)."""
+        out = []
+        for m in self.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+                out += [(b, b.detach().clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                        if b is not None]
+        return out
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """True (on every rank alike) when any rank's loss is nan/inf: the step is then skipped, counted and
@@ -526,10 +540,10 @@ class SALMModule(L.LightningModule):
         """NonFiniteError when an optimizer step left a non-finite trainable weight on any rank: raised before any
         checkpoint of this step is written, so every checkpoint holds finite weights."""
         bad = torch.zeros((), device=self.device)
-        for p in self.parameters():
-            if p.requires_grad:
-                local = p.to_local() if hasattr(p, "to_local") else p
-                bad += torch.logical_not(torch.isfinite(local.detach())).any().float()
+        tensors = [p for p in self.parameters() if p.requires_grad] + [b for b in self.buffers() if b.is_floating_point()]
+        for p in tensors:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += torch.logical_not(torch.isfinite(local.detach())).any().float()
         if bool(all_reduce_sum(bad, self._trainer) > 0):
             step = self.trainer.global_step if self._trainer is not None else -1
             raise NonFiniteError(
@@ -545,6 +559,10 @@ class SALMModule(L.LightningModule):
         checkpoint written at the end of this step holds the updated biases: resuming is exact)."""
         super().optimizer_step(*args, **kwargs)
         self._check_finite_weights()
+        if getattr(self, "_skipped_step", False):  # non-finite loss: no update of anything, router biases included
+            self._skipped_step = False
+            self.balancer.loads = {}
+            return
         if self.balancer.loads:
             self._moe_metrics = self.balancer.step(lambda t: all_reduce_sum(t, self._trainer))
 
