@@ -51,6 +51,16 @@ class JsonlPredictionWriter(BasePredictionWriter):
 class SALMCLI(LightningCLI):
     """LightningCLI that reports where a fit wrote its logs and checkpoints, and writes predictions."""
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse an unwritable ``trainer.default_root_dir`` before the Trainer and its loggers touch it (their
+        own failure is a long traceback that names no key)."""
+        from salm_mtp.errors import check_writable_dir
+
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        root = cfg.get("trainer", {}).get("default_root_dir")
+        if root and int(os.environ.get("RANK", "0")) == 0:
+            check_writable_dir(str(root), "trainer.default_root_dir")
+
     def before_predict(self) -> None:
         self.trainer.callbacks.append(JsonlPredictionWriter())
 

@@ -322,6 +322,15 @@ def test_cli_truncated_ckpt_path_is_one_paragraph(corpus, tok_dir, tmp_path):
     assert f"error: --ckpt_path '{bad}' is not a readable checkpoint" in out.stderr
 
 
+def test_cli_unwritable_root_dir_names_the_key(corpus, tok_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the run directory's parent should be
+    out = _cli("fit", str(blocker / "run"), tok_dir, f"--data.train_manifest={corpus}", "--data.val_manifest=null")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"error: trainer.default_root_dir='{blocker / 'run'}' is not a writable directory" in out.stderr
+    assert "set --trainer.default_root_dir" in out.stderr
+
+
 def test_cli_nonfinite_loss_steps_are_skipped_then_the_run_stops(corpus, tok_dir, tmp_path):
     run = str(tmp_path / "run")
     out = _cli("fit", run, tok_dir, f"--data.train_manifest={corpus}", "--data.val_manifest=null",
