@@ -1,9 +1,16 @@
-"""``salm-mtp`` command line: LightningCLI over SALMModule and SALMDataModule.
+"""The one ``salm-mtp`` command line: LightningCLI over SALMModule and SALMDataModule, and the other tools.
 
     salm-mtp fit --config conf/demo.yaml --model.mtp.num_layers=2 --trainer.max_steps=100
     salm-mtp validate|test --config conf/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
+    salm-mtp evaluate --ckpt runs/demo/.../last.ckpt --out runs/demo/eval   (salm_mtp/evaluate.py)
+    salm-mtp export --ckpt runs/demo/.../last.ckpt --out exports/demo      (salm_mtp/io.py)
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan.py)
+    salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
+    salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
+    salm-mtp make-demo-data --out data/demo                                (salm_mtp/data/demo_corpus.py)
+
+``salm-mtp --help`` lists them (SUBCOMMANDS); ``salm-mtp SUB --help`` shows every option of one.
 
 YAML files and overrides are merged in OmegaConf's "omegaconf+" mode: ``${...}`` interpolations
 are resolved after the command-line overrides, so an override reaches every field that
@@ -96,26 +103,95 @@ def _bound_malloc_caching() -> None:
         pass
 
 
-def main(args: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["plan"]:  # not a Trainer subcommand: the memory planner builds no Trainer
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train SALM + MTP (LightningCLI: --config YAML, --model.* / --data.* / --trainer.* overrides)",
+    "validate": "validation loss and metrics of a checkpoint on data.val_manifest (--ckpt_path)",
+    "test": "test loss and metrics of a checkpoint on data.test_manifest (--ckpt_path)",
+    "predict": "greedy hypotheses of data.test_manifest -> <log_dir>/predictions.jsonl (--ckpt_path)",
+    "evaluate": "score a checkpoint on a manifest (--decode greedy|mtp) with the run's own data and prompt config",
+    "export": "checkpoint -> HF directories for serving and reloading (llm/ with mtp.*, encoder/, adapter)",
+    "plan": "per-rank GPU memory of a training config under the real FSDP2 plan (no GPU, no weights)",
+    "validate-data": "check manifests (lines, text, durations, audio headers) and list every bad cut",
+    "pretrain-encoder": "CTC-pretrain the Parakeet encoder (LightningCLI, conf/encoder_ctc.yaml) -> HF directory",
+    "make-demo-data": "make the spoken demo corpus (espeak-ng + sox) and its tokenizer",
+}
+"""Every subcommand with its one line of ``salm-mtp --help``."""
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def usage() -> str:
+    """The top-level ``salm-mtp --help`` text."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: salm-mtp SUBCOMMAND [options]   (salm-mtp SUBCOMMAND --help: every option)", "",
+             "Speech-aware LLMs with a Multi-Token Prediction head.", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
+    """Run one subcommand; returns its exit status (None: 0)."""
+    sub = argv[0]
+    if sub == "plan":  # not a Trainer subcommand: the memory planner builds no Trainer
         from salm_mtp import plan
 
-        plan.main(argv[1:])
-        return
-    if argv[:1] == ["validate-data"]:  # reads manifests only: no model, no Trainer
+        plan.main(argv[1:])  # returns the plan, not a status
+        return None
+    if sub == "validate-data":  # reads manifests only: no model, no Trainer
         from salm_mtp.data import validate
 
-        sys.exit(validate.main(argv[1:]))
+        return validate.main(argv[1:])
+    if sub == "evaluate":
+        from salm_mtp import evaluate
+
+        return evaluate.main(argv[1:])
+    if sub == "export":
+        from salm_mtp.io import export_main
+
+        return export_main(argv[1:])
+    if sub == "make-demo-data":
+        from salm_mtp.data import demo_corpus
+
+        return demo_corpus.main(argv[1:])
+    if sub == "pretrain-encoder":
+        from salm_mtp import pretrain
+
+        _bound_malloc_caching()
+        _quiet_args_warning()
+        pretrain.main(argv[1:])
+        return None
+    _check_ckpt_arg(argv)  # LightningCLI itself reads --ckpt_path's hyperparameters before any Trainer hook
+    if args is not None:
+        _quiet_args_warning()
+    _run_trainer_cli(args)
+    return None
+
+
+def _quiet_args_warning() -> None:
+    """LightningCLI warns when it gets an ``args`` list while sys.argv holds a command line: ours is the rest of
+    that command line. sys.argv itself stays as it is (multi-process launchers re-run it for every rank)."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
+def main(args: list[str] | None = None) -> None:
+    """``salm-mtp SUBCOMMAND ...`` (``args``: the command line after ``salm-mtp``; None: sys.argv[1:])."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        print(f"error: unknown subcommand {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
     from salm_mtp.errors import SalmError
 
     try:
-        _check_ckpt_arg(argv)  # LightningCLI itself reads --ckpt_path's hyperparameters before any Trainer hook
-        _run_trainer_cli(args)
+        status = _dispatch(argv, args)
     except SalmError as e:  # bad inputs: one paragraph naming the file/key and the fix, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    if status:
+        sys.exit(status)
 
 
 def _check_ckpt_arg(argv: list[str]) -> None:
@@ -140,7 +216,7 @@ def _run_trainer_cli(args: list[str] | None) -> None:
     SALMCLI(
         SALMModule,
         SALMDataModule,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "salm-mtp"},
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
@@ -148,4 +224,4 @@ def _run_trainer_cli(args: list[str] | None) -> None:
 
 
 if __name__ == "__main__":
-    main()  # args=None: LightningCLI reads sys.argv itself (a list would make it warn about its args parameter)
+    main()  # args=None: LightningCLI reads sys.argv itself

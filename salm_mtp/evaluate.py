@@ -1,44 +1,57 @@
-"""Evaluate a trained SALM model on a lhotse manifest: greedy hypotheses, WER/CER/BLEU, MTP acceptance.
+"""Evaluate a trained SALM model on a lhotse manifest: greedy hypotheses, WER/CER/BLEU, MTP agreement.
 
-    python scripts/evaluate.py --ckpt runs/demo/version_0/checkpoints/last.ckpt \\
-        --manifest data/demo/test_cuts.jsonl.gz --out eval/demo [--decode greedy|mtp]
-    python scripts/evaluate.py --model exports/demo --manifest ... --out ...
+    salm-mtp evaluate --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt \\
+        --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/eval [--decode greedy|mtp] [--batch-size 16]
+    salm-mtp evaluate --model exports/demo --manifest ... --out ...
 
-Per batch (``DynamicCutSampler`` with ``max_cuts=--batch-size``, manifest order, collated by
-``SALMDataset``):
+Settings come from the run itself: its resolved ``config.yaml`` (``<log_dir>/config.yaml`` for
+``<log_dir>/checkpoints/x.ckpt``, ``EXPORT/config.yaml`` for an export, or ``--config FILE``) gives the
+``data:`` section (prompt wording and template, bad-cut policy and bounds, ``max_duration``, ...), read
+by salm_mtp.run_config with the parser of ``salm-mtp fit``; flags override it (``--manifest``, default
+the run's ``data.test_manifest``; ``--batch-size`` = ``data.max_cuts``, default the run's or 16;
+``--max-duration``, ``--num-workers``, ``--on-bad-cut``). Without a config a warning says that the
+defaults are used. The tokenizer is the model's own, as in training (SALMModule hands it to the
+datamodule). The loader is the training code's test loader (``SALMDataModule.test_dataloader``:
+``DynamicCutSampler`` in manifest order, ``SALMDataset`` collation, the run's bad-cut checks).
+
+Per batch:
   1. batched greedy decoding with the backbone's cache (salm_mtp.generate), timed;
-  2. the MTP head's drafts along the model's own greedy answer (teacher-forced, one forward) ->
-     per-depth marginal agreement (metrics.mtp_acceptance; eos counts as a token, padding does not) and
-     the chained acceptance a self-speculative decoder gets (depth k only when 1..k-1 agree too:
-     metrics.chained_acceptance_counts) with the mean accepted length 1 + sum_k chained_k;
+  2. the MTP head's drafts along the model's own finished greedy answer (teacher-forced, one forward) ->
+     per-depth marginal agreement (``mtp_teacher_forced_agreement``; eos counts as a token, padding does
+     not) and the chained acceptance a self-speculative decoder would get along that answer (depth k
+     counts only when 1..k-1 agree too: ``mtp_teacher_forced_chained_acceptance``) with
+     ``teacher_forced_mean_accepted_length`` = 1 + sum_k chained_k;
   3. the main head's teacher-forced top-1 accuracy on the reference answers (``main_acc``).
 With ``--decode mtp`` step 1 also runs MTP self-speculative decoding (salm_mtp.decoding.speculative) on
 the same prompts, greedy and MTP alternating which goes first from batch to batch; the hypotheses are
-the MTP decoder's, and its live figures are added under ``spec_*`` names.
+the MTP decoder's, and what it measured live is added under ``spec_*`` names.
 
 Writes to ``--out``:
-  hyps.jsonl    one object per manifest cut: {"id", "task", "ref", "hyp"}; a cut whose audio could
-                not be read has "hyp": null and "error" (it is counted in num_failed, never fatal)
-  metrics.json  num_utterances (cuts evaluated, failed included), num_failed, num_asr, num_ast,
-                wer, cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors, ref_chars,
-                num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
-                mtp_acceptance (marginal, one value per depth; [] without a head), mtp_chained_acceptance,
-                mean_accepted_length (tokens per backbone forward; null without a head), main_acc,
-                generated_tokens, decode_seconds (prompt encoding + prefill + decode steps only),
-                tokens_per_s, max_new_tokens, decode ("greedy" | "mtp"). Undefined values (nan/inf) are
-                written as null. The mtp_* acceptance figures above are teacher-forced along the finished
-                greedy answer (offline). --decode mtp adds what the speculative decoder measured:
+  hyps.jsonl    one object per manifest cut, in manifest order: {"id", "task", "ref", "hyp"}; a cut the data
+                code left out (unreadable audio, empty text, too long, ...: salm_mtp.data.policy) has
+                "hyp": null and "error": "<reason>: <detail>" (counted in num_failed; fatal only under
+                on_bad_cut=raise). Written line by line as batches finish, rewritten in manifest order at the end.
+  skipped_cuts.jsonl  the skipped cuts as the training run lists them (SkipLog)
+  settings.json the data settings used (``data``: the DataConfig), where they came from (``run_config``: the
+                config.yaml, or null for the defaults) and the prompts actually fed to the model, read back from
+                the batches (``prompts``: text per task; ``prompt_ids``: their token ids)
+  metrics.json  num_utterances (cuts evaluated, failed included), num_failed, skipped_cuts (count per reason),
+                num_asr, num_ast, wer, cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors,
+                ref_chars, num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
+                mtp_teacher_forced_agreement (marginal, one value per depth; [] without a head),
+                mtp_teacher_forced_chained_acceptance, teacher_forced_mean_accepted_length (tokens per backbone
+                forward; null without a head), main_acc, generated_tokens, decode_seconds (prompt encoding +
+                prefill + decode steps only), tokens_per_s, max_new_tokens, decode ("greedy" | "mtp"). Undefined
+                values (nan/inf) are written as null. The teacher-forced figures are offline: measured along the
+                finished greedy answer. --decode mtp adds what the speculative decoder measured live:
                 spec_num_drafts, spec_tokens_per_forward (emitted tokens / verification forwards),
                 spec_chained_acceptance (per depth), spec_mean_accepted_length (1 + their sum),
                 spec_row_forwards / greedy_row_forwards (backbone forwards summed over rows, prefills
                 included), greedy_decode_seconds / spec_decode_seconds (decoding the same encoded
                 prompts), spec_speedup (their ratio), spec_identical_to_greedy, spec_mismatched_rows;
                 decode_seconds then covers prompt encoding + the MTP decode.
-  report.png    acceptance bars + training curves of --metrics-csv (default: the metrics.csv that
-                Lightning's CSVLogger wrote next to the checkpoint's run dir, if any)
-
-The prompt wording is PromptConfig's default: a model trained with other ``--data.prompt.*``
-settings must be evaluated with the same ones (``evaluate(..., prompt=PromptConfig(...))``).
+  report.png    teacher-forced agreement bars + training curves of --metrics-csv (default: the metrics.csv
+                that Lightning's CSVLogger wrote next to the checkpoint's run dir, if any)
 """
 
 from __future__ import annotations
@@ -50,16 +63,22 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from tqdm import tqdm
 
 from salm_mtp import metrics as M
-from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.data.datamodule import DataConfig, SALMDataModule
+from salm_mtp.data.dataset import reference_answer
+from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.policy import BadCut, SkipLog
+from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
 from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -71,7 +90,7 @@ def load_model(ckpt: str | None = None, model: str | None = None):
     if (ckpt is None) == (model is None):
         raise ValueError("pass exactly one of --ckpt (Lightning checkpoint) or --model (export directory)")
     if model is not None and not os.path.isdir(model):
-        raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by scripts/export.py")
+        raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by `salm-mtp export`")
     if ckpt is not None and not os.path.exists(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
     return _load(model or ckpt)
@@ -91,51 +110,88 @@ def default_metrics_csv(ckpt: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- data
-class _KeepFailed(torch.utils.data.Dataset):
-    """SALMDataset plus ``failed``: (id, task, ref, reason) of the cuts it dropped from the batch."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __getitem__(self, cuts):
-        from salm_mtp.data.dataset import reference_answer
-
-        batch = self.dataset[cuts]
-        kept = set(batch["ids"])
-        failed = []
-        for cut in cuts:
-            if cut.id in kept:
-                continue
-            try:
-                task, ref = reference_answer(cut)
-                reason = "unreadable audio"
-            except (IndexError, ValueError) as e:
-                task, ref, reason = None, None, f"bad supervision: {e}"
-            failed.append((cut.id, task, ref, reason))
-        batch["failed"] = failed
-        return batch
+DEFAULT_BATCH_SIZE = 16
+"""Cuts per batch when neither --batch-size nor the run's data.max_cuts says."""
 
 
-def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
-            prompt: PromptConfig | None = None, num_workers: int = 0) -> tuple[Iterator[dict], int]:
-    """(iterator over collated batches in manifest order, number of cuts)."""
-    from lhotse.dataset import DynamicCutSampler
+class _SkipRows(SkipLog):
+    """The run's SkipLog that also hands each newly skipped cut to the evaluation (a hyps row per cut)."""
 
-    from salm_mtp.data.datamodule import load_cuts
-    from salm_mtp.data.dataset import SALMDataset
+    def __init__(self) -> None:
+        super().__init__()
+        self.new: list[BadCut] = []
 
-    if batch_size < 1:
+    def record(self, bad: BadCut, warn: bool = True) -> bool:
+        if super().record(bad, warn):
+            self.new.append(bad)
+            return True
+        return False
+
+    def take(self) -> list[BadCut]:
+        out, self.new = self.new, []
+        return out
+
+
+TRAINING_ONLY = ("train_manifest", "val_manifest", "test_manifest", "tokenizer_path", "inputs", "val_inputs")
+"""DataConfig fields an evaluation sets to None: the run's training and validation sources (their files need
+not exist any more; the manifest to evaluate replaces test_manifest) and its tokenizer path (the model's own
+tokenizer is used, as SALMModule hands it to the datamodule in training)."""
+
+
+def not_evaluated() -> dict[str, None]:
+    """{field: None} for the TRAINING_ONLY fields this DataConfig has."""
+    names = {f.name for f in fields(DataConfig)}
+    return {k: None for k in TRAINING_ONLY if k in names}
+
+
+def eval_datamodule(tokenizer, manifest: str, data: DataConfig | None = None, batch_size: int | None = None,
+                    limit: int | None = None, num_workers: int | None = None,
+                    audio_positions_per_second: float | None = None) -> SALMDataModule:
+    """The training data code with ``manifest`` as its test split: ``data`` (the run's DataConfig; None: the
+    defaults) with ``max_cuts = batch_size`` (None: the run's, else DEFAULT_BATCH_SIZE), the model's
+    ``tokenizer``, no train/val manifests. Its ``test_dataloader()`` yields the evaluation batches and its
+    ``skip_log`` (a ``_SkipRows``) every cut left out."""
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if not os.path.isfile(manifest):
         raise FileNotFoundError(f"--manifest {manifest!r}: no such file")
-    cuts = load_cuts(manifest)
+    data = data if data is not None else DataConfig()
+    cfg = replace(data, **{**not_evaluated(), "test_manifest": manifest,
+                           "max_cuts": batch_size if batch_size is not None else (data.max_cuts or DEFAULT_BATCH_SIZE),
+                           "num_workers": data.num_workers if num_workers is None else num_workers})
+    dm = SALMDataModule.from_config(cfg)
+    dm.skip_log = _SkipRows()
+    dm.set_tokenizer(tokenizer)
+    if audio_positions_per_second is not None:
+        dm.set_audio_rate(audio_positions_per_second)  # counted in data.max_seq_len, as in training
     if limit is not None:
-        cuts = cuts.subset(first=limit)
-    cuts = cuts.to_eager()
-    sampler = DynamicCutSampler(cuts, max_cuts=batch_size, shuffle=False, world_size=1, rank=0)
-    dataset = _KeepFailed(SALMDataset(tokenizer, PromptFormatter(tokenizer, prompt or PromptConfig())))
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
-    return iter(loader), len(cuts)
+        dm.use_first_cuts("test", limit)
+    return dm
+
+
+def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
+    """{cut id: (position, task, reference)} of the manifest's (first ``limit``) cuts; unreadable lines are
+    left to the datamodule, which reports them."""
+    index: dict[str, tuple[int, str | None, str | None]] = {}
+    for i, cut in enumerate(load_cuts(manifest, on_bad_line=lambda bad: None)):
+        if limit is not None and i >= limit:
+            break
+        try:
+            task, ref = reference_answer(cut) if cut.supervisions else (None, None)
+        except (IndexError, ValueError):
+            task, ref = None, None
+        index.setdefault(cut.id, (i, task, ref))
+    return index
+
+
+def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
+            prompt: PromptConfig | None = None, num_workers: int = 0,
+            data: DataConfig | None = None) -> tuple[Iterator[dict], int]:
+    """(iterator over collated batches in manifest order, number of cuts): ``eval_datamodule``'s test loader."""
+    if prompt is not None:
+        data = replace(data if data is not None else DataConfig(), prompt=prompt)
+    dm = eval_datamodule(tokenizer, manifest, data, batch_size, limit, num_workers)
+    return iter(dm.test_dataloader()), len(manifest_index(manifest, limit))
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -162,6 +218,10 @@ class _Totals:
     spec_mismatched_rows: int = 0
     batches: int = 0
     last_spec_seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Cuts the data code left out, per reason (SkipLog.counts)."""
+    prompts: dict[str, list[int]] = field(default_factory=dict)
+    """Per task, the prompt token ids of the first row of that task (what the model was fed)."""
 
 
 def teacher_forced_hits(module, batch: dict) -> tuple[int, int]:
@@ -180,12 +240,13 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) -> None:
-    """Decode one collated batch and add its hypotheses and statistics to ``totals``."""
-    for cid, task, ref, reason in batch.get("failed", []):
-        totals.rows.append({"id": cid, "task": task, "ref": ref, "hyp": None, "error": reason})
-        totals.num_failed += 1
+    """Decode one collated batch and add its hypotheses and statistics to ``totals`` (the cuts it left out
+    are the caller's: ``add_failed``)."""
     if batch["input_ids"].shape[0] == 0:
         return
+    for i, task in enumerate(batch["tasks"]):
+        if task not in totals.prompts:
+            totals.prompts[task] = batch["input_ids"][i, : int(batch["prompt_lens"][i])].tolist()
     dev = module.device
     batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     _sync(dev)
@@ -226,6 +287,16 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) ->
     correct, count = teacher_forced_hits(module, batch)
     totals.main_correct += correct
     totals.main_count += count
+
+
+def add_failed(totals: _Totals, skipped: list[BadCut]) -> None:
+    """A hyps row (hyp None, error "<reason>: <detail>") per skipped cut; manifest lines that are not cuts
+    have no id and are only counted (metrics.skipped_cuts)."""
+    for bad in skipped:
+        if bad.cut_id is not None:
+            totals.rows.append({"id": bad.cut_id, "task": None, "ref": None, "hyp": None,
+                                "error": f"{bad.reason}: {bad.detail}"})
+            totals.num_failed += 1
 
 
 def _greedy_and_mtp(module, batch: dict, prompt, max_new_tokens: int, totals: _Totals):
@@ -286,6 +357,7 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
     out = {
         "num_utterances": len(totals.rows),
         "num_failed": totals.num_failed,
+        "skipped_cuts": dict(sorted(totals.skipped.items())),
         "num_asr": len(asr),
         "num_ast": len(ast),
         "wer": w["wer"],
@@ -297,9 +369,9 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
         "num_empty_refs": w["num_empty_refs"],
         "num_empty_hyps": w["num_empty_hyps"],
         "bleu": b["bleu"] if b is not None else None,
-        "mtp_acceptance": [_finite(a) for a in acceptance],
-        "mtp_chained_acceptance": [_finite(a) for a in chained],
-        "mean_accepted_length": M.mean_accepted_length(chained) if num_depths else None,
+        "mtp_teacher_forced_agreement": [_finite(a) for a in acceptance],
+        "mtp_teacher_forced_chained_acceptance": [_finite(a) for a in chained],
+        "teacher_forced_mean_accepted_length": M.mean_accepted_length(chained) if num_depths else None,
         "main_acc": totals.main_correct / totals.main_count if totals.main_count else math.nan,
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
@@ -339,18 +411,21 @@ def format_table(m: dict) -> str:
     rows = [
         ("utterances", fmt(m["num_utterances"])),
         ("failed", fmt(m["num_failed"])),
+        ("skipped (data policy)", ", ".join(f"{r}={n}" for r, n in sorted((m.get("skipped_cuts") or {}).items()))
+         or "0"),
         ("asr / ast", f"{m['num_asr']} / {m['num_ast']}"),
         ("WER", fmt(m["wer"], pct=True)),
         ("CER", fmt(m["cer"], pct=True)),
         ("BLEU", fmt(m["bleu"])),
         ("main_acc (teacher-forced)", fmt(m["main_acc"], pct=True)),
     ]
-    for k, a in enumerate(m["mtp_acceptance"], start=1):
-        rows.append((f"MTP acceptance depth {k} (marginal)", fmt(a, pct=True)))
-    for k, a in enumerate(m.get("mtp_chained_acceptance") or [], start=1):
-        rows.append((f"MTP chained acceptance depth {k}", fmt(a, pct=True)))
-    if m.get("mean_accepted_length") is not None:
-        rows.append(("mean accepted length (tokens/forward)", fmt(m["mean_accepted_length"])))
+    for k, a in enumerate(m["mtp_teacher_forced_agreement"], start=1):
+        rows.append((f"MTP agreement depth {k} (teacher-forced, marginal)", fmt(a, pct=True)))
+    for k, a in enumerate(m.get("mtp_teacher_forced_chained_acceptance") or [], start=1):
+        rows.append((f"MTP chained acceptance depth {k} (teacher-forced)", fmt(a, pct=True)))
+    if m.get("teacher_forced_mean_accepted_length") is not None:
+        rows.append(("mean accepted length (teacher-forced, tokens/forward)",
+                     fmt(m["teacher_forced_mean_accepted_length"])))
     rows += [("tokens/s", fmt(m["tokens_per_s"])), ("decode seconds", fmt(m["decode_seconds"]))]
     if m.get("decode") == "mtp":
         rows += [("MTP decoding: drafts per step", fmt(m["spec_num_drafts"])),
@@ -368,17 +443,21 @@ def format_table(m: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_tokens: int = 64,
+def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None, max_new_tokens: int = 64,
              limit: int | None = None, metrics_csv: str | None = None, title: str | None = None,
-             prompt: PromptConfig | None = None, num_workers: int = 0, progress: bool = True,
-             decode: str = "greedy", num_drafts: int | None = None) -> dict:
-    """Decode ``manifest`` with ``module``, write hyps.jsonl / metrics.json / report.png under ``out_dir``.
+             prompt: PromptConfig | None = None, num_workers: int | None = None, progress: bool = True,
+             decode: str = "greedy", num_drafts: int | None = None, data: DataConfig | None = None,
+             run_config: str | None = None) -> dict:
+    """Decode ``manifest`` with ``module``; write hyps.jsonl, skipped_cuts.jsonl, settings.json, metrics.json and
+    report.png under ``out_dir`` (module docstring).
 
-    ``decode``: "greedy", or "mtp" (also MTP self-speculative decoding with ``num_drafts`` drafts per step,
-    default all the head's depths; its hypotheses are written).
+    ``data``: the run's data settings (None: DataConfig's defaults; ``prompt`` replaces its prompt), batched by
+    ``eval_datamodule`` with ``batch_size`` cuts (None: the run's data.max_cuts, else 16); ``run_config``: the file
+    they came from (recorded in settings.json). ``decode``: "greedy", or "mtp" (also MTP self-speculative decoding
+    with ``num_drafts`` drafts per step, default all the head's depths; its hypotheses are written).
 
-    Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as
-    batches finish, so an interrupted run keeps what it decoded.
+    Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as batches
+    finish, so an interrupted run keeps what it decoded, then rewritten in manifest order.
     """
     from salm_mtp.report import plot_report
 
@@ -388,15 +467,25 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_
         raise ValueError(f"--decode must be greedy or mtp, got {decode!r}")
     if decode == "mtp" and not module.num_mtp_depths:
         raise ValueError("--decode mtp needs a model with an MTP head (this one has none); use --decode greedy")
+    if prompt is not None:
+        data = replace(data if data is not None else DataConfig(), prompt=prompt)
+    dm = eval_datamodule(module.tokenizer, manifest, data, batch_size, limit, num_workers,
+                         module.audio_positions_per_second())
     os.makedirs(out_dir, exist_ok=True)
-    it, n_cuts = batches(manifest, module.tokenizer, batch_size, limit, prompt, num_workers)
+    skip: _SkipRows = dm.skip_log
+    skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
+    index = manifest_index(manifest, limit)
+    loader = dm.test_dataloader()
     totals = _Totals(decode=decode, num_drafts=num_drafts)
     was_training = module.training
     module.eval()
     hyps_path = os.path.join(out_dir, "hyps.jsonl")
-    with open(hyps_path, "w") as f, tqdm(total=n_cuts, unit="utt", desc="decode", disable=not progress) as bar:
-        for batch in it:
+    bar = tqdm(total=len(index), unit="utt", desc="decode", disable=not progress)
+    with open(hyps_path, "w") as f, bar:
+        for batch in loader:
             start = len(totals.rows)
+            dm.report_skipped(batch)  # the cuts SALMDataset left out of this batch, as the training loop counts them
+            add_failed(totals, skip.take())  # ... and those the sampler's checks left out before it
             evaluate_batch(module, batch, max_new_tokens, totals)
             for row in totals.rows[start:]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -404,16 +493,44 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int = 16, max_new_
             bar.update(len(totals.rows) - start)
             if totals.seconds > 0:
                 bar.set_postfix(tok_s=f"{totals.tokens / totals.seconds:.1f}", failed=totals.num_failed)
+        add_failed(totals, skip.take())  # cuts after the last batch
     module.train(was_training)
+    totals.skipped = dict(skip.counts)
+    _in_manifest_order(totals.rows, index)
+    with open(hyps_path, "w") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in totals.rows)
+    _write_settings(os.path.join(out_dir, "settings.json"), dm.cfg, run_config, totals.prompts, module.tokenizer)
+    if skip.total:
+        log.warning("%s", skip.summary())
     result = summarise(totals, module.num_mtp_depths, max_new_tokens)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    acceptance = [math.nan if a is None else a for a in result["mtp_acceptance"]]
+    agreement = [math.nan if a is None else a for a in result["mtp_teacher_forced_agreement"]]
     if title is None:
         bleu = "n/a" if result["bleu"] is None else f"{result['bleu']:.1f}"
         title = f"{os.path.basename(manifest)}: WER {_pct(result['wer'])}, BLEU {bleu}, {result['num_utterances']} utts"
-    plot_report(os.path.join(out_dir, "report.png"), acceptance, metrics_csv, title)
+    plot_report(os.path.join(out_dir, "report.png"), agreement, metrics_csv, title)
     return result
+
+
+def _in_manifest_order(rows: list[dict], index: dict[str, tuple[int, str | None, str | None]]) -> None:
+    """Sort ``rows`` (in place) by manifest position; a failed row gets its task and reference from there."""
+    for row in rows:
+        if row["hyp"] is None and row["id"] in index:
+            _, row["task"], row["ref"] = index[row["id"]]
+    rows.sort(key=lambda r: index.get(r["id"], (len(index),))[0])
+
+
+def _write_settings(path: str, cfg: DataConfig, run_config: str | None, prompts: dict[str, list[int]],
+                    tokenizer) -> None:
+    settings = {
+        "run_config": run_config,
+        "data": asdict(cfg),
+        "prompts": {task: tokenizer.decode(ids) for task, ids in sorted(prompts.items())},
+        "prompt_ids": dict(sorted(prompts.items())),
+    }
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2, ensure_ascii=False, default=str)
 
 
 def _pct(v) -> str:
@@ -425,22 +542,36 @@ def parse_args(argv: list[str] | None = None):
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="scripts/evaluate.py",
-        description="Greedy-decode a lhotse manifest with a trained SALM model; write hyps.jsonl, metrics.json, "
-                    "report.png.",
+        prog="salm-mtp evaluate",
+        description="Decode a lhotse manifest with a trained SALM model (greedy, or --decode mtp: MTP "
+                    "self-speculative decoding as well) and score it; write hyps.jsonl, metrics.json, settings.json "
+                    "and report.png under --out. Data, prompt and bad-cut settings come from the run's own "
+                    "config.yaml (found next to the checkpoint, or --config); the flags below override them.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="Lightning checkpoint (.ckpt file) written by training")
-    src.add_argument("--model", help="export directory written by scripts/export.py (salm_config.json, llm/, encoder/)")
-    p.add_argument("--manifest", required=True, help="lhotse CutSet manifest (jsonl.gz) to evaluate")
+    src.add_argument("--ckpt", help="Lightning checkpoint written by training (.ckpt file or sharded directory)")
+    src.add_argument("--model", help="export directory written by `salm-mtp export` (salm_config.json, llm/, encoder/)")
+    p.add_argument("--config", default=None,
+                   help="the run's resolved config.yaml, whose data: section (prompt, bad-cut policy, max_duration, "
+                        "...) the evaluation uses (default: <log_dir>/config.yaml of --ckpt, or config.yaml of "
+                        "--model; none found: the defaults, with a warning)")
+    p.add_argument("--manifest", default=None,
+                   help="lhotse CutSet manifest (jsonl.gz) to evaluate (default: the run's data.test_manifest)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=16, help="cuts per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"most cuts per batch, data.max_cuts (default: the run's, else {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--max-duration", type=float, default=None,
+                   help="seconds of audio per batch, data.max_duration (default: the run's)")
+    p.add_argument("--on-bad-cut", choices=("skip", "raise"), default=None,
+                   help="a cut that cannot be used: skip (a hyps row with its error, counted) or raise (stop, naming "
+                        "it); data.on_bad_cut (default: the run's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per utterance (default 64)")
     p.add_argument("--metrics-csv", default=None,
                    help="CSVLogger metrics.csv for the report's training curves (default: found next to --ckpt)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N cuts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading audio (default 0)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers reading audio, data.num_workers (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--decode", choices=("greedy", "mtp"), default="greedy",
                    help="greedy (default), or mtp: also MTP self-speculative decoding of the same prompts (its "
@@ -450,17 +581,51 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
+def run_data_config(args) -> tuple[DataConfig, str | None, str]:
+    """(data settings, the config file they came from or None, manifest) for the parsed ``args``."""
+    from salm_mtp.errors import SalmError
+    from salm_mtp.run_config import data_config_from_run, find_run_config, read_data_section
+
+    src = args.ckpt or args.model
+    if args.config is not None:
+        if not os.path.isfile(args.config):
+            raise SalmError(f"--config {args.config!r}: no such file; pass the config.yaml that `salm-mtp fit` saved "
+                            "in the run's log directory")
+        run_config = args.config
+    else:
+        run_config = find_run_config(src)
+        if run_config is None:
+            log.warning("no run config (config.yaml) next to %r: the data and prompt settings are the defaults "
+                        "(DataConfig, PromptConfig). A model trained with other --data.* settings (e.g. "
+                        "--data.prompt.asr_instruction) must be evaluated with them: pass --config RUN/config.yaml",
+                        src)
+    manifest = args.manifest
+    if manifest is None:
+        manifest = (read_data_section(run_config) if run_config else {}).get("test_manifest")
+        if manifest is None:
+            raise SalmError("no manifest to evaluate: pass --manifest (the run config has no data.test_manifest)")
+    overrides: dict = not_evaluated()
+    for key, value in (("max_duration", args.max_duration), ("on_bad_cut", args.on_bad_cut),
+                       ("num_workers", args.num_workers)):
+        if value is not None:
+            overrides[key] = value
+    return data_config_from_run(run_config, **overrides), run_config, manifest
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``salm-mtp evaluate``; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message="You are using DynamicCutSampler with an eagerly read CutSet")
+    data, run_config, manifest = run_data_config(args)
+    print(f"data settings: {run_config or 'defaults (no run config)'}", flush=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load_model(args.ckpt, args.model).to(device)
     metrics_csv = args.metrics_csv if args.metrics_csv is not None else default_metrics_csv(args.ckpt)
-    result = evaluate(module, args.manifest, args.out, batch_size=args.batch_size,
+    result = evaluate(module, manifest, args.out, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, metrics_csv=metrics_csv,
-                      num_workers=args.num_workers, progress=not args.no_progress, decode=args.decode,
-                      num_drafts=args.num_drafts)
+                      progress=not args.no_progress, decode=args.decode, num_drafts=args.num_drafts, data=data,
+                      run_config=run_config)
     print(format_table(result))
-    print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, report.png")
+    print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, settings.json, report.png")
     return 0

@@ -4,6 +4,7 @@ export directory, and export one to HF-format directories. The only module that 
 
     module = load_model("runs/demo/salm/version_0/checkpoints/last.ckpt")   # or a sharded dir, or an export
     export_hf(module, "exports/demo")
+    salm-mtp export --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt --out exports/demo [--mtp-depths 1]
 
 Export layout (``export_hf``)::
 
@@ -11,6 +12,8 @@ Export layout (``export_hf``)::
                       mtp.layers.{i}.* (per expert), tokenizer
     DIR/encoder/      HF Parakeet CTC (or bare encoder) directory
     DIR/adapter.safetensors, DIR/salm_config.json
+    DIR/config.yaml   the run's resolved config (``salm-mtp export`` copies it when the checkpoint's run has one;
+                      ``salm-mtp evaluate --model DIR`` reads its data and prompt settings from it)
 
 ``llm/`` is written for older consumers too (docs/design.md §7): config.json carries, beside the lists
 transformers 5 reads (``layers_block_type``, ``mtp_layers_block_type``), the released Nemotron-3 fields
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -211,3 +215,37 @@ def export_hf(module: SALMModule, out_dir: str, mtp_depths: int | None = None, l
 def export_checkpoint(ckpt_path: str, out_dir: str, mtp_depths: int | None = None, lora: str = "merge") -> dict[str, str]:
     """Load a Lightning checkpoint (.ckpt file or sharded directory) into an unsharded module and export it."""
     return export_hf(load_model(ckpt_path), out_dir, mtp_depths=mtp_depths, lora=lora)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``salm-mtp export``: a checkpoint -> the HF-format export directory (layout in the module docstring)."""
+    import argparse
+    import shutil
+
+    from salm_mtp.run_config import find_run_config
+
+    p = argparse.ArgumentParser(
+        prog="salm-mtp export",
+        description="Export a trained SALM checkpoint to HF-format directories for serving and reloading: "
+                    "OUT/llm (Nemotron-H with its mtp.* head, tokenizer; config.json in the released Nemotron-3 "
+                    "form), OUT/encoder (Parakeet), OUT/adapter.safetensors, OUT/salm_config.json and the run's "
+                    "config.yaml.")
+    p.add_argument("--ckpt", required=True,
+                   help="Lightning checkpoint: a .ckpt file, or a sharded FSDP2 checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--mtp-depths", type=int, default=None,
+                   help="export only the MTP head's first N depths (default: all; vLLM and llama.cpp serve 1)")
+    p.add_argument("--lora", choices=("merge", "adapter"), default="merge",
+                   help="merge (default): LoRA adapters merged into OUT/llm; adapter: merged, and the backbone's "
+                        "adapters alone in peft's format under OUT/lora_adapter")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.ckpt):
+        print(f"error: --ckpt {args.ckpt!r} does not exist", file=sys.stderr)
+        return 2
+    paths = export_checkpoint(args.ckpt, args.out, mtp_depths=args.mtp_depths, lora=args.lora)
+    run_config = find_run_config(args.ckpt)
+    if run_config is not None:
+        paths["config"] = shutil.copyfile(run_config, os.path.join(args.out, "config.yaml"))
+    for name, path in paths.items():
+        print(f"{name:12s} {path}")
+    return 0

@@ -1,11 +1,13 @@
 """CTC pretraining of the Parakeet encoder: the demo's stand-in for a pretrained ASR encoder.
 
 Real SALM recipes start from a pretrained ASR encoder; a random tiny encoder makes the LLM ignore
-the audio for most of a short run (DESIGN.md §8). This trains ``ParakeetEncoder`` + a CTC head on
+the audio for most of a short run (docs/design.md §8). This trains ``ParakeetEncoder`` + a CTC head on
 the transcripts (tokenised with the LLM tokenizer) and, at the end of fit, writes a HF Parakeet
 CTC directory that ``--model.encoder.path`` loads:
 
-    python scripts/pretrain_encoder.py fit --config conf/encoder_ctc.yaml
+    salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml [--model.export_dir=DIR]
+
+then train SALM on top of it: ``salm-mtp fit --config conf/demo.yaml --model.encoder.path=DIR``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class CTCPretrainModule(L.LightningModule):
         tokenizer_path: str | None = None,
         export_dir: str | None = None,
     ):
-        """Args:
+        """CTC pretraining of the encoder described by ``encoder``.
+
+        Args:
             encoder: encoder architecture (``--model.encoder.*``); a ``path`` continues from that directory.
             features: log-mel front end.
             spec_augment: SpecAugment in training.
@@ -127,3 +131,18 @@ class CTCPretrainModule(L.LightningModule):
         if self.export_dir and self.trainer.is_global_zero:
             save_encoder_hf(self.audio, self.export_dir)
             print(f"encoder:     {os.path.abspath(self.export_dir)} (HF Parakeet CTC directory)")
+
+
+def main(args: list[str] | None = None) -> None:
+    """``salm-mtp pretrain-encoder fit|validate ...``: a LightningCLI over CTCPretrainModule and SALMDataModule
+    (the same data code and ``omegaconf+`` config merging as ``salm-mtp fit``)."""
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
+    from salm_mtp.data.datamodule import SALMDataModule
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config field docstrings are the --help
+    LightningCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
+                                                                   "prog": "salm-mtp pretrain-encoder"},
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)

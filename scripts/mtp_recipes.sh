@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Joint training, then head-only training of a new 2-depth MTP head from that model: CE vs KL vs LK
 # self-distillation vs init_from_backbone, same number of head steps, same seed; each evaluated on the
-# test split (chained acceptance per depth, mean accepted length, WER). Run after scripts/run_demo.sh
+# test split (teacher-forced chained acceptance per depth, mean accepted length, WER). Run after scripts/run_demo.sh
 # (it reuses data/demo and runs/demo/encoder_ctc_hf). Env: STEPS (900), OUT (runs/mtp_recipes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,8 @@ echo "== joint: backbone + D=2 CE head, $STEPS steps"
 "$PY" -m salm_mtp.cli fit --config conf/demo.yaml --trainer.default_root_dir="$OUT/joint" \
   --trainer.max_steps="$STEPS" --model.encoder.path="$ENC" --model.mtp.num_layers=2 2>&1 | tee "$OUT/joint.log"
 JOINT=$(ckpt_of "$OUT/joint.log")
-"$PY" scripts/export.py --ckpt "$JOINT" --out "$OUT/joint_export"
-"$PY" scripts/evaluate.py --ckpt "$JOINT" --manifest "$TEST" --out "$OUT/eval_joint_ce"
+"$PY" -m salm_mtp.cli export --ckpt "$JOINT" --out "$OUT/joint_export"
+"$PY" -m salm_mtp.cli evaluate --ckpt "$JOINT" --manifest "$TEST" --out "$OUT/eval_joint_ce"
 
 E="$OUT/joint_export"
 for variant in ce kl lk ce_init_from_backbone; do
@@ -30,7 +30,7 @@ for variant in ce kl lk ce_init_from_backbone; do
     --trainer.default_root_dir="$OUT/head_$variant" --trainer.max_steps="$STEPS" \
     --model.llm.path="$E/llm" --model.encoder.path="$E/encoder" --model.adapter.path="$E/adapter.safetensors" \
     --model.mtp.loss="$loss" --model.mtp.init_from_backbone="$init" 2>&1 | tee "$OUT/head_$variant.log"
-  "$PY" scripts/evaluate.py --ckpt "$(ckpt_of "$OUT/head_$variant.log")" --manifest "$TEST" --out "$OUT/eval_head_$variant"
+  "$PY" -m salm_mtp.cli evaluate --ckpt "$(ckpt_of "$OUT/head_$variant.log")" --manifest "$TEST" --out "$OUT/eval_head_$variant"
 done
 
 "$PY" - "$OUT" <<'PYEOF'
@@ -39,12 +39,12 @@ out = sys.argv[1]
 rows = [("joint CE (D=2)", "eval_joint_ce")] + [(f"head_only {v}", f"eval_head_{v}") for v in
                                                 ("ce", "kl", "lk", "ce_init_from_backbone")]
 base = None
-print(f"| run | WER | chained acc. depth 1 | depth 2 | mean accepted length | vs joint |")
+print(f"| run | WER | teacher-forced chained acc. depth 1 | depth 2 | mean accepted length | vs joint |")
 print("|---|---|---|---|---|---|")
 for name, d in rows:
     m = json.load(open(os.path.join(out, d, "metrics.json")))
-    mal = m["mean_accepted_length"]
+    mal = m["teacher_forced_mean_accepted_length"]
     base = mal if base is None else base
-    c = m["mtp_chained_acceptance"]
+    c = m["mtp_teacher_forced_chained_acceptance"]
     print(f"| {name} | {100 * m['wer']:.2f}% | {100 * c[0]:.1f}% | {100 * c[1]:.1f}% | {mal:.3f} | {100 * (mal / base - 1):+.1f}% |")
 PYEOF

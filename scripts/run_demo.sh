@@ -15,10 +15,10 @@ t0=$(date +%s)
 mkdir -p "$RUN"
 
 echo "== 1/4 demo corpus (espeak-ng + sox) -> data/demo"
-"$PY" scripts/make_demo_data.py --out data/demo --num-train "$DEMO_TRAIN"
+"$PY" -m salm_mtp.cli make-demo-data --out data/demo --num-train "$DEMO_TRAIN"
 
 echo "== 2/4 CTC pretraining of the encoder -> $RUN/encoder_ctc_hf"
-"$PY" scripts/pretrain_encoder.py fit --config conf/encoder_ctc.yaml \
+"$PY" -m salm_mtp.cli pretrain-encoder fit --config conf/encoder_ctc.yaml \
   --trainer.default_root_dir="$RUN" --trainer.max_steps="$ENC_STEPS" --model.export_dir="$RUN/encoder_ctc_hf"
 
 echo "== 3/4 SALM + MTP training (conf/demo.yaml)"
@@ -28,8 +28,8 @@ CKPT=$(grep -E '^checkpoint: ' "$RUN/fit.log" | tail -1 | awk '{print $2}')
 LOGDIR=$(grep -E '^logs: ' "$RUN/fit.log" | tail -1 | awk '{print $2}')
 
 echo "== 4/4 evaluation on the test split -> $RUN/eval"
-"$PY" scripts/evaluate.py --ckpt "$CKPT" --manifest data/demo/test_cuts.jsonl.gz --out "$RUN/eval" \
-  --metrics-csv "$LOGDIR/metrics.csv"
+"$PY" -m salm_mtp.cli evaluate --ckpt "$CKPT" --manifest data/demo/test_cuts.jsonl.gz --out "$RUN/eval" \
+  --metrics-csv "$LOGDIR/metrics.csv"   # data and prompt settings: the run's own $LOGDIR/config.yaml
 echo
 echo "checkpoint: $CKPT"
 echo "logs:       $LOGDIR"

@@ -107,3 +107,72 @@ def test_fit_help_shows_config_field_docstrings():
     text = " ".join(out.stdout.split())
     assert "--model.mtp.num_layers NUM_LAYERS Depths D (num_nextn_predict_layers)" in text
     assert "--model.parallel.frozen_dtype FROZEN_DTYPE Storage dtype of frozen parameters" in text
+
+
+# ------------------------------------------------------------------------------------------ --help of every subcommand
+MTP_LAYERS_HELP = "--model.mtp.num_layers NUM_LAYERS Depths D (num_nextn_predict_layers)"
+NESTED_HELP = {  # subcommand argv -> a docstring line of a nested key (LightningCLI / jsonargparse subcommands; fit:
+    # test_fit_help_shows_config_field_docstrings, through the console entry point)
+    ("validate",): MTP_LAYERS_HELP,
+    ("test",): MTP_LAYERS_HELP,
+    ("predict",): MTP_LAYERS_HELP,
+    ("plan",): MTP_LAYERS_HELP,
+    ("pretrain-encoder", "fit"): "--model.encoder.hidden_size HIDDEN_SIZE Encoder width (inline build only)",
+}
+OPTION_HELP = {  # argparse subcommands -> one option's help
+    "evaluate": "--decode {greedy,mtp} greedy (default), or mtp: also MTP self-speculative decoding",
+    "export": "--mtp-depths MTP_DEPTHS export only the MTP head's first N depths",
+    "validate-data": "MANIFEST lhotse CutSet manifest(s)",
+    "make-demo-data": "--num-train NUM_TRAIN train utterances (default: 4000)",
+}
+
+
+def _help(capsys, argv) -> str:
+    """``salm-mtp ARGV --help`` in this process: exits 0; its text with whitespace runs collapsed."""
+    from salm_mtp.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code in (0, None), exit_.value.code
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv", list(NESTED_HELP), ids=" ".join)
+def test_trainer_subcommand_help_shows_nested_docstrings(argv, capsys):
+    text = _help(capsys, argv)
+    assert NESTED_HELP[argv] in text
+
+
+@pytest.mark.parametrize("sub", list(OPTION_HELP))
+def test_argparse_subcommand_help_has_a_line_per_option(sub, capsys, monkeypatch):
+    import argparse
+
+    parsers = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    text = _help(capsys, [sub])
+    assert OPTION_HELP[sub] in text
+    (parser,) = parsers
+    undocumented = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert undocumented == []
+    assert parser.prog == f"salm-mtp {sub}"
+
+
+def test_top_level_help_lists_every_subcommand():
+    from salm_mtp.cli import SUBCOMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "salm_mtp.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "evaluate", "export", "plan", "validate-data",
+                                "pretrain-encoder", "make-demo-data"}
+    for name, text in SUBCOMMANDS.items():
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, name  # one line each
+        assert f"  {name}" in out.stdout and text in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "salm_mtp.cli", "evalute"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown subcommand 'evalute'" in bad.stderr

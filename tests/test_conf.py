@@ -18,8 +18,8 @@ def test_conf_dir_is_not_empty():
 
 @pytest.mark.parametrize("conf", CONFS, ids=os.path.basename)
 def test_yaml_parses_and_resolves(conf):
-    script = "scripts/pretrain_encoder.py" if "encoder_ctc" in conf else "-m salm_mtp.cli"
-    cmd = [sys.executable, *script.split(), "fit", "--config", conf, "--print_config"]
+    sub = ["pretrain-encoder", "fit"] if "encoder_ctc" in conf else ["fit"]
+    cmd = [sys.executable, "-m", "salm_mtp.cli", *sub, "--config", conf, "--print_config"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = yaml.safe_load(out.stdout)

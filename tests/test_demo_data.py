@@ -1,4 +1,4 @@
-"""Tests for salm_mtp/data/demo_corpus.py and scripts/make_demo_data.py (tiny corpora)."""
+"""Tests for salm_mtp/data/demo_corpus.py and `salm-mtp make-demo-data` (tiny corpora)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from transformers import AutoTokenizer
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.demo_corpus import NUMBER_WORDS, SPLITS, VOCABULARY, make_demo_data, plan_split, words_to_digits
 
-REPO = Path(__file__).resolve().parents[1]
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="espeak-ng/sox not installed"
 )
@@ -130,7 +129,7 @@ def test_demo_corpus_feeds_the_datamodule(two_runs, monkeypatch, tmp_path):
 
 def test_cli_script(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(REPO / "scripts/make_demo_data.py"), "--out", str(out), "--num-train", "2",
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "make-demo-data", "--out", str(out), "--num-train", "2",
            "--num-dev", "1", "--num-test", "1", "--synthetic", "--no-progress"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "wrote 4 clips" in run.stdout

@@ -1,5 +1,6 @@
-"""scripts/evaluate.py end to end: a 2-step fit on a sine-wave corpus, its checkpoint evaluated by the
-CLI (subprocess), one cut's audio deleted: counted in num_failed, the run goes on."""
+"""salm-mtp evaluate end to end: a 2-step fit on a sine-wave corpus, its checkpoint evaluated by the CLI
+(subprocess), one cut's audio deleted: counted in num_failed, the run goes on; a `salm-mtp fit` run with a
+non-default prompt is evaluated with that prompt (read from its config.yaml), also through its export."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from salm_mtp.evaluate import main as evaluate_main
 from salm_mtp.model import SALMModule
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC_KEYS = {"num_utterances", "num_failed", "wer", "cer", "num_empty_refs", "num_empty_hyps", "bleu",
-               "mtp_acceptance", "main_acc", "tokens_per_s", "decode_seconds"}
+METRIC_KEYS = {"num_utterances", "num_failed", "skipped_cuts", "wer", "cer", "num_empty_refs", "num_empty_hyps",
+               "bleu", "mtp_teacher_forced_agreement", "mtp_teacher_forced_chained_acceptance",
+               "teacher_forced_mean_accepted_length", "main_acc", "tokens_per_s", "decode_seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,16 +50,21 @@ def test_evaluate_cli_on_trained_checkpoint(tmp_path, tok_dir, sine_corpus):
     os.remove(manifest.parent / "audio" / "c003.flac")  # unreadable at evaluation time
 
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--ckpt", str(ckpt), "--manifest", str(manifest),
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "evaluate", "--ckpt", str(ckpt), "--manifest", str(manifest),
            "--out", str(out), "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "WER" in proc.stdout and "MTP acceptance depth 2" in proc.stdout
+    assert "WER" in proc.stdout and "MTP agreement depth 2 (teacher-forced, marginal)" in proc.stdout
+    # a plain Trainer saved no config.yaml: the defaults are used, and said so
+    assert "no run config (config.yaml)" in proc.stderr and "data settings: defaults" in proc.stdout
 
     rows = [json.loads(line) for line in (out / "hyps.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"c{i:03d}" for i in range(7)]  # manifest order, failed one included
     failed = [r for r in rows if r["hyp"] is None]
-    assert [r["id"] for r in failed] == ["c003"] and failed[0]["error"] == "unreadable audio"
+    assert [r["id"] for r in failed] == ["c003"] and failed[0]["error"].startswith("unreadable_audio: ")
+    skipped = [json.loads(line) for line in (out / "skipped_cuts.jsonl").read_text().splitlines()]
+    assert [(b["cut_id"], b["reason"]) for b in skipped] == [("c003", "unreadable_audio")]  # the dataset's report
     for r in rows:
         assert {"id", "task", "ref", "hyp"} <= set(r)
         assert r["task"] == ("ast" if r["id"] in ("c002", "c005") else "asr")
@@ -66,9 +73,13 @@ def test_evaluate_cli_on_trained_checkpoint(tmp_path, tok_dir, sine_corpus):
     m = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(m)
     assert m["num_utterances"] == 7 and m["num_failed"] == 1 and m["num_asr"] == 4 and m["num_ast"] == 2
+    assert m["skipped_cuts"] == {"unreadable_audio": 1}
     assert m["wer"] is not None and m["wer"] >= 0 and m["cer"] is not None
     assert m["bleu"] is not None and 0 <= m["bleu"] <= 100
-    assert len(m["mtp_acceptance"]) == 2 and all(a is None or 0 <= a <= 1 for a in m["mtp_acceptance"])
+    agreement, chained = m["mtp_teacher_forced_agreement"], m["mtp_teacher_forced_chained_acceptance"]
+    assert len(agreement) == 2 and all(0 <= a <= 1 for a in agreement)
+    assert len(chained) == 2 and chained[0] == agreement[0] and chained[1] <= agreement[1]  # depth 2 needs depth 1
+    assert m["teacher_forced_mean_accepted_length"] == 1 + sum(chained)
     assert 0 <= m["main_acc"] <= 1
     assert m["generated_tokens"] > 0 and m["tokens_per_s"] > 0 and m["decode_seconds"] > 0
     assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
@@ -79,7 +90,7 @@ def test_evaluate_cli_on_trained_checkpoint(tmp_path, tok_dir, sine_corpus):
     assert evaluate_main(["--model", str(tmp_path / "export"), "--manifest", str(manifest), "--out", str(out2),
                           "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]) == 0
     assert (out2 / "hyps.jsonl").read_text() == (out / "hyps.jsonl").read_text()
-    assert json.loads((out2 / "metrics.json").read_text())["mtp_acceptance"] == m["mtp_acceptance"]
+    assert json.loads((out2 / "metrics.json").read_text())["mtp_teacher_forced_agreement"] == agreement
 
 
 def test_summarise_without_ast_or_head():
@@ -87,13 +98,75 @@ def test_summarise_without_ast_or_head():
                       {"id": "b", "task": "asr", "ref": "x", "hyp": None, "error": "unreadable audio"}],
                 num_failed=1, tokens=3, seconds=0.5, main_correct=1, main_count=4)
     m = summarise(t, num_depths=0, max_new_tokens=8)
-    assert m["bleu"] is None and m["mtp_acceptance"] == []
+    assert m["bleu"] is None and m["mtp_teacher_forced_agreement"] == []
     assert m["wer"] == 0.5 and m["num_empty_hyps"] == 0 and m["num_utterances"] == 2 and m["num_failed"] == 1
     assert m["main_acc"] == 0.25 and m["tokens_per_s"] == 6.0
     json.dumps(m, allow_nan=False)  # valid JSON: no NaN literals
     assert "n/a" in format_table(m)
 
     empty = summarise(_Totals(), num_depths=2, max_new_tokens=8)
-    assert empty["wer"] is None and empty["main_acc"] is None and empty["mtp_acceptance"] == [None, None]
+    assert empty["wer"] is None and empty["main_acc"] is None and empty["mtp_teacher_forced_agreement"] == [None, None]
     json.dumps(empty, allow_nan=False)
     assert not math.isnan(summarise(t, 0, 8)["cer"])
+
+
+CUSTOM_ASR = "Say the words."
+
+
+def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_corpus):
+    """A run trained with --data.prompt.* changed is evaluated with that prompt: read from its config.yaml next to
+    the checkpoint, from the config.yaml `salm-mtp export` copies, or from --config; flags still override."""
+    from transformers import AutoTokenizer
+
+    from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+    from salm_mtp.io import export_main
+
+    manifest = sine_corpus(n=6)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", str(REPO / "conf/tiny.yaml"),
+           f"--trainer.default_root_dir={run}", f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={manifest}",
+           "--data.val_manifest=null", "--data.test_manifest=null", "--trainer.max_steps=3", "--model.mtp.num_layers=1",
+           "--trainer.enable_progress_bar=false", f"--data.prompt.asr_instruction={CUSTOM_ASR}",
+           "--data.prompt.target_lang=numerals", "--data.max_cut_duration=0.14"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (ckpt,) = run.glob("salm/version_*/checkpoints/last.ckpt")
+    log_dir = ckpt.parent.parent
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    custom = PromptFormatter(tok, PromptConfig(asr_instruction=CUSTOM_ASR, target_lang="numerals"))
+    default = PromptFormatter(tok, PromptConfig())
+    assert custom.prompt_ids("asr") != default.prompt_ids("asr")
+
+    def settings(out):
+        return json.loads((out / "settings.json").read_text())
+
+    common = ["--manifest", str(manifest), "--max-new-tokens", "2", "--no-progress"]
+    assert evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "e1"), *common]) == 0
+    s = settings(tmp_path / "e1")
+    assert s["run_config"] == str(log_dir / "config.yaml")
+    # what the model was fed, read back from the batches: the run's prompt, not PromptConfig's default
+    assert s["prompt_ids"] == {"asr": custom.prompt_ids("asr"), "ast": custom.prompt_ids("ast")}
+    assert "say the words." in s["prompts"]["asr"] and "to numerals." in s["prompts"]["ast"]
+    # the run's other data settings came along: c005 (0.15 s) is over its data.max_cut_duration
+    assert s["data"]["max_cut_duration"] == 0.14 and s["data"]["max_cuts"] == 16
+    rows = [json.loads(line) for line in (tmp_path / "e1" / "hyps.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"c{i:03d}" for i in range(6)]
+    assert rows[5]["hyp"] is None and rows[5]["error"].startswith("too_long_audio: ") and rows[5]["ref"] == "0 5"
+
+    # an export carries the run's config.yaml: the same prompt through --model
+    assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "config.yaml").read_text() == (log_dir / "config.yaml").read_text()
+    assert evaluate_main(["--model", str(tmp_path / "export"), "--out", str(tmp_path / "e2"), *common]) == 0
+    assert settings(tmp_path / "e2")["prompt_ids"] == s["prompt_ids"]
+    assert (tmp_path / "e2" / "hyps.jsonl").read_text() == (tmp_path / "e1" / "hyps.jsonl").read_text()
+
+    # flags override the run's settings; --config names the file explicitly
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  prompt:\n    asr_instruction: Transcribe the audio.\n")
+    assert evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "e3"), "--config", str(other),
+                          "--batch-size", "2", *common]) == 0
+    s3 = settings(tmp_path / "e3")
+    assert s3["run_config"] == str(other) and s3["data"]["max_cuts"] == 2 and s3["data"]["max_cut_duration"] is None
+    assert s3["prompt_ids"]["asr"] == default.prompt_ids("asr")

@@ -1,7 +1,7 @@
 """A 2-process FSDP2 `salm-mtp fit` (torchrun, gloo, CPU): sharded checkpoints, exact resume, export.
 
 One launch trains 4 steps and writes sharded checkpoints at steps 2 and 4; a second launch resumes
-from step 2 and must log the same losses at steps 2 and 3; scripts/export.py consolidates the step-4
+from step 2 and must log the same losses at steps 2 and 3; `salm-mtp export` consolidates the step-4
 checkpoint into an HF directory whose mtp.* tensors equal the sharded checkpoint's.
 """
 
@@ -71,7 +71,7 @@ def test_export_consolidates_sharded_checkpoint(full_run, tmp_path):
 
     run, _ = full_run
     step4 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step4.ckpt"))[0]
-    out = subprocess.run([sys.executable, "scripts/export.py", "--ckpt", step4, "--out", str(tmp_path / "exp")],
+    out = subprocess.run([sys.executable, "-m", "salm_mtp.cli", "export", "--ckpt", step4, "--out", str(tmp_path / "exp")],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-4000:]
     dcp_to_torch_save(step4, str(tmp_path / "plain.pt"))  # independent reader of the shards

@@ -334,6 +334,12 @@ class SALMDataModule(pl.LightningDataModule):
             self._cuts[split] = load_cuts(path, self._on_bad)
         return self._cuts[split]
 
+    def use_first_cuts(self, split: str, n: int) -> None:
+        """Use only the first ``n`` cuts of ``split``'s manifest from now on (``salm-mtp evaluate --limit``)."""
+        if n < 1:
+            raise ValueError(f"--limit must be >= 1, got {n}")
+        self._cuts[split] = self._cutset(split).subset(first=n)
+
     def _on_bad(self, bad: BadCut) -> None:
         handle(bad, self.cfg.on_bad_cut, self.skip_log)
 

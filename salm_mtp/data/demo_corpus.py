@@ -1,6 +1,7 @@
 """A small spoken demo corpus made with espeak-ng + sox, written as lhotse manifests.
 
-    python scripts/make_demo_data.py --out data/demo --num-train 4000   # ~40 s on 2 cores
+    salm-mtp make-demo-data --out data/demo --num-train 4000   # ~40 s on 2 cores
+    salm-mtp make-demo-data --out /tmp/demo --num-train 300 --seed 1
 
 Two tasks (``supervision.custom["task"]``), about 85 % / 15 %:
     asr  sequences of 2-6 number words ("three seven nine") or short sentences from a tiny
@@ -336,3 +337,30 @@ def make_demo_data(
     elapsed = time.time() - start
     print(f"wrote {total} clips to {out} in {elapsed:.1f} s ({total / elapsed:.0f} clips/s)")
     return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``salm-mtp make-demo-data``: the command line of ``make_demo_data``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="salm-mtp make-demo-data",
+        description="Make the spoken demo corpus (espeak-ng + sox; synthetic tones without them) and its tokenizer "
+                    "under --out: audio/*.flac, {train,dev,test}_cuts.jsonl.gz (lhotse), tokenizer/, meta.json. "
+                    "Re-running with the same arguments reuses the corpus.",
+    )
+    parser.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
+    parser.add_argument("--num-train", type=int, default=4000, help="train utterances (default: 4000)")
+    parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (default: 200)")
+    parser.add_argument("--num-test", type=int, default=200, help="test utterances (default: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="RNG seed; same seed, same corpus (default: 0)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel espeak-ng calls (default: 2)")
+    parser.add_argument("--force", action="store_true", help="regenerate even if meta.json matches the request")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="use synthetic tones instead of espeak-ng speech (for tests)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    make_demo_data(out=args.out, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
+                   seed=args.seed, workers=args.workers, force=args.force,
+                   synthetic=True if args.synthetic else None, progress=not args.no_progress)
+    return 0

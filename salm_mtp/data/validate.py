@@ -47,7 +47,7 @@ def histogram(values: list[float], bins: int = 8, width: int = 40, unit: str = "
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="salm-mtp validate-data", description=__doc__.split("\n\n")[0])
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="lhotse CutSet manifest(s) (jsonl or jsonl.gz)")
     p.add_argument("--config", action="append", default=[], help="YAML config(s) of the run (data: section)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the config names none")
     args = p.parse_args(argv)
