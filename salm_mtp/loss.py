@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from salm_mtp.linear_ce import linear_ce
 from salm_mtp.modules.merge import IGNORE_INDEX, shift_left
 
 
@@ -45,16 +46,31 @@ class CEStats:
     """() number of valid targets (float, no grad)."""
     div_sum: torch.Tensor | None = None
     """() summed divergence from the backbone's distribution (kl / lk self-distillation), differentiable; None for CE."""
+    group_sum: torch.Tensor | None = None
+    """(G,) the optimised term (CE, or the divergence under kl / lk) summed per group (row source), no grad; None
+    without groups."""
+    group_count: torch.Tensor | None = None
+    """(G,) valid targets per group (float); None without groups."""
 
 
-def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(h, weight).float()  # (n, V) fp32: the largest tensor of the step, one chunk at a time
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum().float()
-    return ce, correct
+def _group_sums(values: torch.Tensor, groups: torch.Tensor | None, num_groups: int) -> torch.Tensor | None:
+    """(G,) sums of ``values`` (n,) per group id (n,); ids outside [0, G) are dropped. None without groups."""
+    if groups is None:
+        return None
+    keep = (groups >= 0) & (groups < num_groups)
+    out = torch.zeros(num_groups, device=values.device, dtype=torch.float32)
+    return out.index_add_(0, groups[keep], values.detach().float()[keep])
 
 
-def token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048) -> CEStats:
+def _group_ids(groups: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+    """Per-row group ids (B,) -> ids of the valid positions (N,) in ``hidden[valid]`` order."""
+    if groups is None:
+        return None
+    return groups.to(valid.device)[:, None].expand_as(valid)[valid]
+
+
+def token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256,
+             groups: torch.Tensor | None = None, num_groups: int = 0) -> CEStats:
     """Summed CE and top-1 hits of ``hidden @ weight.T`` against ``targets`` on valid positions.
 
     Args:
@@ -62,44 +78,58 @@ def token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         weight: (V, H) lm_head weight.
         targets: (B, T) target ids, IGNORE_INDEX where nothing is predicted.
         chunk_size: rows of logits computed at once.
+        groups: (B,) group id of each row (its data source; -1: none), or None; with ``num_groups`` G the
+            stats also hold the CE and target count per group.
     """
-    valid = targets != IGNORE_INDEX  # (B, T)
-    h = hidden[valid]  # (N, H): prompt, audio and padding positions never reach the lm_head
-    t = targets[valid]  # (N,)
-    ce_sum = hidden.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), device=hidden.device)
-    for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], weight, t[s : s + chunk_size])
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            ce, ok = checkpoint(_chunk_ce, *args, use_reentrant=False)  # recompute logits in backward
-        else:
-            ce, ok = _chunk_ce(*args)
-        ce_sum = ce_sum + ce
-        correct = correct + ok.detach()
-    if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
-        ce_sum = ce_sum + 0.0 * hidden.sum() + 0.0 * weight.sum()
-    return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float())
+    return heads_ce([hidden], [weight], [targets], chunk_size, [1.0], groups, num_groups)[0]
+
+
+def heads_ce(hiddens: list[torch.Tensor], weights: list[torch.Tensor], targets: list[torch.Tensor],
+             chunk_size: int = 256, ratios: list[float] | None = None, groups: torch.Tensor | None = None,
+             num_groups: int = 0) -> list[CEStats]:
+    """``token_ce`` of several heads in one salm_mtp.linear_ce call: heads that share a weight accumulate its
+    gradient in one buffer. ``ratios``: each head's coefficient in the optimised loss up to a common factor
+    (then no logits are recomputed in backward; see linear_ce)."""
+    valid = [t != IGNORE_INDEX for t in targets]  # (B, T) each
+    hs = [h[v] for h, v in zip(hiddens, valid)]  # (N_k, H): prompt, audio and padding never reach the lm_head
+    ts = [t[v] for t, v in zip(targets, valid)]
+    ce, correct, rows = linear_ce(hs, weights, ts, chunk_size, ratios)
+    out, start = [], 0
+    for k, v in enumerate(valid):
+        n = ts[k].numel()
+        g = _group_ids(groups, v)  # (N_k,) or None
+        out.append(CEStats(ce_sum=ce[k], correct=correct[k], count=v.sum().float(),
+                           group_sum=_group_sums(rows[start : start + n], g, num_groups),
+                           group_count=None if g is None else _group_sums(torch.ones(n, device=g.device), g, num_groups)))
+        start += n
+    return out
 
 
 MTP_LOSSES = ("ce", "kl", "lk")
 
 
 def _chunk_distill(hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   kind: str, lk_lambda: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   kind: str, lk_lambda: float, groups: torch.Tensor | None = None, num_groups: int = 0):
     logq = F.linear(hq, weight).float().log_softmax(-1)  # (n, V) fp32, one chunk at a time
     with torch.no_grad():
         logp = F.linear(hp, weight.detach()).float().log_softmax(-1)  # (n, V) the backbone's own, detached
         p = logp.exp()
     ce = -logq.gather(1, targets[:, None]).sum()
     correct = (logq.argmax(-1) == targets).sum().float()
-    div = (p * (logp - logq)).sum()
+    if groups is None:
+        div = (p * (logp - logq)).sum()
+        if kind == "lk":
+            div = lk_lambda * div + (1.0 - lk_lambda) * 0.5 * (p - logq.exp()).abs().sum()
+        return ce, correct, div, None
+    each = (p * (logp - logq)).sum(-1)  # (n,)
     if kind == "lk":
-        div = lk_lambda * div + (1.0 - lk_lambda) * 0.5 * (p - logq.exp()).abs().sum()
-    return ce, correct, div
+        each = lk_lambda * each + (1.0 - lk_lambda) * 0.5 * (p - logq.exp()).abs().sum(-1)
+    return ce, correct, each.sum(), _group_sums(each, groups, num_groups)
 
 
 def token_distill(hidden: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  kind: str = "kl", lk_lambda: float = 0.5, chunk_size: int = 2048) -> CEStats:
+                  kind: str = "kl", lk_lambda: float = 0.5, chunk_size: int = 2048,
+                  groups: torch.Tensor | None = None, num_groups: int = 0) -> CEStats:
     """CE stats plus the summed divergence of ``hidden @ weight.T`` from ``softmax(teacher @ weight.T)``.
 
     Args:
@@ -109,23 +139,31 @@ def token_distill(hidden: torch.Tensor, teacher: torch.Tensor, weight: torch.Ten
         targets: (B, T) depth-k targets, IGNORE_INDEX where nothing is predicted (those rows are skipped).
         kind: "kl" or "lk".
         lk_lambda: weight of the KL term in the LK loss.
+        groups, num_groups: per-row group ids as in ``token_ce`` (per-group sums are of the divergence).
     """
     if kind not in ("kl", "lk"):
         raise ValueError(f"model.mtp.loss must be one of {MTP_LOSSES}, got {kind!r}; set --model.mtp.loss")
     valid = targets != IGNORE_INDEX  # (B, T)
     h, hp, t = hidden[valid], teacher.detach()[valid], targets[valid]  # (N, H), (N, H), (N,)
+    g = _group_ids(groups, valid)
     zero = hidden.new_zeros((), dtype=torch.float32)
     ce_sum, div_sum, correct = zero, zero, torch.zeros((), device=hidden.device)
+    group_sum = torch.zeros(num_groups, device=hidden.device) if g is not None else None
     for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], hp[s : s + chunk_size], weight, t[s : s + chunk_size], kind, lk_lambda)
+        args = (h[s : s + chunk_size], hp[s : s + chunk_size], weight, t[s : s + chunk_size], kind, lk_lambda,
+                None if g is None else g[s : s + chunk_size], num_groups)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            ce, ok, div = checkpoint(_chunk_distill, *args, use_reentrant=False)  # recompute in backward
+            ce, ok, div, per = checkpoint(_chunk_distill, *args, use_reentrant=False)  # recompute in backward
         else:
-            ce, ok, div = _chunk_distill(*args)
+            ce, ok, div, per = _chunk_distill(*args)
         ce_sum, div_sum, correct = ce_sum + ce, div_sum + div, correct + ok.detach()
+        if per is not None:
+            group_sum = group_sum + per
     if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
         div_sum = div_sum + 0.0 * hidden.sum() + 0.0 * weight.sum()
-    return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float(), div_sum=div_sum)
+    count = None if g is None else _group_sums(torch.ones_like(t, dtype=torch.float32), g, num_groups)
+    return CEStats(ce_sum=ce_sum, correct=correct, count=valid.sum().float(), div_sum=div_sum, group_sum=group_sum,
+                   group_count=count)
 
 
 def mtp_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -142,21 +180,30 @@ def head_stats(
     chunk_size: int = 2048,
     mtp_loss: str = "ce",
     lk_lambda: float = 0.5,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 0,
+    mtp_coef: float | None = None,
 ) -> list[CEStats]:
     """CE stats of the main head (index 0) and of each MTP depth k (index k).
 
+    ``mtp_coef``: each depth's CE coefficient relative to the main head's in the optimised loss
+    (loss_scaling_factor / D in combine_losses); with the right value backward recomputes no logits (a wrong
+    one costs only time: linear_ce then recomputes).
     ``mtp_weight`` lets the MTP depths use a detached lm_head weight (loss stopped at the backbone).
     ``mtp_loss`` "kl" / "lk" adds each depth's divergence from the backbone's distribution (module docstring).
+    ``groups`` (B,) / ``num_groups``: also sum each head's optimised term and targets per row group (data source).
     """
-    stats = [token_ce(h0, weight, targets, chunk_size)]
     w = weight if mtp_weight is None else mtp_weight
+    D = len(mtp_hiddens)
+    if mtp_loss == "ce":  # one call: the main head and every depth share the lm_head weight's gradient buffer
+        coef = [1.0] + [(mtp_coef if mtp_coef is not None else 1.0 / max(D, 1))] * D
+        return heads_ce([h0, *mtp_hiddens], [weight] + [w] * D, [targets] + [mtp_targets(targets, k) for k in
+                        range(1, D + 1)], chunk_size, coef, groups, num_groups)
+    stats = [token_ce(h0, weight, targets, chunk_size, groups, num_groups)]
     for k, hk in enumerate(mtp_hiddens, start=1):
         tk = mtp_targets(targets, k)
-        if mtp_loss == "ce":
-            stats.append(token_ce(hk, w, tk, chunk_size))
-        else:
-            teacher = shift_left(h0.detach(), k, 0.0)  # row t holds h0[t + k]: the main head's view of token t+k+1
-            stats.append(token_distill(hk, teacher, w, tk, mtp_loss, lk_lambda, chunk_size))
+        teacher = shift_left(h0.detach(), k, 0.0)  # row t holds h0[t + k]: the main head's view of token t+k+1
+        stats.append(token_distill(hk, teacher, w, tk, mtp_loss, lk_lambda, chunk_size, groups, num_groups))
     return stats
 
 
@@ -204,22 +251,26 @@ def ctc_sum(
 #   main.{ce,correct,count,div}  depth_1.{...}  ...  depth_D.{...}  ctc.ce  ctc.count  aux.loss
 #
 # ``*.div`` is 0 for CE-trained depths; ``aux.loss`` is the MoE sequence aux loss of this rank as added to the
-# optimised loss (0 when off or outside training).
+# optimised loss (0 when off or outside training). With named data sources (training on data.inputs) three entries
+# per source follow: ``src/<name>.{main,count,mtp}``: the main head's summed CE, its target count and the summed
+# optimised MTP term (CE, or the divergence under kl / lk) over all depths, on that source's rows.
 STAT_FIELDS = ("ce", "correct", "count", "div")
+SOURCE_FIELDS = ("main", "count", "mtp")
 
 
-def stat_names(num_depths: int) -> list[str]:
+def stat_names(num_depths: int, sources: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Names of the statistics vector's entries, in order (layout above)."""
     heads = ["main"] + [f"depth_{k}" for k in range(1, num_depths + 1)]
-    return [f"{h}.{f}" for h in heads for f in STAT_FIELDS] + ["ctc.ce", "ctc.count", "aux.loss"]
+    out = [f"{h}.{f}" for h in heads for f in STAT_FIELDS] + ["ctc.ce", "ctc.count", "aux.loss"]
+    return out + [f"src/{n}.{f}" for n in sources for f in SOURCE_FIELDS]
 
 
 def stats_vector(stats: list[CEStats], ctc: tuple[torch.Tensor, torch.Tensor] | None = None,
                  aux: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """This rank's statistics vector (``stat_names(len(stats) - 1)`` entries, fp32, detached).
+    """This rank's statistics vector (``stat_names(len(stats) - 1, sources)`` entries, fp32, detached).
 
     Args:
-        stats: ``head_stats`` output (main head, then each depth).
+        stats: ``head_stats`` output (main head, then each depth); with groups, the per-source entries follow.
         ctc: (summed CTC loss, target-token count) of this rank, or None when the CTC loss is off.
         aux: the MoE aux loss this rank added to its optimised loss (before the dp_size factor).
     """
@@ -227,11 +278,16 @@ def stats_vector(stats: list[CEStats], ctc: tuple[torch.Tensor, torch.Tensor] | 
     vec = [t for s in stats for t in (s.ce_sum, s.correct, s.count, zero if s.div_sum is None else s.div_sum)]
     vec += list(ctc) if ctc is not None else [zero, zero]
     vec.append(torch.as_tensor(aux, dtype=torch.float32, device=zero.device))
-    return torch.stack([v.detach().float().reshape(()).to(zero.device) for v in vec])
+    out = torch.stack([v.detach().float().reshape(()).to(zero.device) for v in vec])
+    if stats[0].group_sum is None:
+        return out
+    mtp = sum((s.group_sum for s in stats[1:]), torch.zeros_like(stats[0].group_sum))
+    per = torch.stack([stats[0].group_sum, stats[0].group_count, mtp], dim=1)  # (G, 3)
+    return torch.cat([out, per.reshape(-1).to(out.device)])
 
 
 def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: float, mtp_loss: str = "ce",
-                    ctc_weight: float = 0.0) -> dict[str, float]:
+                    ctc_weight: float = 0.0, sources: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
     """The logged metrics of a statistics vector summed over ranks (and, in evaluation, over batches).
 
     ``loss`` is the optimised objective, term for term as ``combine_losses`` plus the model adds them:
@@ -241,8 +297,12 @@ def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: 
     with every count global. In a training step this equals the optimised loss of one process, and with
     ``model.parallel.scale_loss_by_dp_size`` (the default) the mean over ranks of the per-rank optimised
     losses: the value whose gradient DDP / FSDP2's averaged gradients are.
+
+    Per source (``sources``, when the vector holds their entries): ``loss/<name>`` = the main head's CE per target
+    token of that source's rows, ``mtp_loss/<name>`` = the MTP term as ``mtp_loss`` defines it, over those rows
+    and ``target_tokens/<name>``; a source with no target in the summed batches gets no entries.
     """
-    s = dict(zip(stat_names(num_depths), summed.tolist()))
+    s = dict(zip(stat_names(num_depths, sources), summed.tolist()))
     n = max(s["main.count"], 1.0)
     out = {"main_loss": s["main.ce"] / n, "main_acc": s["main.correct"] / n, "target_tokens": s["main.count"]}
     distill = mtp_loss != "ce"
@@ -265,4 +325,12 @@ def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: 
         out["moe_aux_loss"] = s["aux.loss"]
         loss += s["aux.loss"]
     out["loss"] = loss
+    for name in sources:
+        n_src = s[f"src/{name}.count"]
+        if n_src <= 0:  # no row of this source in the batch(es): nothing to report
+            continue
+        out[f"loss/{name}"] = s[f"src/{name}.main"] / n_src
+        if num_depths:
+            out[f"mtp_loss/{name}"] = loss_scaling_factor / num_depths * s[f"src/{name}.mtp"] / n_src
+        out[f"target_tokens/{name}"] = s[f"src/{name}.count"]
     return out

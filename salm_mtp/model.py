@@ -216,6 +216,11 @@ class SALMModule(L.LightningModule):
         self.balancer = MoEBalancer(parts["moe_balance"])
         self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
         self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
+        self._eval_sets: dict[int, torch.Tensor] = {}  # ... per validation set (dataloader index)
+        self.source_names: tuple[str, ...] = ()
+        """Training data sources (data.inputs names, from the data module): per-source metrics loss/<name>."""
+        self.val_names: tuple[str, ...] = ()
+        """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
         self._t_last: float | None = None
 
     # ------------------------------------------------------------------ building blocks
@@ -363,7 +368,10 @@ class SALMModule(L.LightningModule):
         if dm is not None and hasattr(dm, "set_tokenizer"):
             dm.set_tokenizer(self.tokenizer)  # one tokenizer (with the placeholder) for model and data
         if dm is not None and hasattr(dm, "set_audio_rate"):
-            dm.set_audio_rate(self.audio_positions_per_second())  # counted in data.max_seq_len
+            dm.set_audio_rate(self.audio_positions_per_second())  # counted in data.max_seq_len / data.max_tokens
+        if dm is not None and hasattr(dm, "source_names"):
+            self.source_names = tuple(dm.source_names())  # per-source training metrics
+            self.val_names = tuple(dm.val_names())
 
     def audio_positions_per_second(self) -> float:
         """LLM positions per second of audio: feature frames / encoder subsampling / adapter stacking."""
@@ -384,24 +392,47 @@ class SALMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def prepare_inputs(self, batch: dict) -> tuple[MergedInputs, torch.Tensor, torch.Tensor]:
-        """Encode audio, embed the prompt and merge.
+        """Encode the batch's audio clips, embed the prompt and merge (each clip at its own placeholder).
 
-        Returns (merged inputs, encoder output (B, F', He), encoder lengths (B,)).
+        Returns (merged inputs, encoder output (N, F', He), encoder lengths (N,)), N = clips of the batch (one per
+        ASR cut, one per audio turn of a conversation, none for text rows). A batch without clips still runs
+        the encoder and adapter once, on a short silent clip in eval mode (no BatchNorm update), joined to the
+        inputs with weight 0: every rank runs the same backward, and the result is unchanged.
         """
-        feats, fmask = self.features(batch["audios"], batch["audio_lens"])  # (B, F, 80), (B, F)
-        feats = self.spec_augment(feats, fmask)
-        enc, enc_lens = self.audio(feats, fmask)  # (B, F/8, He)
-        audio_emb, audio_lens = self.adapter(enc, enc_lens)  # (B, A, H)
+        audios, audio_lens = batch["audios"], batch["audio_lens"]
+        no_audio = audios.shape[0] == 0
+        if no_audio:
+            audios = audios.new_zeros(1, self.features.config.hop_length * 16)
+            audio_lens = torch.full((1,), audios.shape[1], dtype=torch.long, device=audios.device)
+        modes = [(m, m.training) for m in (self.features, self.spec_augment, self.audio, self.adapter)]
+        if no_audio:
+            for m, _ in modes:
+                m.eval()
+        try:
+            feats, fmask = self.features(audios, audio_lens)  # (N, F, 80), (N, F)
+            feats = self.spec_augment(feats, fmask)
+            enc, enc_lens = self.audio(feats, fmask)  # (N, F/8, He)
+            audio_emb, audio_lens = self.adapter(enc, enc_lens)  # (N, A, H)
+        finally:
+            if no_audio:
+                for m, mode in modes:
+                    m.train(mode)
+        unused = None
+        if no_audio:
+            unused = audio_emb.sum()
+            audio_emb, audio_lens, enc, enc_lens = audio_emb[:0], audio_lens[:0], enc[:0], enc_lens[:0]
         ids = batch["input_ids"]
         vocab = self.llm.config.vocab_size
         safe_ids = ids.masked_fill(ids == self.placeholder_id, 0)  # placeholder may lie outside the LLM vocab
-        if int(safe_ids.max()) >= vocab:
+        if ids.numel() and int(safe_ids.max()) >= vocab:
             raise ValueError(f"input_ids hold token id {int(safe_ids.max())} >= the LLM vocab size {vocab}: "
                              "tokenizer and LLM do not match (check model.tokenizer_path / model.llm.path)")
         text_emb = self.llm.get_input_embeddings()(safe_ids)  # (B, T, H)
         merged = merge_audio_into_prompt(
             text_emb, ids, batch["input_lens"], batch["loss_mask"], audio_emb, audio_lens, self.placeholder_id
         )
+        if unused is not None and unused.requires_grad:
+            merged.inputs_embeds = merged.inputs_embeds + 0.0 * unused
         return merged, enc, enc_lens
 
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -437,6 +468,10 @@ class SALMModule(L.LightningModule):
         dp_size, _ = data_parallel(self._trainer)
         n_global = all_reduce_sum((merged.targets != IGNORE_INDEX).sum().float(), self._trainer)
         weight = self.llm.lm_head.weight
+        sources = self.source_names if self.training else ()
+        groups = batch.get("source_ids") if sources else None
+        if sources and groups is None:  # every rank must lay out the same statistics vector
+            groups = torch.full((int(batch["input_ids"].shape[0]),), -1, dtype=torch.long)
         stats = head_stats(
             h0,
             hiddens,
@@ -446,6 +481,9 @@ class SALMModule(L.LightningModule):
             chunk_size=self.lm_head_chunk_size,
             mtp_loss=self.cfg_mtp.loss,
             lk_lambda=self.cfg_mtp.lk_lambda,
+            groups=groups,
+            num_groups=len(sources),
+            mtp_coef=self.cfg_mtp.loss_scaling_factor / max(len(hiddens), 1),  # combine_losses' weight per depth
         )
         scale = dp_size if self.cfg_parallel.scale_loss_by_dp_size else 1
         loss, _, _ = combine_losses(stats, n_global, self.cfg_mtp.loss_scaling_factor, scale)
@@ -460,13 +498,27 @@ class SALMModule(L.LightningModule):
         return loss, summed, int(batch["input_ids"].shape[0])
 
     def ctc_stats(self, enc: torch.Tensor, enc_lens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count."""
-        return ctc_sum(self.audio.ctc_head(enc), enc_lens, batch["ctc_ids"], batch["ctc_lens"], self.audio.blank_id)
+        """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count.
 
-    def summarise(self, summed: torch.Tensor) -> dict[str, float]:
-        """Global metrics from a summed statistics vector (what is logged; ``salm_mtp.loss.summarise_stats``)."""
+        Only clips with a transcript count (conversation clips have none); with none the head still joins the
+        graph with weight 0."""
+        ctc_ids, ctc_lens = batch["ctc_ids"], batch["ctc_lens"]
+        keep = ctc_lens > 0
+        if bool(keep.all()) and enc.shape[0] > 0:
+            return ctc_sum(self.audio.ctc_head(enc), enc_lens, ctc_ids, ctc_lens, self.audio.blank_id)
+        if not bool(keep.any()):
+            head = self.audio.ctc_head
+            zero = sum(0.0 * p.sum() for p in head.parameters() if p.requires_grad) + 0.0 * enc.sum()
+            return torch.as_tensor(zero, dtype=torch.float32, device=enc.device), ctc_lens.sum().float()
+        keep = keep.to(enc.device)
+        return ctc_sum(self.audio.ctc_head(enc[keep]), enc_lens[keep], ctc_ids[keep], ctc_lens[keep],
+                       self.audio.blank_id)
+
+    def summarise(self, summed: torch.Tensor, sources: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
+        """Global metrics from a summed statistics vector (what is logged; ``salm_mtp.loss.summarise_stats``);
+        ``sources``: the data sources whose entries the vector holds (training on data.inputs)."""
         return summarise_stats(summed, self.num_mtp_depths, self.cfg_mtp.loss_scaling_factor, self.cfg_mtp.loss,
-                               self.ctc_weight)
+                               self.ctc_weight, sources)
 
     # ------------------------------------------------------------------ steps
     def _skip_empty(self, batch: dict) -> bool:
@@ -487,7 +539,7 @@ class SALMModule(L.LightningModule):
         if skip:  # the forward already moved BatchNorm statistics toward nan: put them back
             for buf, saved in running:
                 buf.copy_(saved)
-        metrics = self.summarise(summed)
+        metrics = self.summarise(summed, self.source_names)
         bar = {"loss", "mtp_loss", "ctc_loss"}
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)
@@ -572,21 +624,31 @@ class SALMModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
-    def _eval_step(self, batch: dict) -> None:
+    def _eval_step(self, batch: dict, dataloader_idx: int = 0) -> None:
         if self._skip_empty(batch):
             return
         _, summed, _ = self.compute_losses(batch)
         self._eval_sum = summed if self._eval_sum is None else self._eval_sum + summed
+        prev = self._eval_sets.get(dataloader_idx)
+        self._eval_sets[dataloader_idx] = summed if prev is None else prev + summed
 
     def _eval_epoch_end(self, prefix: str) -> None:
+        sets, self._eval_sets = self._eval_sets, {}
         if self._eval_sum is None:
             return
         summed, self._eval_sum = self._eval_sum, None
         for name, value in self.summarise(summed).items():
             self.log(f"{prefix}_{name}", value, prog_bar=name in ("loss", "mtp_loss"), sync_dist=False)
+        if prefix == "val" and self.val_names:  # named sets: val_loss/<name> (and val_main_loss/<name>)
+            for idx, vec in sorted(sets.items()):
+                if idx < len(self.val_names):
+                    metrics = self.summarise(vec)
+                    name = self.val_names[idx]
+                    self.log(f"val_loss/{name}", metrics["loss"], sync_dist=False)
+                    self.log(f"val_main_loss/{name}", metrics["main_loss"], sync_dist=False)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

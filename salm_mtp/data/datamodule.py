@@ -24,6 +24,10 @@
   (``precheck``) every train and val cut is checked (manifest line, duration, text, audio header);
   under "raise" the first bad one stops the run there, under "skip" they are counted in ``skip_log``
   and left out by the samplers, so no batch ever holds more than ``max_duration`` seconds.
+- Named sources (``data.inputs``: cuts, conversations, text; salm_mtp.data.mix): two or more are mixed by weight
+  into one endless, seeded stream (train with ``trainer.max_steps``); rows carry their source index
+  (``source_ids``) for the per-source metrics. ``data.max_tokens`` bounds batches in LLM positions (padded
+  B x longest, audio counted as the positions it becomes); ``data.val_inputs`` gives named validation sets.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, Prepared, as_inputs, mix, source_cuts
 from salm_mtp.data.policy import POLICIES, BadCut, CutChecker, SkipLog, handle
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
 from salm_mtp.errors import check_ckpt_path, check_writable_dir
@@ -94,10 +99,35 @@ class DataConfig:
     precheck: bool = True
     """Check every train and val cut (manifest lines, durations, text, audio headers) before the first training step;
     false: cuts are only checked when loaded (a bad val cut then shows at the first validation)."""
+    inputs: list[InputConfig] | None = None
+    """Named training sources {name, type: cuts|conversations|text, path or paths, weight, system_prompt,
+    loss_turns} (formats: data/README.md); two or more are mixed by weight into an endless stream (bound the run
+    with trainer.max_steps). null: data.train_manifest is the one source."""
+    val_inputs: list[InputConfig] | None = None
+    """Named validation sets (same fields, weight unused), each logged as val_loss/<name>; val_loss is over all
+    of them. null: data.val_manifest."""
+    max_tokens: int | None = None
+    """Batch budget in LLM positions: b examples whose longest has L positions (text tokens + audio seconds x
+    positions per second) fit when b * L <= max_tokens; replaces max_duration when set. Required with text or
+    conversations sources. null: max_duration bounds batches."""
 
     def __post_init__(self) -> None:
         if self.prompt is None:
             self.prompt = PromptConfig()
+        self.inputs = as_inputs(self.inputs, "data.inputs") or None
+        self.val_inputs = as_inputs(self.val_inputs, "data.val_inputs") or None
+        if self.inputs and self.train_manifest is not None:
+            raise ValueError("data.inputs and data.train_manifest are both set: list the manifest in data.inputs "
+                             "(type: cuts) and set --data.train_manifest=null")
+        if self.val_inputs and self.val_manifest is not None:
+            raise ValueError("data.val_inputs and data.val_manifest are both set: list the manifest in "
+                             "data.val_inputs (type: cuts) and set --data.val_manifest=null")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"data.max_tokens must be >= 1 or null, got {self.max_tokens}; set --data.max_tokens")
+        text_like = [i.name for i in (self.inputs or []) + (self.val_inputs or []) if i.type != "cuts"]
+        if text_like and self.max_tokens is None:
+            raise ValueError(f"sources {text_like} are conversations / text: their batches need a token budget; set "
+                             "--data.max_tokens (LLM positions per batch, e.g. 4096)")
         if self.on_bad_cut not in POLICIES:
             raise ValueError(f"data.on_bad_cut must be 'skip' or 'raise', got {self.on_bad_cut!r}; set --data.on_bad_cut")
         for key in ("max_cut_duration", "max_target_tokens", "max_seq_len"):
@@ -220,6 +250,8 @@ class SALMDataModule(pl.LightningDataModule):
         max_cuts: cap on cuts per batch (None: no cap).
         prompt: prompt wording and template.
         on_bad_cut, max_cut_duration, max_target_tokens, max_seq_len, precheck: the bad-cut policy.
+        inputs, val_inputs: named training sources (mixed by weight) and validation sets (salm_mtp.data.mix).
+        max_tokens: batch budget in LLM positions.
     """
 
     def __init__(
@@ -240,6 +272,9 @@ class SALMDataModule(pl.LightningDataModule):
         max_target_tokens: int | None = 2048,
         max_seq_len: int | None = None,
         precheck: bool = True,
+        inputs: list[InputConfig] | None = None,
+        val_inputs: list[InputConfig] | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = DataConfig(
@@ -259,6 +294,9 @@ class SALMDataModule(pl.LightningDataModule):
             max_target_tokens=max_target_tokens,
             max_seq_len=max_seq_len,
             precheck=precheck,
+            inputs=inputs,
+            val_inputs=val_inputs,
+            max_tokens=max_tokens,
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
@@ -266,7 +304,7 @@ class SALMDataModule(pl.LightningDataModule):
         self.skip_log = SkipLog()
         """Cuts skipped by this process (samplers, precheck) and reported by the training loop's batches."""
         self.audio_positions_per_second: float | None = None
-        self._bad_ids: set[str] = set()
+        self._bad_ids: set[tuple[str, str]] = set()  # (set key, cut id) found bad by the precheck
         self._prechecked = False
 
     @classmethod
@@ -309,6 +347,7 @@ class SALMDataModule(pl.LightningDataModule):
             max_cut_duration=self.cfg.max_cut_duration,
             max_duration=self.cfg.max_duration if for_batching else None,
             audio_positions_per_second=self.audio_positions_per_second,
+            max_tokens=self.cfg.max_tokens if for_batching else None,
         )
 
     def get_dataset(self) -> SALMDataset:
@@ -345,18 +384,69 @@ class SALMDataModule(pl.LightningDataModule):
 
     def _usable(self, split: str, with_text: bool = True) -> CutSet:
         """The split's cuts without bad ones (policy applied); each fits in one batch of max_duration."""
+        return self._prepared(self._cutset(split), split, with_text)
+
+    def _prepared(self, cuts, key: str, with_text: bool = True) -> CutSet:
+        """``cuts`` without bad ones (policy applied; ``key`` names the set in the precheck's bad list), each
+        fitting in one batch; with ``max_tokens`` each carries its LLM positions (salm_mtp.data.mix.Prepared)."""
         checker = self.checker()
 
-        def ok(cut) -> bool:
-            if cut.id in self._bad_ids:
-                return False
-            bad = checker.check_duration(cut) or (checker.check_text(cut) if with_text else None)
-            if bad is not None:
-                self._on_bad(bad)
-                return False
-            return True
+        def check(cut) -> BadCut | None:
+            return checker.check_duration(cut) or (checker.check_text(cut) if with_text else None)
 
-        return self._cutset(split).filter(ok)
+        measure = checker.positions if self.cfg.max_tokens is not None else None
+        return CutSet(Prepared(cuts, check, measure, self._on_bad, skip=lambda cut: (key, cut.id) in self._bad_ids))
+
+    # ---- named sources (data.inputs / data.val_inputs) ------------------------------------------
+    def source_names(self) -> list[str]:
+        """Names of the training sources (data.inputs; empty with data.train_manifest): the batches' source_ids
+        index this list."""
+        return [spec.name for spec in self.cfg.inputs or []]
+
+    def val_names(self) -> list[str]:
+        """Names of the validation sets (data.val_inputs; empty with data.val_manifest), in loader order."""
+        return [spec.name for spec in self.cfg.val_inputs or []]
+
+    def _source(self, split: str, index: int) -> CutSet:
+        """The lazy examples of data.inputs[index] (split "train", tagged with the index) or data.val_inputs[index]."""
+        key = f"{split}/{index}"
+        if key not in self._cuts:
+            specs = self.cfg.inputs if split == "train" else self.cfg.val_inputs
+            self._cuts[key] = source_cuts(specs[index], index if split == "train" else None, self._on_bad)
+        return self._cuts[key]
+
+    def _check_sets(self) -> list[tuple[str, str, CutSet]]:
+        """(bad-list key, config key, examples) of every train and val set."""
+        out = []
+        for split in ("train", "val"):
+            specs = self.cfg.inputs if split == "train" else self.cfg.val_inputs
+            if specs:
+                key = "inputs" if split == "train" else "val_inputs"
+                out += [(f"{split}/{s.name}", f"data.{key}[{s.name!r}]", self._source(split, i))
+                        for i, s in enumerate(specs)]
+            elif getattr(self.cfg, f"{split}_manifest") is not None:
+                out.append((split, f"data.{split}_manifest", self._cutset(split)))
+        return out
+
+    def train_cuts(self) -> CutSet:
+        """The training examples as the train sampler reads them: one source as it is, several mixed by weight
+        into one endless seeded stream (salm_mtp.data.mix)."""
+        specs = self.cfg.inputs
+        if not specs:
+            return self._usable("train")
+        sets = [self._prepared(self._source("train", i), f"train/{s.name}") for i, s in enumerate(specs)]
+        if len(sets) == 1:
+            return sets[0]
+        streams = [Endless(c, self.cfg.seed, s.name, shuffle=self.cfg.shuffle) for c, s in zip(sets, specs)]
+        return mix(streams, [s.weight for s in specs], self.cfg.seed)
+
+    def _budget_sampler(self, cuts: CutSet, shuffle: bool, world_size: int, rank: int) -> BudgetSampler:
+        """Batches bounded by data.max_tokens LLM positions (salm_mtp.data.mix.BudgetSampler)."""
+        if self.audio_positions_per_second is None:
+            log.warning("data.max_tokens: the audio rate is unknown (set_audio_rate not called): audio counts 1 "
+                        "position per clip")
+        return BudgetSampler(cuts, self.cfg.max_tokens, max_cuts=self.cfg.max_cuts, shuffle=shuffle,
+                             seed=self.cfg.seed, world_size=world_size, rank=rank)
 
     def precheck(self) -> None:
         """Check every train and val cut once (manifest lines, durations, text, audio headers), before training."""
@@ -364,17 +454,16 @@ class SALMDataModule(pl.LightningDataModule):
             return
         self._prechecked = True
         checker = self.checker()
-        for split in ("train", "val"):
-            if getattr(self.cfg, f"{split}_manifest") is None:
-                continue
-            n = 0
-            for cut in self._cutset(split):
+        for key, what, cuts in self._check_sets():
+            n = bad = 0
+            for cut in cuts:
                 n += 1
-                bad = checker.check_metadata(cut, with_header=True)
-                if bad is not None:
-                    self._on_bad(bad)
-                    self._bad_ids.add(cut.id)
-            log.info("data.%s_manifest: %d cuts checked, %d bad", split, n, len(self._bad_ids))
+                found = checker.check_metadata(cut, with_header=True)
+                if found is not None:
+                    self._on_bad(found)
+                    self._bad_ids.add((key, cut.id))
+                    bad += 1
+            log.info("%s: %d cuts checked, %d bad", what, n, bad)
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group: batches differ across it, not inside TP."""
@@ -443,25 +532,25 @@ class SALMDataModule(pl.LightningDataModule):
         self._warn_if_before_restore()
         self.precheck()
         rank, world_size = self._dp_rank_and_size()
-        cuts = self._usable("train")
+        cuts = self.train_cuts()
         # lhotse refuses more buckets than cuts: tiny (test) sets get one bucket per cut
         num_buckets = sum(1 for _ in islice(cuts, self.cfg.num_buckets))
         if num_buckets == 0:
-            raise ValueError(f"data.train_manifest {self.cfg.train_manifest!r} holds no cuts")
+            what = self.cfg.train_manifest if not self.cfg.inputs else [s.name for s in self.cfg.inputs]
+            raise ValueError(f"the training data {what!r} holds no usable cuts")
         if num_buckets < self.cfg.num_buckets:
             n = num_buckets
             log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)
-        sampler = DynamicBucketingSampler(
-            cuts,
-            max_duration=self.cfg.max_duration,
-            max_cuts=self.cfg.max_cuts,
-            num_buckets=num_buckets,
-            shuffle=self.cfg.shuffle,
-            seed=self.cfg.seed,
-            drop_last=False,
-            world_size=world_size,
-            rank=rank,
-        )
+        if self.cfg.max_tokens is not None:  # LLM-position budget, strict; a mixed stream is already shuffled
+            shuffle = self.cfg.shuffle and len(self.cfg.inputs or []) < 2
+            sampler = self._budget_sampler(cuts, shuffle, world_size, rank)
+        else:
+            common = dict(max_duration=self.cfg.max_duration, max_cuts=self.cfg.max_cuts, shuffle=self.cfg.shuffle,
+                          seed=self.cfg.seed, drop_last=False, world_size=world_size, rank=rank)
+            if num_buckets < 2:  # one usable cut: lhotse's bucketing needs two buckets
+                sampler = DynamicCutSampler(cuts, **common)
+            else:
+                sampler = DynamicBucketingSampler(cuts, num_buckets=num_buckets, **common)
         # Lightning iterates (and prefetches) the loader before its set_epoch() call, so start
         # with the epoch it is about to run: right after an end-of-epoch checkpoint, that is
         # the next epoch, and Lightning restores no loader state in that case.
@@ -476,15 +565,16 @@ class SALMDataModule(pl.LightningDataModule):
         return loader
 
     def _eval_dataloader(self, split: str, with_text: bool = True) -> DataLoader:
+        return self._eval_loader(self._usable(split, with_text), with_text)
+
+    def _eval_loader(self, cuts: CutSet, with_text: bool = True) -> DataLoader:
+        """Loader of usable ``cuts`` in their order (no shuffling), sharded over the data-parallel ranks."""
         rank, world_size = self._dp_rank_and_size()
-        sampler = DynamicCutSampler(
-            self._usable(split, with_text),
-            max_duration=self.cfg.max_duration,
-            max_cuts=self.cfg.max_cuts,
-            shuffle=False,
-            world_size=world_size,
-            rank=rank,
-        )
+        if self.cfg.max_tokens is not None:
+            sampler = self._budget_sampler(cuts, False, world_size, rank)
+        else:
+            sampler = DynamicCutSampler(cuts, max_duration=self.cfg.max_duration, max_cuts=self.cfg.max_cuts,
+                                        shuffle=False, world_size=world_size, rank=rank)
         dataset = self.get_dataset()
         if not with_text:  # prediction: references are not needed, only the audio
             dataset = SALMDataset(dataset.tokenizer, dataset.formatter, checker=dataset.checker,
@@ -493,6 +583,10 @@ class SALMDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # no val manifest: an empty list tells Lightning there is no validation
+        if self.cfg.val_inputs:
+            self.precheck()
+            return [self._eval_loader(self._prepared(self._source("val", i), f"val/{s.name}"))
+                    for i, s in enumerate(self.cfg.val_inputs)]
         if self.cfg.val_manifest is None:
             return []
         self.precheck()  # validate/test runs without fit, or the sanity check before the first train batch

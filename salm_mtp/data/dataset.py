@@ -3,26 +3,32 @@
 The dataset holds no list of examples: ``DataLoader(dataset, sampler=lhotse_sampler,
 batch_size=None)`` calls ``dataset[cuts]`` with each mini-batch CutSet. Each cut needs one
 supervision whose ``text`` is the transcript and whose ``custom`` holds ``task`` ("asr" when
-absent) and, for ``ast``, ``target_text``.
+absent) and, for ``ast``, ``target_text``. Conversation and text examples (salm_mtp.data.conversation:
+recording-less cuts) become rows with one audio clip per audio turn (possibly none) and the loss on their
+assistant turns; a batch may mix both kinds.
 
 Batch layout (all tensors right-padded)::
 
-    B  cuts kept in the batch (cuts whose audio cannot be read are dropped)
-    S  longest waveform in samples (16 kHz)
+    B  examples kept in the batch (cuts whose audio cannot be read are dropped)
+    N  audio clips of the batch, in reading order (row by row, turn by turn): one per ASR/AST cut,
+       one per audio turn of a conversation, none for a text example (N = B for cut-only batches)
+    S  longest clip in samples (16 kHz)
     T  longest prompt + answer in tokens
     U  longest transcript in tokens (CTC targets)
 
-    audios       float32 (B, S)  waveform, mono, 16 kHz, zero padded
-    audio_lens   int64   (B,)    valid samples per row
+    audios       float32 (N, S)  waveform per clip, mono, 16 kHz, zero padded
+    audio_lens   int64   (N,)    valid samples per clip
+    clip_rows    int64   (N,)    the row each clip belongs to
     input_ids    int64   (B, T)  prompt (one <|audio|> token) + answer + eos, padded with pad_id
     input_lens   int64   (B,)    valid tokens per row
     loss_mask    bool    (B, T)  True on answer tokens and the final eos
     prompt_lens  int64   (B,)    prompt tokens per row (answer starts there)
-    ctc_ids      int64   (B, U)  transcript tokens (no special tokens), padded with -100
-    ctc_lens     int64   (B,)    valid CTC targets per row
+    ctc_ids      int64   (N, U)  transcript tokens of each clip (no special tokens), padded with -100
+    ctc_lens     int64   (N,)    valid CTC targets per clip (0 for conversation clips: no transcript)
+    source_ids   int64   (B,)    training source of each row (index into data.inputs), -1 when untagged
     ids          list[str]       cut ids
-    tasks        list[str]       task per row ("asr" / "ast")
-    answers      list[str]       reference answer: transcript (asr) or target_text (ast)
+    tasks        list[str]       task per row ("asr" / "ast" / "conversation" / "text")
+    answers      list[str]       reference answer: transcript (asr), target_text (ast), last assistant turn
     num_dropped  int             cuts dropped from this batch (unreadable audio, no supervision, ...)
     skipped      list[dict]      one ``BadCut.to_json()`` per dropped cut: cut_id, reason, detail, file
 
@@ -42,6 +48,7 @@ from lhotse import CutSet
 from lhotse.cut import Cut
 from transformers import PreTrainedTokenizerBase
 
+from salm_mtp.data.conversation import conversation_of, is_conversation
 from salm_mtp.data.policy import BadCut, CutChecker, source_of
 from salm_mtp.data.prompt import PromptFormatter
 
@@ -135,31 +142,84 @@ class SALMDataset(torch.utils.data.Dataset):
                 return BadCut(cut.id, "unreadable_audio", f"cannot resample: {type(err).__name__}: {err}", src)
         return np.asarray(audio, dtype=np.float32).mean(axis=0)  # (S,) mixdown of channels
 
+    def load_clip(self, cut_id: str, clip) -> np.ndarray | BadCut:
+        """Mono float32 waveform (S,) at 16 kHz of one conversation audio turn, or the BadCut."""
+        from lhotse import Recording
+
+        bad = self.checker.check_clip_header(cut_id, clip)
+        if bad is not None:
+            return bad
+        try:
+            rec = Recording.from_file(clip.path)
+            seg = rec.to_cut().truncate(offset=clip.offset, duration=min(clip.duration, rec.duration - clip.offset))
+            if rec.sampling_rate != SAMPLE_RATE:
+                seg = seg.resample(SAMPLE_RATE)
+            audio = seg.load_audio()  # (C, S)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a bad cut, never a crash
+            return BadCut(cut_id, "unreadable_audio", f"cannot read audio: {type(err).__name__}: {err}", clip.path)
+        if audio is None or audio.size == 0:
+            return BadCut(cut_id, "empty_audio", f"0 samples, the turn declares {clip.duration:.3f} s", clip.path)
+        return np.asarray(audio, dtype=np.float32).mean(axis=0)
+
+    def _conversation(self, cut: Cut) -> tuple[Any, list[np.ndarray], str, str] | BadCut:
+        """(encoding, clip waveforms, task, answer) of a conversation / text example, or the BadCut."""
+        conv = conversation_of(cut)
+        bad = self.checker.check_text(cut) if self.check_text else None
+        if bad is not None:
+            return bad
+        try:
+            enc = self.formatter.encode_messages(conv.messages, conv.loss_turns)
+        except ValueError as e:
+            return BadCut(cut.id, "bad_conversation", str(e), conv.file, conv.line)
+        waves = []
+        for clip in conv.clips:
+            wave = self.load_clip(cut.id, clip)
+            if isinstance(wave, BadCut):
+                return wave
+            waves.append(wave)
+        return enc, waves, conv.kind, conv.answer
+
+    def _cut(self, cut: Cut) -> tuple[Any, list[np.ndarray], str, str] | BadCut:
+        """(encoding, [waveform], task, answer) of an ASR / AST cut, or the BadCut."""
+        bad = self.checker.check_text(cut) if self.check_text else self._task_of(cut)
+        audio = self.load_audio(cut) if bad is None else bad
+        if isinstance(audio, BadCut):
+            return audio
+        task, answer = reference_answer(cut) if cut.supervisions else ("asr", "")
+        return self.formatter.encode(task, answer), [audio], task, answer
+
     def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
-        audios, input_ids, loss_masks, prompt_lens, ctc_ids = [], [], [], [], []
-        ids, tasks, answers = [], [], []
+        audios, input_ids, loss_masks, prompt_lens, ctc_ids, clip_rows = [], [], [], [], [], []
+        ids, tasks, answers, sources = [], [], [], []
         skipped: list[dict] = []
         for cut in cuts:
-            bad = self.checker.check_text(cut) if self.check_text else self._task_of(cut)
-            audio = self.load_audio(cut) if bad is None else bad
-            if isinstance(audio, BadCut):
+            conv = is_conversation(cut)
+            item = self._conversation(cut) if conv else self._cut(cut)
+            if isinstance(item, BadCut):
                 if self.policy == "raise":
-                    raise audio.error()
-                log.warning("skipping %s", audio.message())
-                skipped.append(audio.to_json())  # counted by the training process (SkipLog)
+                    raise item.error()
+                log.warning("skipping %s", item.message())
+                skipped.append(item.to_json())  # counted by the training process (SkipLog)
                 continue
-            task, answer = reference_answer(cut) if cut.supervisions else ("asr", "")
-            enc = self.formatter.encode(task, answer)
-            audios.append(torch.from_numpy(audio))
+            enc, waves, task, answer = item
+            row = len(ids)
+            for wave in waves:
+                audios.append(torch.from_numpy(wave))
+                clip_rows.append(row)
+                if conv:  # conversation clips carry no transcript: no CTC target
+                    ctc_ids.append(torch.zeros(0, dtype=torch.int64))
+                else:
+                    text = (cut.supervisions[0].text or "") if cut.supervisions else ""
+                    ctc = self.ctc_tokenizer.encode(text, add_special_tokens=False)
+                    ctc_ids.append(torch.tensor(ctc, dtype=torch.int64))
             input_ids.append(torch.tensor(enc.input_ids, dtype=torch.int64))
             loss_masks.append(torch.tensor(enc.loss_mask, dtype=torch.bool))
             prompt_lens.append(enc.prompt_len)
-            text = (cut.supervisions[0].text or "") if cut.supervisions else ""
-            ctc = self.ctc_tokenizer.encode(text, add_special_tokens=False)
-            ctc_ids.append(torch.tensor(ctc, dtype=torch.int64))
             ids.append(cut.id)
             tasks.append(task)
             answers.append(answer)
+            custom = getattr(cut, "custom", None) or {}
+            sources.append(int(custom.get("salm_source", -1)))
 
         audios_t, audio_lens = _pad(audios, 0.0, torch.float32)  # (B, S), (B,)
         input_ids_t, input_lens = _pad(input_ids, self.pad_id, torch.int64)  # (B, T), (B,)
@@ -174,6 +234,8 @@ class SALMDataset(torch.utils.data.Dataset):
             "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int64),
             "ctc_ids": ctc_ids_t,
             "ctc_lens": ctc_lens,
+            "clip_rows": torch.tensor(clip_rows, dtype=torch.int64),
+            "source_ids": torch.tensor(sources, dtype=torch.int64),
             "ids": ids,
             "tasks": tasks,
             "answers": answers,

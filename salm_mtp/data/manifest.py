@@ -81,8 +81,8 @@ class ManifestCuts:
                     raw = f.readline()
                 except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt .gz
                     raise BadCutError(
-                        f"manifest {self.path!r} is corrupt after line {lineno} ({type(e).__name__}: {e}); "
-                        "re-create or re-download it") from None
+                        f"manifest {self.path}:{lineno + 1} is corrupt: nothing readable after line {lineno} "
+                        f"({type(e).__name__}: {e}); re-create or re-download it") from None
                 if not raw:
                     return
                 lineno += 1

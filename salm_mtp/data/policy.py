@@ -7,12 +7,15 @@ A cut is bad for one of these reasons (the names are the metric suffixes ``skipp
     bad_task                  unknown supervision.custom["task"], or ast without target_text
     empty_text                the answer (transcript / target_text) is empty or only whitespace
     too_many_target_tokens    the answer is longer than data.max_target_tokens tokens
-    too_long_sequence         prompt + audio positions + answer exceed data.max_seq_len
+    too_long_sequence         prompt + audio positions + answer exceed data.max_seq_len (or data.max_tokens: one
+                              batch could not hold it)
     too_long_audio            the cut is longer than data.max_cut_duration, or than data.max_duration
                               (one batch could not hold it)
     unreadable_audio          the audio file is missing or cannot be decoded
     empty_audio               the audio holds no samples
     duration_mismatch         the file holds fewer/more samples than the manifest declares
+    bad_conversation          a conversation / text line that is not usable: unknown ``from`` or ``type``, audio
+                              without a duration, no final assistant turn, ... (salm_mtp.data.conversation)
 
 skip: the cut is left out; its id, file and reason are logged once (a warning), counted per reason and
 appended to ``skipped_cuts.jsonl`` in the run directory (``SkipLog``). raise: ``BadCutError`` (a
@@ -39,7 +42,7 @@ POLICIES = ("skip", "raise")
 REASONS = (
     "manifest_not_utf8", "manifest_not_json", "manifest_not_a_cut", "no_supervision", "bad_task", "empty_text",
     "too_many_target_tokens", "too_long_sequence", "too_long_audio", "unreadable_audio", "empty_audio",
-    "duration_mismatch",
+    "duration_mismatch", "bad_conversation",
 )
 
 
@@ -146,7 +149,10 @@ class SkipLog:
 
 # ------------------------------------------------------------------------------------------ checks
 def source_of(cut) -> str:
-    """Where the cut's audio lives, for messages."""
+    """Where the cut's audio lives (a conversation's: its manifest), for messages."""
+    custom = getattr(cut, "custom", None)
+    if isinstance(custom, dict) and "salm" in custom:
+        return str(custom["salm"].get("file", ""))
     try:
         return ", ".join(str(s.source) for s in cut.recording.sources)
     except AttributeError:
@@ -169,22 +175,90 @@ class CutChecker:
         max_duration: seconds per batch: a longer cut can never be batched; None: no bound.
         audio_positions_per_second: LLM positions per second of audio (set by the model); None: the audio
             part is not counted in ``max_seq_len``.
+        max_tokens: the batch budget in LLM positions (data.max_tokens): a longer example can never be batched.
+            When set, ``max_duration`` does not bound examples (the token budget replaces it).
+
+    Conversation and text examples (salm_mtp.data.conversation) get the same checks on their messages and on
+    each audio turn; ``positions`` is what one example occupies in the LLM (text tokens + audio positions).
     """
 
     def __init__(self, formatter, max_target_tokens: int | None = None, max_seq_len: int | None = None,
                  max_cut_duration: float | None = None, max_duration: float | None = None,
-                 audio_positions_per_second: float | None = None) -> None:
+                 audio_positions_per_second: float | None = None, max_tokens: int | None = None) -> None:
         self.formatter = formatter
+        self.max_tokens = max_tokens
         self.max_target_tokens = max_target_tokens
         self.max_seq_len = max_seq_len
         self.max_cut_duration = max_cut_duration
         self.max_duration = max_duration
         self.audio_positions_per_second = audio_positions_per_second
 
-    def check_text(self, cut) -> BadCut | None:
-        """Supervision, task, answer text and token lengths."""
+    def audio_positions(self, seconds: float) -> int:
+        """LLM positions of one clip of ``seconds`` (an upper bound: features, subsampling, stacking round up);
+        0 when the rate is unknown."""
+        pps = self.audio_positions_per_second
+        return math.ceil(seconds * pps) + 1 if pps else 0
+
+    def encode(self, cut):
+        """(EncodedPrompt, number of audio clips) of a cut as training collates it (answer included)."""
+        from salm_mtp.data.conversation import conversation_of, is_conversation
         from salm_mtp.data.dataset import reference_answer
 
+        if is_conversation(cut):
+            conv = conversation_of(cut)
+            return self.formatter.encode_messages(conv.messages, conv.loss_turns), len(conv.clips)
+        task, answer = reference_answer(cut)
+        return self.formatter.encode(task, answer), 1
+
+    def positions(self, cut) -> int:
+        """LLM positions of the example: text tokens (placeholders excluded) + audio positions of each clip."""
+        from salm_mtp.data.conversation import conversation_of, is_conversation
+
+        enc, n_clips = self.encode(cut)
+        clips = [c.duration for c in conversation_of(cut).clips] if is_conversation(cut) else [cut.duration]
+        return len(enc.input_ids) - n_clips + sum(self.audio_positions(d) for d in clips)
+
+    def _check_conversation(self, cut) -> BadCut | None:
+        from salm_mtp.data.conversation import conversation_of
+
+        conv = conversation_of(cut)
+        src = source_of(cut)
+        for m in conv.messages:
+            if m["role"] == "assistant" and not m["content"].strip():
+                return BadCut(cut.id, "empty_text", "an assistant turn is empty or whitespace", src, conv.line)
+        try:
+            enc, n_clips = self.encode(cut)
+        except ValueError as e:
+            return BadCut(cut.id, "bad_conversation", str(e), src, conv.line)
+        found = enc.input_ids.count(self.formatter.audio_token_id)
+        if found != n_clips:
+            return BadCut(cut.id, "bad_conversation", f"{found} audio placeholders in the encoded prompt for "
+                          f"{n_clips} audio turns", src, conv.line)
+        if self.max_target_tokens is not None:
+            longest = max(len(self.formatter._encode_text(m["content"])) for m in conv.messages
+                          if m["role"] == "assistant")
+            if longest > self.max_target_tokens:
+                return BadCut(cut.id, "too_many_target_tokens", f"an assistant turn of {longest} tokens > "
+                              f"data.max_target_tokens={self.max_target_tokens}", src, conv.line)
+        return self._check_positions(cut, src)
+
+    def _check_positions(self, cut, src: str, with_seq_len: bool = True) -> BadCut | None:
+        limits = ((self.max_seq_len if with_seq_len else None, "data.max_seq_len"), (self.max_tokens, "data.max_tokens"))
+        for limit, key in limits:
+            if limit is not None:
+                total = self.positions(cut)
+                if total > limit:
+                    return BadCut(cut.id, "too_long_sequence", f"{total} LLM positions (text tokens + audio "
+                                  f"positions) > {key}={limit}", src)
+        return None
+
+    def check_text(self, cut) -> BadCut | None:
+        """Supervision, task, answer text and token lengths."""
+        from salm_mtp.data.conversation import is_conversation
+        from salm_mtp.data.dataset import reference_answer
+
+        if is_conversation(cut):
+            return self._check_conversation(cut)
         src = source_of(cut)
         if not cut.supervisions:
             return BadCut(cut.id, "no_supervision", "the cut has no supervision (no transcript)", src)
@@ -208,11 +282,14 @@ class CutChecker:
                 return BadCut(cut.id, "too_long_sequence",
                               f"{total} positions (prompt {len(prompt) - 1} + audio {audio} + answer {n_answer}) > "
                               f"data.max_seq_len={self.max_seq_len}", src)
+        if self.max_tokens is not None:
+            return self._check_positions(cut, src, with_seq_len=False)
         return None
 
     def check_duration(self, cut) -> BadCut | None:
         """The cut's declared duration against max_cut_duration and max_duration."""
-        for limit, key in ((self.max_cut_duration, "data.max_cut_duration"), (self.max_duration, "data.max_duration")):
+        max_duration = self.max_duration if self.max_tokens is None else None  # the token budget replaces it
+        for limit, key in ((self.max_cut_duration, "data.max_cut_duration"), (max_duration, "data.max_duration")):
             if limit is not None and cut.duration > limit:
                 return BadCut(cut.id, "too_long_audio", f"{cut.duration:.2f} s > {key}={limit}", source_of(cut))
         return None
@@ -221,6 +298,14 @@ class CutChecker:
         """File sources exist and hold the declared number of samples (headers only, no decoding)."""
         import soundfile as sf
 
+        from salm_mtp.data.conversation import conversation_of, is_conversation
+
+        if is_conversation(cut):
+            for clip in conversation_of(cut).clips:
+                bad = self.check_clip_header(cut.id, clip)
+                if bad is not None:
+                    return bad
+            return None
         rec = getattr(cut, "recording", None)
         if rec is None:
             return BadCut(cut.id, "unreadable_audio", "the cut has no recording", "<no recording>")
@@ -237,6 +322,28 @@ class CutChecker:
             bad = self._compare(cut, info.frames, info.samplerate, path)
             if bad is not None:
                 return bad
+        return None
+
+    def check_clip_header(self, cut_id: str, clip) -> BadCut | None:
+        """One audio turn of a conversation: the file exists and holds offset + duration seconds."""
+        import soundfile as sf
+
+        if not os.path.isfile(clip.path):
+            return BadCut(cut_id, "unreadable_audio", "no such file", clip.path)
+        try:
+            info = sf.info(clip.path)
+        except Exception as e:  # noqa: BLE001 - any unreadable header is a bad cut
+            return BadCut(cut_id, "unreadable_audio", f"cannot read the header: {e}", clip.path)
+        return self.check_clip_length(cut_id, clip, info.frames, info.samplerate)
+
+    def check_clip_length(self, cut_id: str, clip, frames: int, rate: int) -> BadCut | None:
+        """A file of ``frames`` samples at ``rate`` against the segment an audio turn declares."""
+        if frames == 0:
+            return BadCut(cut_id, "empty_audio", f"0 samples, the turn declares {clip.duration:.3f} s", clip.path)
+        actual = frames / rate
+        if clip.offset + clip.duration > actual + max(DURATION_TOLERANCE_S, 1.5 / rate):
+            return BadCut(cut_id, "duration_mismatch", f"the file holds {actual:.3f} s, the turn declares offset "
+                          f"{clip.offset:.3f} s + duration {clip.duration:.3f} s", clip.path)
         return None
 
     def check_loaded(self, cut, num_samples: int, sampling_rate: int) -> BadCut | None:

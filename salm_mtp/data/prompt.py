@@ -174,3 +174,72 @@ class PromptFormatter:
             loss_mask=[False] * len(prompt) + [True] * len(answer_ids),
             prompt_len=len(prompt),
         )
+
+    # ---- conversations (salm_mtp.data.conversation) ------------------------------------------
+    def encode_messages(self, messages: list[dict[str, str]], loss_turns: str = "all") -> EncodedPrompt:
+        """Encode a conversation: ``{"role": system|user|assistant, "content"}`` messages ending with the assistant.
+
+        ``loss_mask`` is True on the assistant tokens (each answer and its eos / end of turn): on every assistant
+        message (``loss_turns="all"``) or only the last one ("last"). ``prompt_len`` is where the last assistant
+        message starts (the history before it is the generation prompt). User contents carry ``<|audio|>``
+        placeholders, one id each. Simple template::
+
+            <s> {system}\\n {user}\\n {assistant} </s> {user}\\n {assistant} </s> ...
+
+        (``[user "instruction <|audio|>", assistant answer]`` gives exactly ``encode(task, answer)``). With a chat
+        template each assistant part is what the template adds after the generation prompt of the history.
+        """
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("a conversation must end with an assistant message")
+        if loss_turns not in ("all", "last"):
+            raise ValueError(f"loss_turns must be 'all' or 'last', got {loss_turns!r}")
+        last = len(messages) - 1
+        pieces: list[tuple[list[int], bool]] = []  # (ids, is an assistant answer that carries the loss)
+        last_answer = 0  # index in pieces of the last assistant answer
+        if self.use_chat_template:
+            done = ""
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                gen = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                full = self.tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+                if not gen.startswith(done) or not full.startswith(gen):
+                    raise ValueError("the chat template does not render the conversation's history as a prefix, so "
+                                     "assistant tokens cannot be located; set --data.prompt.use_chat_template false")
+                pieces.append((self._encode_text(gen[len(done):]), False))
+                answer = self._encode_text(full[len(gen):])
+                eos = self.tokenizer.eos_token_id
+                tail: list[int] = []
+                if eos in answer:
+                    cut = len(answer) - answer[::-1].index(eos)
+                    answer, tail = answer[:cut], answer[cut:]  # what follows the end of turn is not a target
+                else:
+                    answer = answer + [eos]
+                last_answer = len(pieces)
+                pieces.append((answer, loss_turns == "all" or i == last))
+                if tail:
+                    pieces.append((tail, False))
+                done = full
+        else:
+            bos = self.tokenizer.bos_token_id
+            pieces.append(([bos] if bos is not None else [], False))
+            for i, m in enumerate(messages):
+                if m["role"] == "assistant":
+                    last_answer = len(pieces)
+                    pieces.append((self._encode_text(m["content"]) + [self.tokenizer.eos_token_id],
+                                   loss_turns == "all" or i == last))
+                else:  # system and user messages end with a newline, like the single-turn prompt
+                    pieces.append((self._encode_text(f"{m['content']}\n"), False))
+        ids: list[int] = []
+        mask: list[bool] = []
+        prompt_len = 0
+        for n, (piece, loss) in enumerate(pieces):
+            if n == last_answer:
+                prompt_len = len(ids)
+            ids += piece
+            mask += [loss] * len(piece)
+        return EncodedPrompt(input_ids=ids, loss_mask=mask, prompt_len=prompt_len)
+
+    def instruction_messages(self, task: str, answer: str) -> list[dict[str, str]]:
+        """The conversation a single-turn cut of ``task`` is (``encode_messages`` of it equals ``encode``)."""
+        return self._messages(task) + [{"role": "assistant", "content": answer}]

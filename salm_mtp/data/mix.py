@@ -1,0 +1,252 @@
+"""Named data sources (``data.inputs`` / ``data.val_inputs``), their weighted mix, and the LLM-position budget.
+
+    inputs:
+      - {name: asr,  type: cuts,          path: data/demo/train_cuts.jsonl.gz, weight: 0.6}
+      - {name: chat, type: text,          path: data/demo/text_train.jsonl,     weight: 0.2}
+      - {name: talk, type: conversations, paths: [a.jsonl, b.jsonl],           weight: 0.2, loss_turns: last}
+
+Types: ``cuts`` (lhotse CutSet manifests, as ``data.train_manifest``), ``conversations`` (NeMo multimodal
+conversation JSONL) and ``text`` (the same JSONL without audio, or ``{"messages": [...]}`` chat lines); formats
+in data/README.md, reader in salm_mtp.data.conversation.
+
+Mixing (two or more training sources): each source is an endless stream of shuffled passes (pass p of source i
+shuffled from ``(seed, i, p)`` in a ``SHUFFLE_BUFFER`` window), and ``CutSet.mux`` draws the source of every next
+example with probability weight / sum(weights) from its own ``Random(seed)``; the stream has no end, so training
+is bounded by ``trainer.max_steps`` and validation by an integer ``trainer.val_check_interval``. Everything is a
+function of ``data.seed``, so the resumable loader's skip of ``batches_done`` batches (salm_mtp.data.datamodule)
+lands exactly where the interrupted run was. The mixed stream is batched in its own order: length buckets (lhotse's
+``DynamicBucketingSampler``) hold a backlog that skews the shares for hundreds of steps (measured: 0.80 instead of
+0.70 over 120 batches). One source is read in finite epochs, as ``train_manifest`` is.
+
+Token budget (``data.max_tokens``, ``BudgetSampler``): every example measures its LLM positions (text tokens,
+placeholders excluded, plus ``ceil(seconds * positions_per_second) + 1`` per audio clip, an upper bound of what the
+encoder and adapter produce) and a batch of b examples whose longest measures L satisfies ``b * L <= max_tokens``:
+the padded (B, T') the LLM runs on, so text-only, spoken and conversation rows share one budget. Examples longer
+than the budget are bad cuts (too_long_sequence). Batches are formed in stream order (no length buckets).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lhotse import CutSet
+from lhotse.dataset.sampling.base import CutSampler
+
+from salm_mtp.data.conversation import LOSS_TURNS, ConversationCuts
+from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.policy import BadCut
+from salm_mtp.errors import SalmError
+
+SOURCE_TYPES = ("cuts", "conversations", "text")
+SHUFFLE_BUFFER = 2000
+"""Examples held by each source's shuffling window (memory: metadata only)."""
+POSITIONS_KEY = "salm_positions"
+"""Cut custom field holding the example's LLM positions (set before sampling)."""
+SOURCE_KEY = "salm_source"
+"""Cut custom field holding the index of the training source in data.inputs."""
+
+
+@dataclass
+class InputConfig:
+    """One named data source of ``data.inputs`` (training) or ``data.val_inputs`` (validation)."""
+
+    name: str
+    """Source name: metrics are logged as loss/<name>, mtp_loss/<name> (training) and val_loss/<name>."""
+    type: str = "cuts"
+    """cuts (lhotse CutSet manifest), conversations (NeMo multimodal conversation JSONL) or text (text-only
+    conversations: NeMo JSONL without audio, or {"messages": [{role, content}]} lines)."""
+    path: str | None = None
+    """The manifest (or set ``paths``)."""
+    paths: list[str] | None = None
+    """Several manifests of this source, read one after the other."""
+    weight: float = 1.0
+    """Mixing weight: the share of training examples drawn from this source is weight / sum(weights)."""
+    system_prompt: str | None = None
+    """conversations / text: a system message put first in every conversation (a line's own one wins)."""
+    loss_turns: str = "all"
+    """conversations / text: loss on every assistant turn (all) or only on the last one (last)."""
+
+    def __post_init__(self) -> None:
+        key = f"data.inputs[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"data.inputs: each source needs a name without '/', got {self.name!r}")
+        if self.type not in SOURCE_TYPES:
+            raise ValueError(f"{key}.type must be one of {', '.join(SOURCE_TYPES)}, got {self.type!r}")
+        if (self.path is None) == (not self.paths):
+            raise ValueError(f"{key}: set exactly one of path and paths")
+        if not self.weight > 0:
+            raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
+        if self.loss_turns not in LOSS_TURNS:
+            raise ValueError(f"{key}.loss_turns must be one of {', '.join(LOSS_TURNS)}, got {self.loss_turns!r}")
+        if self.type == "cuts" and (self.system_prompt is not None or self.loss_turns != "all"):
+            raise ValueError(f"{key}: system_prompt and loss_turns apply to conversations / text sources only")
+        for p in self.files():
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{key}: no such file {p!r}; fix its path (formats: data/README.md)")
+
+    def files(self) -> list[str]:
+        return [self.path] if self.path is not None else list(self.paths or [])
+
+
+def as_inputs(items: Iterable[InputConfig | dict] | None, key: str = "data.inputs") -> list[InputConfig]:
+    """Dicts (YAML, tests) become InputConfig; names must be unique."""
+    out = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in (items or [])]
+    names = [i.name for i in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{key}: source names must be unique, repeated: {dup}")
+    return out
+
+
+def _tag(cut, index: int):
+    return cut.with_custom(SOURCE_KEY, index)
+
+
+def source_cuts(spec: InputConfig, index: int | None, on_bad_line: Callable[[BadCut], None]) -> CutSet:
+    """The lazy, re-iterable examples of one source (conversations become recording-less cuts), each tagged
+    with ``index`` (None: untagged) in ``custom["salm_source"]``."""
+    parts = []
+    for path in spec.files():
+        if spec.type == "cuts":
+            cuts = load_cuts(path, on_bad_line)
+            parts.append(cuts.map(functools.partial(_tag, index=index)) if index is not None else cuts)
+        else:
+            kind = "text" if spec.type == "text" else "conversation"
+            parts.append(CutSet(ConversationCuts(path, kind, spec.system_prompt, spec.loss_turns, index,
+                                                 on_bad_line)))
+    return parts[0] if len(parts) == 1 else CutSet.from_cuts(_Chain(parts))
+
+
+class _Chain:
+    """Re-iterable concatenation of lazy CutSets."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator:
+        for part in self.parts:
+            yield from part
+
+
+class Prepared:
+    """The usable examples of ``cuts``: bad ones go to ``on_bad`` (policy) and are left out, the others get
+    their LLM positions in ``custom["salm_positions"]`` (what the token budget measures)."""
+
+    def __init__(self, cuts: Iterable, check: Callable, measure: Callable | None, on_bad: Callable,
+                 skip: Callable[[object], bool] = lambda cut: False) -> None:
+        self.cuts, self.check, self.measure, self.on_bad, self.skip = cuts, check, measure, on_bad, skip
+
+    def __iter__(self) -> Iterator:
+        for cut in self.cuts:
+            if self.skip(cut):
+                continue
+            bad = self.check(cut)
+            if bad is not None:
+                self.on_bad(bad)
+                continue
+            yield cut.with_custom(POSITIONS_KEY, self.measure(cut)) if self.measure is not None else cut
+
+
+def _shuffled(items: Iterable, rng: random.Random, size: int) -> Iterator:
+    """Buffer shuffle: hold ``size`` items, yield a random one as each new one arrives."""
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class Endless:
+    """Endless shuffled passes over a lazy source: pass p is shuffled from ``(seed, name, p)``, so every
+    iteration yields the same sequence. A pass with no usable example stops the run (it would spin forever)."""
+
+    def __init__(self, cuts: Iterable, seed: int, name: str, shuffle: bool = True,
+                 buffer_size: int = SHUFFLE_BUFFER) -> None:
+        self.cuts, self.seed, self.name, self.shuffle, self.buffer_size = cuts, seed, name, shuffle, buffer_size
+
+    def __iter__(self) -> Iterator:
+        p = 0
+        while True:
+            items = iter(self.cuts)
+            if self.shuffle:
+                items = _shuffled(items, random.Random(f"{self.seed}/{self.name}/{p}"), self.buffer_size)
+            n = 0
+            for cut in items:
+                n += 1
+                yield cut
+            if n == 0:
+                raise SalmError(f"data.inputs[{self.name!r}] holds no usable example (all lines bad or the files "
+                                "empty): fix its files or remove it")
+            p += 1
+
+
+def mix(streams: list[Iterable], weights: list[float], seed: int) -> CutSet:
+    """One lazy CutSet drawing each next example from stream i with probability weights[i] / sum(weights)
+    (lhotse's ``CutSet.mux``, seeded: the same sequence on every iteration)."""
+    if len(streams) == 1:
+        return CutSet(streams[0])
+    total = float(sum(weights))
+    return CutSet.mux(*[CutSet(s) for s in streams], weights=[w / total for w in weights], seed=seed)
+
+
+class BudgetSampler(CutSampler):
+    """A lhotse sampler whose batches never exceed ``max_tokens`` LLM positions: b examples whose longest has L
+    positions (``custom["salm_positions"]``) fit when ``b * L <= max_tokens`` (the padded (B, T') the LLM runs on).
+
+    lhotse's own token constraint is soft (the batch keeps the example that crossed the limit), so this one looks
+    at each example before taking it and holds it over for the next batch. Examples come in the stream's order
+    (``shuffle``: a ``SHUFFLE_BUFFER`` window shuffled from ``(seed, epoch)``); data-parallel ranks take turns
+    through lhotse's ``CutSampler`` (every rank reads the same stream, rank r keeps batch r of each group).
+    """
+
+    def __init__(self, cuts: Iterable, max_tokens: int, max_cuts: int | None = None, shuffle: bool = False,
+                 seed: int = 0, world_size: int | None = None, rank: int | None = None) -> None:
+        super().__init__(shuffle=shuffle, drop_last=False, world_size=world_size, rank=rank, seed=seed)
+        self.cuts, self.max_tokens, self.max_cuts = cuts, max_tokens, max_cuts
+        self._iter: Iterator | None = None
+        self._held = None
+
+    def __iter__(self) -> BudgetSampler:
+        self.diagnostics.reset_current_epoch()
+        items = iter(self.cuts)
+        if self.shuffle:
+            items = _shuffled(items, random.Random(f"{self.seed}/{self.epoch}"), SHUFFLE_BUFFER)
+        self._iter, self._held = (c for c in items if self._filter_fn(c)), None
+        return self
+
+    def _next_batch(self) -> CutSet:
+        batch, longest = [], 0
+        while True:
+            cut, self._held = (self._held, None) if self._held is not None else (next(self._iter, None), None)
+            if cut is None:
+                break
+            n = cut.custom[POSITIONS_KEY]
+            full = self.max_cuts is not None and len(batch) >= self.max_cuts
+            if batch and (full or (len(batch) + 1) * max(longest, n) > self.max_tokens):
+                self._held = cut
+                break
+            batch.append(cut)
+            longest = max(longest, n)
+        if not batch:
+            raise StopIteration()
+        return CutSet.from_cuts(batch)
+
+    @property
+    def remaining_duration(self) -> float | None:
+        return None
+
+    @property
+    def remaining_cuts(self) -> int | None:
+        return None
+
+    @property
+    def num_cuts(self) -> int | None:
+        return None
