@@ -74,7 +74,7 @@ class AdapterConfig:
     """Modality adapter: stacks encoder frames and projects them to the LLM width."""
 
     path: str | None = None
-    """adapter.safetensors of an export (scripts/export.py) to start from; null = a new adapter."""
+    """adapter.safetensors of an export (`salm-mtp export`) to start from; null = a new adapter."""
     stack_frames: int = 2
     """Encoder frames concatenated into one LLM position (2 = 160 ms per audio embedding)."""
     hidden_size: int = 256
@@ -137,7 +137,7 @@ class LLMConfig:
 
 @dataclass
 class MTPConfig:
-    """Multi-Token Prediction head (DESIGN.md §2): depth k predicts token t+1+k."""
+    """Multi-Token Prediction head (docs/design.md §2): depth k predicts token t+1+k."""
 
     num_layers: int | None = 1
     """Depths D (num_nextn_predict_layers). null = as the checkpoint ships (0 if none); 0 disables MTP (and drops a shipped head)."""
@@ -266,7 +266,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     """Pipeline parallel size; pipeline parallelism with MTP is not supported."""
     scale_loss_by_dp_size: bool = True
-    """Multiply the optimised loss by dp_size (DESIGN.md §3). Test-only switch: never turn off for training."""
+    """Multiply the optimised loss by dp_size (docs/design.md §3). Test-only switch: never turn off for training."""
 
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype", "frozen_dtype"):

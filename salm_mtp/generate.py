@@ -13,7 +13,7 @@ The batch layout is salm_mtp.data.dataset's; only the prompt part of each row is
 (``input_ids[b, :prompt_lens[b]]``, with its one audio placeholder), so a batch that also holds
 reference answers decodes exactly like a prompt-only one.
 
-How the cached decode works (transformers 5.23, DESIGN.md §7):
+How the cached decode works (transformers 5.23, docs/design.md §7):
   1. ``module.prepare_inputs`` on the prompt-only batch: audio merged into the prompt, right-padded
      (B, P, H) with per-row merged lengths P_b.
   2. Prefill ``llm.model(inputs_embeds=..., attention_mask=..., use_cache=True)`` over the prompts

@@ -15,7 +15,7 @@ Export layout (``export_hf``)::
     DIR/config.yaml   the run's resolved config (``salm-mtp export`` copies it when the checkpoint's run has one;
                       ``salm-mtp evaluate --model DIR`` reads its data and prompt settings from it)
 
-``llm/`` is written for older consumers too (docs/design.md §7): config.json carries, beside the lists
+``llm/`` is written for older consumers too (docs/design.md §6): config.json carries, beside the lists
 transformers 5 reads (``layers_block_type``, ``mtp_layers_block_type``), the released Nemotron-3 fields
 ``hybrid_override_pattern`` / ``mtp_hybrid_override_pattern`` strings and an integer ``num_hidden_layers``;
 tokenizer_config.json names ``PreTrainedTokenizerFast`` (transformers 4.x; 5.x reads it too) instead of

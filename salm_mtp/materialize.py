@@ -1,4 +1,4 @@
-"""Build on the meta device, shard, then materialise only the local shards and fill them (DESIGN.md §10).
+"""Build on the meta device, shard, then materialise only the local shards and fill them (docs/design.md §5).
 
 The one path every run takes (1 process or N, CPU or GPU)::
 

@@ -1,4 +1,4 @@
-"""Data-parallel facts the loss needs, and the FSDP2 sharding plan (DESIGN.md §3-4).
+"""Data-parallel facts the loss needs, and the FSDP2 sharding plan (docs/design.md §3-4).
 
 Under Lightning's ``ModelParallelStrategy`` ``SALMModule.configure_model()`` calls
 :func:`apply_parallelism`, which shards the module with ``torch.distributed.fsdp.fully_shard`` over

@@ -1,4 +1,4 @@
-"""One-figure training/eval report: per-depth MTP acceptance bars and the training curves.
+"""One-figure training/eval report: per-depth MTP agreement bars (teacher-forced) and the training curves.
 
 Reads the metrics.csv that Lightning's CSVLogger writes (one row per logging call, blank cells for
 metrics not logged in that call) and draws a two-panel PNG with matplotlib's Agg backend (no
@@ -72,11 +72,12 @@ def plot_report(
     title: str,
     curves: Sequence[str] = CURVES,
 ) -> None:
-    """Write a PNG with (left) per-depth MTP acceptance bars and (right) loss curves vs step.
+    """Write a PNG with (left) per-depth MTP agreement bars and (right) loss curves vs step.
 
     Args:
         out_png: output path; parent folders are created.
-        acceptance: one fraction per MTP depth (as from metrics.mtp_acceptance); nan shows "n/a".
+        acceptance: one fraction per MTP depth: the teacher-forced agreement of evaluate's metrics.json
+            (``mtp_teacher_forced_agreement``, computed by metrics.mtp_acceptance); nan shows "n/a".
         metrics_csv: CSVLogger metrics.csv, or None.
         title: figure title.
         curves: metric columns to draw on the curve panel, those present are drawn.
@@ -90,7 +91,7 @@ def plot_report(
     fig.suptitle(title)
 
     if len(acceptance) == 0:
-        ax_acc.text(0.5, 0.5, "no acceptance values", ha="center", va="center", transform=ax_acc.transAxes)
+        ax_acc.text(0.5, 0.5, "no MTP head", ha="center", va="center", transform=ax_acc.transAxes)
     else:
         depths = list(range(1, len(acceptance) + 1))
         heights = [0.0 if math.isnan(a) else a for a in acceptance]
@@ -101,8 +102,8 @@ def plot_report(
         ax_acc.set_xticks(depths)
         ax_acc.set_ylim(0.0, 1.1)
     ax_acc.set_xlabel("MTP depth k")
-    ax_acc.set_ylabel("acceptance (draft == main greedy)")
-    ax_acc.set_title("per-depth acceptance")
+    ax_acc.set_ylabel("agreement (draft == main greedy)")
+    ax_acc.set_title("per-depth MTP agreement (teacher-forced)")
 
     found = _curves(metrics_csv, curves)
     if not found:

@@ -9,7 +9,7 @@ X = -100
 
 
 def _naive(h0, mtp_h, W, targets, lam, dp_size):
-    """Explicit loops over depths, rows and positions (the maths of DESIGN.md §3)."""
+    """Explicit loops over depths, rows and positions (the maths of docs/design.md §3)."""
     B, T, _ = h0.shape
     n = sum(1 for b in range(B) for t in range(T) if targets[b, t] != X)
     main = 0.0

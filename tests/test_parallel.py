@@ -1,4 +1,4 @@
-"""Tests of salm_mtp/parallel.py: the FSDP2 plan and the dp_size loss scaling (DESIGN.md §3-4).
+"""Tests of salm_mtp/parallel.py: the FSDP2 plan and the dp_size loss scaling (docs/design.md §3-4).
 
 The distributed cases share one launch (module fixture ``runs``): 2 gloo processes on CPU, started
 with ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/worker.py SPEC``,

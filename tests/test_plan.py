@@ -20,7 +20,7 @@ from salm_mtp import plan as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "data", "configs")
-SUPER_BACKBONE = 120_668_687_360  # DESIGN.md §10: Super's published config built on meta with transformers 5.23
+SUPER_BACKBONE = 120_668_687_360  # docs/design.md §5: Super's published config built on meta with transformers 5.23
 # demo with a frozen, bf16-stored LLM backbone, so trainable != total and two storage dtypes appear
 DEMO = ["--config", "conf/demo.yaml", "--model.tokenizer_path=tests/tokenizer",
         "--model.freeze.patterns=[^llm\\.model\\.]", "--model.parallel.param_dtype=bfloat16",

@@ -1,7 +1,7 @@
 """Demo tokenizer training and the audio placeholder token.
 
 The demo LLM is trained from scratch, so it gets a tiny BPE tokenizer trained on the demo
-corpus (``scripts/make_demo_data.py`` saves one to ``data/demo/tokenizer/``). Real LLMs bring
+corpus (``salm-mtp make-demo-data`` saves one to ``data/demo/tokenizer/``). Real LLMs bring
 their own tokenizer; for both, ``ensure_audio_placeholder`` makes sure the single token that
 marks "the audio goes here" exists.
 

@@ -1,5 +1,5 @@
 """MTP self-speculative decoding of a SALMModule: greedy's exact tokens from fewer backbone forwards
-(DESIGN.md §11).
+(docs/design.md §9).
 
     from salm_mtp.decoding.speculative import mtp_decode
     tokens, lengths, stats = mtp_decode(module, batch, max_new_tokens=64)   # == greedy_decode(module, batch)
@@ -7,7 +7,7 @@
 
 One step, per row (y = the answer so far; its last token y[-1] is known but not yet fed to the backbone):
   draft   depth 1 fuses the backbone's hidden state that produced y[-1] with emb(y[-1]) -> d_1; depth k
-          fuses depth k-1's output with emb(d_{k-1}) -> d_k (the head's training inputs, DESIGN.md §2)
+          fuses depth k-1's output with emb(d_{k-1}) -> d_k (the head's training inputs, docs/design.md §2)
   verify  one cached backbone forward over [y[-1], d_1 .. d_D] -> the greedy tokens g_0 .. g_D there
   accept  a = the longest prefix with d_j == g_{j-1}; emit g_0 .. g_a (a accepted drafts + the backbone's own)
   commit  the backbone cache keeps the first a+1 fed positions (states.py: attention cropped, Mamba

@@ -1,4 +1,4 @@
-"""Keep a per-row prefix of a multi-token cached forward in a Nemotron-H cache (DESIGN.md §7, §11).
+"""Keep a per-row prefix of a multi-token cached forward in a Nemotron-H cache (docs/design.md §7, §9).
 
 A speculative step feeds n tokens to every row at once and keeps only the first ``keep[b]`` of them in
 row b. transformers' ``DynamicCache`` holds three kinds of layer, treated three ways:

@@ -39,7 +39,7 @@ def encoder_config_from(cfg: EncoderConfig) -> tuple[ParakeetEncoderConfig, Para
     if not os.path.isfile(config_file):
         raise FileNotFoundError(
             f"model.encoder.path={cfg.path!r} has no config.json: point it at a local HF Parakeet directory "
-            "(e.g. one written by `python scripts/pretrain_encoder.py`) or set --model.encoder.path=null"
+            "(e.g. one written by `salm-mtp pretrain-encoder`) or set --model.encoder.path=null"
         )
     with open(config_file) as f:
         raw = json.load(f)

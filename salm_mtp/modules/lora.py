@@ -1,4 +1,4 @@
-"""LoRA adapters on the Nemotron-H LLM through HF peft (``model.lora``; DESIGN.md §10 for the build order).
+"""LoRA adapters on the Nemotron-H LLM through HF peft (``model.lora``; docs/design.md §5 for the build order).
 
     with meta_parameters():  apply_lora(module.llm, cfg, include_head)   # peft wraps the target nn.Linear layers
     ...  FSDP2 plan, materialise (the adapters sit inside their block's group, trainable fp32)

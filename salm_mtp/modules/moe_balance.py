@@ -1,4 +1,4 @@
-"""Expert-load balancing of trainable Nemotron-H MoE layers (Nemotron-3 / DeepSeek-V3 style, DESIGN.md §12).
+"""Expert-load balancing of trainable Nemotron-H MoE layers (Nemotron-3 / DeepSeek-V3 style, docs/design.md §10).
 
 A newly built MoE sublayer (an MTP head's ``E``, or an inline LLM) would otherwise never balance its
 experts: routing can collapse onto a few of them. For every router whose weight trains:

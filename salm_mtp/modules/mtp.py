@@ -1,4 +1,4 @@
-"""Multi-Token Prediction head for Nemotron-H (DESIGN.md §2; Nemotron V3 / DeepSeek-V3 style).
+"""Multi-Token Prediction head for Nemotron-H (docs/design.md §2; Nemotron V3 / DeepSeek-V3 style).
 
 Depth k (1..D) predicts token t+1+k from the previous depth's hidden state and the input
 embedding k positions ahead::
