@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,7 +160,7 @@ def parse_conversation(data: object, path: str, lineno: int, kind: str = "conver
                     return _bad(cid, f"turn {i}: audio needs a 'duration' in seconds > 0, got {dur!r}", path, lineno)
                 if not isinstance(off, (int, float)) or off < 0:
                     return _bad(cid, f"turn {i}: 'offset' must be seconds >= 0, got {off!r}", path, lineno)
-                clips.append(Clip(str(root / value), float(dur), float(off)))
+                clips.append(Clip(os.path.normpath(root / value), float(dur), float(off)))
                 pieces.append((role, AUDIO_PLACEHOLDER))
             else:
                 return _bad(cid, f"turn {i}: unknown 'type' {ttype!r} (valid: text, audio)", path, lineno)
