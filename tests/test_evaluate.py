@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
 import tiny
 from salm_mtp.data.datamodule import SALMDataModule
+from salm_mtp.errors import SalmError
 from salm_mtp.evaluate import _Totals, default_metrics_csv, format_table, summarise
 from salm_mtp.io import export_hf, load_lightning_checkpoint
 from salm_mtp.evaluate import main as evaluate_main
@@ -166,7 +168,10 @@ def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_cor
     other = tmp_path / "other.yaml"
     other.write_text("data:\n  prompt:\n    asr_instruction: Transcribe the audio.\n")
     assert evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "e3"), "--config", str(other),
-                          "--batch-size", "2", *common]) == 0
+                          "--batch-size", "2", "--limit", "4", *common]) == 0
     s3 = settings(tmp_path / "e3")
     assert s3["run_config"] == str(other) and s3["data"]["max_cuts"] == 2 and s3["data"]["max_cut_duration"] is None
     assert s3["prompt_ids"]["asr"] == default.prompt_ids("asr")
+    assert len((tmp_path / "e3" / "hyps.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(SalmError, match=r"bad cut 'c005' .*too_long_audio"):  # the run's bound, policy from the flag
+        evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "e4"), "--on-bad-cut", "raise", *common])
