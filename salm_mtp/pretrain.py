@@ -139,10 +139,15 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
+    from salm_mtp.cli import document_data_options
     from salm_mtp.data.datamodule import SALMDataModule
+
+    class PretrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            document_data_options(parser)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config field docstrings are the --help
-    LightningCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
+    PretrainCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
                                                                    "prog": "salm-mtp pretrain-encoder"},
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)

@@ -118,7 +118,8 @@ NESTED_HELP = {  # subcommand argv -> a docstring line of a nested key (Lightnin
     ("test",): (MTP_LAYERS_HELP, DATA_HELP),
     ("predict",): (MTP_LAYERS_HELP, DATA_HELP),
     ("plan",): (MTP_LAYERS_HELP,),
-    ("pretrain-encoder", "fit"): ("--model.encoder.hidden_size HIDDEN_SIZE Encoder width (inline build only)",),
+    ("pretrain-encoder", "fit"): ("--model.encoder.hidden_size HIDDEN_SIZE Encoder width (inline build only)",
+                                  DATA_HELP),
 }
 OPTION_HELP = {  # argparse subcommands -> one option's help
     "evaluate": "--decode {greedy,mtp} greedy (default), or mtp: also MTP self-speculative decoding",
