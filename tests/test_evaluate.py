@@ -22,7 +22,6 @@ from salm_mtp.errors import SalmError
 from salm_mtp.evaluate import _Totals, default_metrics_csv, format_table, summarise
 from salm_mtp.io import export_hf, load_lightning_checkpoint
 from salm_mtp.evaluate import main as evaluate_main
-from salm_mtp.model import SALMModule
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"num_utterances", "num_failed", "skipped_cuts", "wer", "cer", "num_empty_refs", "num_empty_hyps",
@@ -126,7 +125,8 @@ def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_cor
     manifest = sine_corpus(n=6)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", str(REPO / "conf/tiny.yaml"),
-           f"--trainer.default_root_dir={run}", f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={manifest}",
+           f"--trainer.default_root_dir={run}", f"--model.tokenizer_path={tok_dir}",
+           f"--data.train_manifest={manifest}",
            "--data.val_manifest=null", "--data.test_manifest=null", "--trainer.max_steps=3", "--model.mtp.num_layers=1",
            "--trainer.enable_progress_bar=false", f"--data.prompt.asr_instruction={CUSTOM_ASR}",
            "--data.prompt.target_lang=numerals", "--data.max_cut_duration=0.14"]
