@@ -68,6 +68,20 @@ def test_nemo_line_parses_into_merged_messages_and_clips(tmp_path):
     assert conversation_of(cut) == conv
 
 
+def test_turn_examples_give_each_assistant_turn_with_its_reference_history(tok):
+    from salm_mtp.data.conversation import turn_examples
+
+    conv = parse_conversation(nemo_line(), "m.jsonl", 1)
+    first, second = turn_examples(conv)
+    assert (first.id, second.id) == ("v0#1", "v0#2")
+    assert first.messages == conv.messages[:2] and len(first.clips) == 1 and first.answer == "one two"
+    assert second.messages == conv.messages and second.clips == conv.clips and second.loss_turns == "last"
+    fmt = PromptFormatter(tok)
+    enc = fmt.encode_messages(second.messages, second.loss_turns)
+    answer = tok.encode("three", add_special_tokens=False) + [tok.eos_token_id]
+    assert enc.input_ids[enc.prompt_len:] == answer and sum(enc.loss_mask) == len(answer)
+
+
 def test_messages_lines_and_their_system_message(tmp_path):
     line = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "one"}]}

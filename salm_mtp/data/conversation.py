@@ -105,6 +105,21 @@ def conversation_of(cut) -> Conversation:
     return Conversation.from_custom(cut.custom["salm"])
 
 
+def turn_examples(conv: Conversation) -> list[Conversation]:
+    """One example per assistant turn: the reference history up to it, that turn the only target (``prompt_len``
+    of its encoding is where the turn starts: what an evaluator generates from). Ids get ``#<k>`` (k = 1, 2, ...);
+    each keeps only the clips of its history."""
+    out = []
+    for end, m in enumerate(conv.messages):
+        if m["role"] != "assistant":
+            continue
+        messages = [dict(x) for x in conv.messages[: end + 1]]
+        n_clips = sum(x["content"].count(AUDIO_PLACEHOLDER) for x in messages)
+        out.append(Conversation(f"{conv.id}#{len(out) + 1}", messages, conv.clips[:n_clips], "last", conv.kind,
+                                conv.file, conv.line))
+    return out
+
+
 def _bad(cid, detail: str, path: str, lineno: int) -> BadCut:
     return BadCut(cid, "bad_conversation", detail, path, lineno)
 
