@@ -177,7 +177,7 @@ def head_stats(
     weight: torch.Tensor,
     targets: torch.Tensor,
     mtp_weight: torch.Tensor | None = None,
-    chunk_size: int = 2048,
+    chunk_size: int = 256,
     mtp_loss: str = "ce",
     lk_lambda: float = 0.5,
     groups: torch.Tensor | None = None,

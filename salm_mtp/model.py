@@ -125,7 +125,7 @@ class SALMModule(L.LightningModule):
         lora: LoRAConfig = LoRAConfig(),
         tokenizer_path: str | None = None,
         ctc_weight: float = 0.0,
-        lm_head_chunk_size: int = 2048,
+        lm_head_chunk_size: int = 256,
         init_seed: int | None = None,
         max_nonfinite_steps: int = 20,
     ):
@@ -145,7 +145,9 @@ class SALMModule(L.LightningModule):
             lora: LoRA adapters on the LLM (``--model.lora.*``; r=0 = off).
             tokenizer_path: tokenizer directory; null = the LLM directory's tokenizer.
             ctc_weight: weight of an encoder CTC auxiliary loss on the transcript (0 = off).
-            lm_head_chunk_size: target rows per lm_head chunk in the loss (memory vs speed).
+            lm_head_chunk_size: target rows per lm_head chunk in the loss: one chunk of logits (rows x vocab, fp32)
+                exists at a time; smaller = less memory, more passes over the lm_head's gradient buffer
+                (bench/loss_memory.py).
             init_seed: seed of the new (not loaded) parameters' initialisation; each module's values
                 depend only on it and the module's name, so N ranks start from the weights 1 process
                 would. null = rank 0's global seed (seed_everything).

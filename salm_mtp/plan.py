@@ -54,8 +54,10 @@ Tt = D x ``text_tokens_per_second`` (transcript and prompt); T = A + Tt LLM posi
     with AC       each backbone block keeps its input (T x H x b) and one block's internals exist at a time (the
                   one recomputed in backward): the sum of inputs + the largest block
     MTP head      per depth 8 H b (enorm, hnorm, concat, final norm) + its blocks' internals (never checkpointed)
-    loss          per head (main + D depths) the gathered target rows Tt x H x b, plus one lm_head chunk
-                  min(lm_head_chunk_size, Tt) x V x (b + 4 + 4) (logits, fp32 copy, log-softmax)
+    loss          per head (main + D depths) the gathered target rows Tt x H x b and their gradient (computed
+                  in the forward, salm_mtp/linear_ce.py), one lm_head chunk min(lm_head_chunk_size, Tt) x V x
+                  (b + 4) (logits, fp32 copy turned into the softmax gradient in place), and the lm_head's
+                  fp32 gradient buffer V x H x 4 when the lm_head trains
     CTC head      Fe x classes x (b + 4 + 4), when model.ctc_weight > 0
 """
 
@@ -392,7 +394,9 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
     for d in range(1, module.num_mtp_depths + 1):
         mtp += T * (8 * H * b + sum(block_bytes(blk.block_type, llm, b) for blk in head.depth_blocks(d)))
     rows = min(module.lm_head_chunk_size, Tt)
-    loss = (1 + module.num_mtp_depths) * Tt * H * b + rows * llm.vocab_size * (b + 8)
+    w = module.llm.lm_head.weight
+    grad_buffer = w.numel() * 4 if w.requires_grad else 0  # linear_ce's fp32 dW, forward to backward
+    loss = 2 * (1 + module.num_mtp_depths) * Tt * H * b + rows * llm.vocab_size * (b + 4) + grad_buffer
     common = encoder + adapter + io + mtp + loss
     counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
     return {
