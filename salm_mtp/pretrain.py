@@ -139,7 +139,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
-    from salm_mtp.cli import document_data_options
+    from salm_mtp.trainer_cli import document_data_options
     from salm_mtp.data.datamodule import SALMDataModule
 
     class PretrainCLI(LightningCLI):
