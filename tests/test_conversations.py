@@ -263,3 +263,17 @@ def test_missing_audio_at_load_time_drops_only_that_row(tmp_path, tok_dir):
     assert batch["skipped"][0]["reason"] == "unreadable_audio" and batch["skipped"][0]["cut_id"] == "missing"
     with pytest.raises(BadCutError, match="unreadable_audio"):
         SALMDataset(tok, policy="raise")[cuts]
+
+
+def test_source_dataloader_scores_each_assistant_turn_given_the_reference_history(tmp_path, tok_dir):
+    write_audio(tmp_path, "a.flac", 0.2, 300.0)
+    write_audio(tmp_path, "b.flac", 0.3, 400.0)
+    manifest = write_jsonl(tmp_path / "conv.jsonl", [nemo_line("v0", durs=(0.2, 0.3)), nemo_line("v1", durs=(0.2, 0.3))])
+    dm = SALMDataModule(tokenizer_path=tok_dir, max_tokens=400)
+    dm.set_audio_rate(6.25)
+    spec = {"name": "talk", "type": "conversations", "path": str(manifest)}
+    rows = [(i, a, n) for b in dm.source_dataloader(spec, per_turn=True)
+            for i, a, n in zip(b["ids"], b["answers"], b["clip_rows"].bincount(minlength=len(b["ids"])).tolist())]
+    assert rows == [("v0#1", "one two", 1), ("v0#2", "three", 2), ("v1#1", "one two", 1), ("v1#2", "three", 2)]
+    whole = [i for b in dm.source_dataloader(spec) for i in b["ids"]]
+    assert whole == ["v0", "v1"]

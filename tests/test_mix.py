@@ -273,3 +273,49 @@ def test_fit_logs_per_source_losses_and_named_val_sets(tok_dir, data, tmp_path):
     assert {"val_loss", "val_loss/asr_dev", "val_loss/chat_dev", "val_main_loss/chat_dev"} <= keys
     (last,) = [r for r in rows if r.get("val_loss")]
     assert float(last["val_loss/chat_dev"]) > 0 and float(last["val_loss/asr_dev"]) > 0
+
+
+class _Recorder(pl.LightningModule):
+    """Records the row ids of each training step (no model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[str, ...]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(tuple(batch["ids"]))
+        return (self.w**2).sum() + self.w.sum() * float(batch["input_lens"].sum())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_resume_of_a_mixed_stream_sees_the_remaining_batches(tok_dir, data, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None, callbacks=()):
+        model = _Recorder()
+        trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp_path),
+                             use_distributed_sampler=False)
+        trainer.fit(model, make_dm(tok_dir, data, inputs=inputs(data, talk=0.2)), ckpt_path=ckpt_path)
+        return model.seen
+
+    every = ModelCheckpoint(tmp_path / "ck", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    full = fit(callbacks=[every])
+    assert len(full) == 8
+    saved = torch.load(tmp_path / "ck" / "step=3.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert saved["combined_loader"] == [{"epoch": 0, "batches_done": 3}]
+    assert full[:3] + fit(ckpt_path=tmp_path / "ck" / "step=3.ckpt") == full
+
+
+def test_mixed_cut_sources_without_a_token_budget_keep_their_shares(tok_dir, data, sine_corpus):
+    other = sine_corpus(n=12, name="more")
+    dm = SALMDataModule(tokenizer_path=tok_dir, max_duration=1.0, seed=3, inputs=[
+        {"name": "a", "path": data["cuts"], "weight": 0.7}, {"name": "b", "path": str(other), "weight": 0.3}])
+    it = iter(dm.train_dataloader().sampler)
+    batches = [list(next(it)) for _ in range(100)]
+    sources = [c.custom[SOURCE_KEY] for b in batches for c in b]
+    assert abs(sources.count(0) / len(sources) - 0.7) <= 0.05
+    assert all(sum(c.duration for c in b) <= 1.0 + max(c.duration for c in b) for b in batches)

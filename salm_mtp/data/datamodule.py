@@ -49,7 +49,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
-from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, Prepared, as_inputs, mix, source_cuts
+from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prepared, as_inputs, mix, source_cuts
 from salm_mtp.data.policy import POLICIES, BadCut, CutChecker, SkipLog, handle
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
 from salm_mtp.errors import check_ckpt_path, check_writable_dir
@@ -541,13 +541,16 @@ class SALMDataModule(pl.LightningDataModule):
         if num_buckets < self.cfg.num_buckets:
             n = num_buckets
             log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)
-        if self.cfg.max_tokens is not None:  # LLM-position budget, strict; a mixed stream is already shuffled
-            shuffle = self.cfg.shuffle and len(self.cfg.inputs or []) < 2
+        # a mixed stream is already shuffled and is batched in its own order: length buckets would hold a backlog
+        # that skews the sources' shares for hundreds of steps (salm_mtp.data.mix)
+        mixed = len(self.cfg.inputs or []) > 1
+        shuffle = self.cfg.shuffle and not mixed
+        if self.cfg.max_tokens is not None:  # LLM-position budget, strict
             sampler = self._budget_sampler(cuts, shuffle, world_size, rank)
         else:
-            common = dict(max_duration=self.cfg.max_duration, max_cuts=self.cfg.max_cuts, shuffle=self.cfg.shuffle,
+            common = dict(max_duration=self.cfg.max_duration, max_cuts=self.cfg.max_cuts, shuffle=shuffle,
                           seed=self.cfg.seed, drop_last=False, world_size=world_size, rank=rank)
-            if num_buckets < 2:  # one usable cut: lhotse's bucketing needs two buckets
+            if mixed or num_buckets < 2:  # (one usable cut: lhotse's bucketing needs two buckets)
                 sampler = DynamicCutSampler(cuts, **common)
             else:
                 sampler = DynamicBucketingSampler(cuts, num_buckets=num_buckets, **common)
@@ -594,6 +597,16 @@ class SALMDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_dataloader("test")
+
+    def source_dataloader(self, spec: InputConfig | dict, per_turn: bool = False) -> DataLoader:
+        """Loader of one named set (``data.inputs`` form) in file order, for evaluation. ``per_turn``: each
+        conversation becomes one row per assistant turn, the reference history before it as the prompt
+        (``prompt_lens``) and that turn as the only target (salm_mtp.data.conversation.turn_examples)."""
+        spec = as_inputs([spec])[0]
+        cuts = source_cuts(spec, None, self._on_bad)
+        if per_turn:
+            cuts = CutSet(PerTurn(cuts))
+        return self._eval_loader(self._prepared(cuts, f"eval/{spec.name}"))
 
     def predict_dataloader(self) -> DataLoader:
         """``salm-mtp predict`` decodes the test manifest (``--data.test_manifest``)."""

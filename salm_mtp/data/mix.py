@@ -36,7 +36,7 @@ from pathlib import Path
 from lhotse import CutSet
 from lhotse.dataset.sampling.base import CutSampler
 
-from salm_mtp.data.conversation import LOSS_TURNS, ConversationCuts
+from salm_mtp.data.conversation import LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, turn_examples
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
@@ -131,6 +131,20 @@ class _Chain:
     def __iter__(self) -> Iterator:
         for part in self.parts:
             yield from part
+
+
+class PerTurn:
+    """Conversations expanded to one example per assistant turn (``turn_examples``); other cuts as they are."""
+
+    def __init__(self, cuts: Iterable) -> None:
+        self.cuts = cuts
+
+    def __iter__(self) -> Iterator:
+        for cut in self.cuts:
+            if is_conversation(cut):
+                yield from (c.to_cut(cut.custom.get(SOURCE_KEY)) for c in turn_examples(conversation_of(cut)))
+            else:
+                yield cut
 
 
 class Prepared:
