@@ -64,7 +64,8 @@ class DataConfig:
     """Where the data is and how it is batched (``--data.*``)."""
 
     train_manifest: str | None = None
-    """lhotse CutSet (jsonl.gz) for training; None: no training data."""
+    """lhotse CutSet (jsonl.gz) for training (shorthand for one data.inputs source of type cuts); None: no
+    training data, or data.inputs."""
     val_manifest: str | None = None
     """CutSet for validation; None: no validation."""
     test_manifest: str | None = None
@@ -73,7 +74,7 @@ class DataConfig:
     """HF tokenizer directory (``AutoTokenizer.from_pretrained``); None: the model must call
     ``SALMDataModule.set_tokenizer`` before the loaders are built."""
     max_duration: float = 60.0
-    """Seconds of audio per batch (the batch size is dynamic)."""
+    """Seconds of audio per batch (the batch size is dynamic); not used when data.max_tokens is set."""
     num_buckets: int = 8
     """Duration buckets of the train sampler (cuts of similar length are batched together)."""
     shuffle: bool = True
