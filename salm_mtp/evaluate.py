@@ -75,6 +75,7 @@ from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.policy import BadCut, SkipLog
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
+from salm_mtp.errors import MissingInputError
 from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
 
@@ -87,13 +88,19 @@ def load_model(ckpt: str | None = None, model: str | None = None):
     export directory (``model``), on CPU (``salm_mtp.io.load_model``)."""
     from salm_mtp.io import load_model as _load
 
+    check_model_path(ckpt, model)
+    return _load(model or ckpt)
+
+
+def check_model_path(ckpt: str | None, model: str | None) -> None:
+    """MissingInputError unless exactly one of ``ckpt`` / ``model`` is given and exists."""
     if (ckpt is None) == (model is None):
         raise ValueError("pass exactly one of --ckpt (Lightning checkpoint) or --model (export directory)")
     if model is not None and not os.path.isdir(model):
-        raise FileNotFoundError(f"--model {model!r} is not a directory; pass one written by `salm-mtp export`")
+        raise MissingInputError(f"--model {model!r} is not a directory; pass one written by `salm-mtp export`")
     if ckpt is not None and not os.path.exists(ckpt):
-        raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
-    return _load(model or ckpt)
+        raise MissingInputError(f"--ckpt {ckpt!r} does not exist; pass a .ckpt file (or sharded checkpoint "
+                                "directory) that `salm-mtp fit` wrote under <log_dir>/checkpoints/")
 
 
 def default_metrics_csv(ckpt: str | None) -> str | None:
@@ -154,7 +161,7 @@ def eval_datamodule(tokenizer, manifest: str, data: DataConfig | None = None, ba
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if not os.path.isfile(manifest):
-        raise FileNotFoundError(f"--manifest {manifest!r}: no such file")
+        raise MissingInputError(f"--manifest {manifest!r}: no such file; pass a lhotse CutSet manifest (jsonl.gz)")
     data = data if data is not None else DataConfig()
     cfg = replace(data, **{**not_evaluated(), "test_manifest": manifest,
                            "max_cuts": batch_size if batch_size is not None else (data.max_cuts or DEFAULT_BATCH_SIZE),
@@ -617,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message="You are using DynamicCutSampler with an eagerly read CutSet")
+    check_model_path(args.ckpt, args.model)
     data, run_config, manifest = run_data_config(args)
     print(f"data settings: {run_config or 'defaults (no run config)'}", flush=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import warnings
 
 import torch
@@ -240,8 +239,10 @@ def export_main(argv: list[str] | None = None) -> int:
                         "adapters alone in peft's format under OUT/lora_adapter")
     args = p.parse_args(argv)
     if not os.path.exists(args.ckpt):
-        print(f"error: --ckpt {args.ckpt!r} does not exist", file=sys.stderr)
-        return 2
+        from salm_mtp.errors import MissingInputError
+
+        raise MissingInputError(f"--ckpt {args.ckpt!r} does not exist; pass a .ckpt file or sharded checkpoint "
+                                "directory that `salm-mtp fit` wrote under <log_dir>/checkpoints/")
     paths = export_checkpoint(args.ckpt, args.out, mtp_depths=args.mtp_depths, lora=args.lora)
     run_config = find_run_config(args.ckpt)
     if run_config is not None:

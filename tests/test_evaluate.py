@@ -175,3 +175,18 @@ def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_cor
     assert len((tmp_path / "e3" / "hyps.jsonl").read_text().splitlines()) == 4
     with pytest.raises(SalmError, match=r"bad cut 'c005' .*too_long_audio"):  # the run's bound, policy from the flag
         evaluate_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "e4"), "--on-bad-cut", "raise", *common])
+
+
+def test_missing_inputs_are_one_paragraph_errors(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    out = ["--out", str(tmp_path / "eval")]
+    with pytest.raises(SalmError, match=r"--ckpt '.*nope.ckpt' does not exist; pass a \.ckpt file"):
+        evaluate_main(["--ckpt", str(tmp_path / "nope.ckpt"), *out])
+    ckpt.write_bytes(b"")  # found; never loaded: the settings are checked first
+    with pytest.raises(SalmError, match=r"--config '.*other.yaml': no such file"):
+        evaluate_main(["--ckpt", str(ckpt), "--config", str(tmp_path / "other.yaml"), *out])
+    with pytest.raises(SalmError, match=r"no manifest to evaluate: pass --manifest"):
+        evaluate_main(["--ckpt", str(ckpt), *out])  # no config.yaml, so no data.test_manifest either
+    (tmp_path / "config.yaml").write_text("data:\n  max_duration: -1\n")
+    with pytest.raises(SalmError, match=r"data.max_duration must be > 0, got -1.0.*Override the key"):
+        evaluate_main(["--ckpt", str(ckpt), "--manifest", str(ckpt), *out])
