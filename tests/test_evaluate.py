@@ -119,20 +119,18 @@ def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_cor
     the checkpoint, from the config.yaml `salm-mtp export` copies, or from --config; flags still override."""
     from transformers import AutoTokenizer
 
+    from salm_mtp.cli import main as salm_mtp
     from salm_mtp.data.prompt import PromptConfig, PromptFormatter
     from salm_mtp.io import export_main
 
     manifest = sine_corpus(n=6)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", str(REPO / "conf/tiny.yaml"),
-           f"--trainer.default_root_dir={run}", f"--model.tokenizer_path={tok_dir}",
-           f"--data.train_manifest={manifest}",
-           "--data.val_manifest=null", "--data.test_manifest=null", "--trainer.max_steps=3", "--model.mtp.num_layers=1",
-           "--trainer.enable_progress_bar=false", f"--data.prompt.asr_instruction={CUSTOM_ASR}",
-           "--data.prompt.target_lang=numerals", "--data.max_cut_duration=0.14"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    salm_mtp(["fit", "--config", str(REPO / "conf/tiny.yaml"), f"--trainer.default_root_dir={run}",  # the real CLI,
+              f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={manifest}",  # in this process
+              "--data.val_manifest=null", "--data.test_manifest=null", "--trainer.max_steps=3",
+              "--model.mtp.num_layers=1", "--trainer.enable_progress_bar=false",
+              f"--data.prompt.asr_instruction={CUSTOM_ASR}", "--data.prompt.target_lang=numerals",
+              "--data.max_cut_duration=0.14"])
     (ckpt,) = run.glob("salm/version_*/checkpoints/last.ckpt")
     log_dir = ckpt.parent.parent
 
