@@ -127,7 +127,7 @@ def main() -> None:
     kw = {} if a.manifest is None else {"train_manifest": a.manifest}
     manifest = kw.get("train_manifest", demo_data_kwargs()["train_manifest"])
     if not os.path.isfile(manifest):
-        sys.exit(f"{manifest} is missing: run `python scripts/make_demo_data.py --out data/demo` first")
+        sys.exit(f"{manifest} is missing: run `salm-mtp make-demo-data --out data/demo` first")
     torch.manual_seed(0)
     res = measure(tuple(int(w) for w in a.workers.split(",")), a.batches, a.step_repeats, **kw)
     print_table(res)

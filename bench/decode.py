@@ -6,7 +6,7 @@ acceptance, wall time, and whether the outputs are identical.
         --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/bench_decode [--limit 64] [--batch-sizes 1,16]
     python bench/decode.py          # the floor: an untrained model of conf/demo.yaml's sizes, same utterances
 
-Per batch size: the utterances are batched in manifest order (as scripts/evaluate.py does), their prompts
+Per batch size: the utterances are batched in manifest order (as `salm-mtp evaluate` does), their prompts
 encoded once (not timed: both decoders share it), one untimed warm-up pass, then ``--repeats``
 repetitions; in each, every batch is decoded by greedy (salm_mtp.generate.greedy_decode, the cached
 decoder) and by MTP (salm_mtp.decoding.speculative.mtp_decode) for each ``--num-drafts``, the order
@@ -55,7 +55,7 @@ def untrained_demo_model():
         cfg = yaml.safe_load(f)["model"]
     cfg["encoder"]["path"] = None
     if not os.path.isfile(os.path.join(cfg["tokenizer_path"], "tokenizer.json")):
-        raise FileNotFoundError(f"{cfg['tokenizer_path']} has no tokenizer: run `python scripts/make_demo_data.py "
+        raise FileNotFoundError(f"{cfg['tokenizer_path']} has no tokenizer: run `salm-mtp make-demo-data "
                                 "--out data/demo` (step 1 of scripts/run_demo.sh) or pass --ckpt")
     torch.manual_seed(0)
     return build_module(**cfg)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="Lightning checkpoint (default: an untrained conf/demo.yaml model)")
-    src.add_argument("--model", help="export directory (scripts/export.py)")
+    src.add_argument("--model", help="export directory (salm-mtp export)")
     p.add_argument("--manifest", default=DEMO_MANIFEST, help=f"lhotse manifest (default {DEMO_MANIFEST})")
     p.add_argument("--out", default="runs/bench_decode", help="output directory for decode.json")
     p.add_argument("--limit", type=int, default=64, help="first N utterances of the manifest (default 64)")

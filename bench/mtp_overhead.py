@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--out", default=OUT)
     a = p.parse_args()
     if not os.path.isfile(a.manifest):
-        sys.exit(f"{a.manifest} is missing: run `python scripts/make_demo_data.py --out data/demo` first")
+        sys.exit(f"{a.manifest} is missing: run `salm-mtp make-demo-data --out data/demo` first")
     batch = demo_batch(a.manifest, max_duration=a.max_duration)
     res = {"sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak host memory per rank of a frozen-LLM `salm-mtp fit`: 1 process vs 2 FSDP2 processes (DESIGN.md §10).
+"""Peak host memory per rank of a frozen-LLM `salm-mtp fit`: 1 process vs 2 FSDP2 processes (docs/design.md §5).
 
     python bench/scale_memory.py [--work-dir DIR] [--keep] [--variants bf16,fp32] [--hidden 1024 --repeats 5]
 
@@ -14,7 +14,9 @@ What it does:
      3 steps, the SALM recipe: the whole LLM frozen (``--model.freeze.patterns=['^llm\\.']``), MTP off
      (``model.mtp.num_layers=0``: only the LLM's own weights are measured), tiny trainable encoder + adapter,
      one 0.1-0.33 s clip per rank and step (``--max-cuts``: activations, which data parallelism does not
-     shard, stay small), OMP_NUM_THREADS=1 per rank;
+     shard, stay small), ``model.parallel.activation_checkpointing=true`` as in the real-target configs
+     (each block's activations recomputed in backward; ``--no-activation-checkpointing`` keeps them: the
+     pure-torch Mamba scan saves ~6 MiB per block even for a 0.3 s clip), OMP_NUM_THREADS=1 per rank;
        bf16: --model.parallel.param_dtype=bfloat16 --model.parallel.reduce_dtype=float32
              --model.parallel.frozen_dtype=bfloat16   (the real-target settings: frozen LLM stored in bf16)
        fp32: no param / frozen dtype (frozen LLM stored in fp32)
@@ -279,9 +281,11 @@ def llm_facts(llm) -> dict:
 
 
 def fit_config(run_dir: str, probe_dir: str, hf_dir: str, corpus: str, nproc: int, variant: str, steps: int,
-               trace: bool = False, max_cuts: int = 1, mmap_threshold: int | None = None) -> dict:
+               trace: bool = False, max_cuts: int = 1, mmap_threshold: int | None = None,
+               activation_checkpointing: bool = True) -> dict:
     parallel = ({"param_dtype": "bfloat16", "reduce_dtype": "float32", "frozen_dtype": "bfloat16"}
                 if variant == "bf16" else {"param_dtype": None, "reduce_dtype": None, "frozen_dtype": None})
+    parallel["activation_checkpointing"] = activation_checkpointing
     return {
         "seed_everything": 1234,
         "trainer": {
@@ -313,7 +317,7 @@ def fit_config(run_dir: str, probe_dir: str, hf_dir: str, corpus: str, nproc: in
 
 def run_fit(work: str, name: str, hf_dir: str, corpus: str, nproc: int, variant: str, steps: int,
             timeout: int, extra_env: dict[str, str], trace: bool = False, max_cuts: int = 1,
-            mmap_threshold: int | None = None) -> dict:
+            mmap_threshold: int | None = None, activation_checkpointing: bool = True) -> dict:
     import yaml
 
     run_dir = os.path.join(work, "runs", name)
@@ -322,7 +326,7 @@ def run_fit(work: str, name: str, hf_dir: str, corpus: str, nproc: int, variant:
     cfg_file = os.path.join(run_dir, "fit.yaml")
     with open(cfg_file, "w") as f:
         yaml.safe_dump(fit_config(run_dir, probe_dir, hf_dir, corpus, nproc, variant, steps, trace, max_cuts,
-                                  mmap_threshold), f, sort_keys=False)
+                                  mmap_threshold, activation_checkpointing), f, sort_keys=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "salm_mtp.cli", "fit", "--config", cfg_file]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "bench")]),
@@ -429,6 +433,9 @@ def main() -> None:
                    help="clips per batch per rank (activations do not shard under data parallelism: keep them small)")
     p.add_argument("--mallopt-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="diagnosis: each rank calls mallopt(M_MMAP_THRESHOLD, BYTES) before configure_model")
+    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                   help="keep every block's activations (default: model.parallel.activation_checkpointing=true, "
+                        "as the real-target configs set it)")
     p.add_argument("--trace", action="store_true", help="record RSS around every backbone block (diagnosis)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per fit run")
     p.add_argument("--hidden", type=int, default=1024)
@@ -487,7 +494,7 @@ def main() -> None:
             "recipe": "ModelParallelStrategy(data_parallel_size=N), llm frozen (^llm\\.), MTP off, tiny encoder+adapter "
                       "trainable, CTC 0.3, OMP_NUM_THREADS=1, per-rank batches of max_cuts sine clips (0.10-0.33 s)",
             "arch": arch, "vocab": a.vocab, "llm": facts, "tiny_llm": {**TINY_ARCH, **tiny_facts},
-            "disk_gib": round(disk / 2**30, 3), "steps": a.steps, "max_cuts": a.max_cuts, "mallopt_mmap_threshold": a.mallopt_mmap_threshold, "write_s": round(t_write, 1), "env": extra_env,
+            "disk_gib": round(disk / 2**30, 3), "steps": a.steps, "max_cuts": a.max_cuts, "activation_checkpointing": a.activation_checkpointing, "mallopt_mmap_threshold": a.mallopt_mmap_threshold, "write_s": round(t_write, 1), "env": extra_env,
             "summary": {}, "runs": {}, "errors": {},
         })
         for variant in variants:
@@ -497,7 +504,7 @@ def main() -> None:
                 try:
                     r = run_fit(work, f"{variant}_{key}", big_dir if llm_name == "big" else tiny_dir, corpus,
                                 int(nproc), variant, a.steps, a.timeout, extra_env, a.trace, a.max_cuts,
-                                a.mallopt_mmap_threshold)
+                                a.mallopt_mmap_threshold, a.activation_checkpointing)
                 except RuntimeError as e:
                     print(f"[{variant}] {key}: FAILED\n{e}", flush=True)
                     out["errors"][f"{variant}_{key}"] = str(e)[-3000:]

@@ -28,12 +28,15 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_grad_(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row CE (c,), hits (c,), G = softmax - onehot (c, V)) with G written over ``logits``."""
+    """(per-row CE (c,), hits (c,), G = softmax - onehot (c, V)) with G written over ``logits``: every step is
+    in place or row-sized, so no second (c, V) tensor exists (logsumexp would allocate one)."""
     rows = torch.arange(t.numel(), device=t.device)
     hits = logits.argmax(-1) == t
-    lse = torch.logsumexp(logits, -1)
-    ce = lse - logits[rows, t]
-    g = logits.sub_(lse[:, None]).exp_()
+    picked = logits[rows, t]  # (c,)
+    m = logits.amax(-1)  # (c,)
+    total = logits.sub_(m[:, None]).exp_().sum(-1)  # (c,): sum exp(x - m)
+    ce = m + total.log() - picked
+    g = logits.div_(total[:, None])
     g[rows, t] -= 1.0
     return ce, hits, g
 

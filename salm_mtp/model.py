@@ -69,14 +69,14 @@ def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
     if path is None:
         raise ValueError(
             f"{key} is null and model.llm.path is null: no tokenizer to read. Set --{key}=data/demo/tokenizer "
-            "(made by scripts/make_demo_data.py) or point --model.llm.path at a HF directory with a tokenizer"
+            "(made by `salm-mtp make-demo-data`) or point --model.llm.path at a HF directory with a tokenizer"
         )
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MissingInputError(
             f"{key}={path!r}: no loadable tokenizer there ({str(e)[:200]}); set --{key} to a HF tokenizer directory "
-            "(the demo one is made by scripts/make_demo_data.py)") from None
+            "(the demo one is made by `salm-mtp make-demo-data`)") from None
 
 
 PART_TYPES = {

@@ -56,9 +56,9 @@ def test_bad_values_name_the_key_and_flag(key, value):
 def test_missing_files_name_the_key_path_and_fix(tmp_path):
     missing = str(tmp_path / "nope_cuts.jsonl.gz")
     for key in ("train_manifest", "val_manifest", "test_manifest"):
-        with pytest.raises(FileNotFoundError, match=rf"data\.{key}.*nope_cuts.*make_demo_data\.py"):
+        with pytest.raises(FileNotFoundError, match=rf"data\.{key}.*nope_cuts.*make-demo-data"):
             DataConfig(**{key: missing})
-    with pytest.raises(FileNotFoundError, match=r"data\.tokenizer_path.*make_demo_data\.py"):
+    with pytest.raises(FileNotFoundError, match=r"data\.tokenizer_path.*make-demo-data"):
         SALMDataModule(tokenizer_path=str(tmp_path / "no_tok"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,18 @@ def test_cli_script(tmp_path):
         "audio", "dev_cuts.jsonl.gz", "meta.json", "test_cuts.jsonl.gz", "tokenizer", "train_cuts.jsonl.gz",
     ]  # fmt: skip
     assert len(list((out / "audio").glob("*.flac"))) == 4
+
+
+def test_cli_mix_writes_the_mixing_sets_over_the_corpus_clips(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "salm_mtp.cli", "make-demo-data", "--out", str(out), "--num-train", "3",
+           "--num-dev", "2", "--num-test", "2", "--synthetic", "--no-progress", "--mix"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    names = {p.name for p in out.iterdir()}
+    for split in ("train", "dev", "test"):
+        assert {f"talk_{split}.jsonl", f"text_{split}.jsonl"} <= names
+        assert f"talk_{split}.jsonl: " in run.stdout
+    clips = {p.name for p in (out / "audio").glob("*.flac")}
+    talk = [json.loads(line) for line in open(out / "talk_train.jsonl")]
+    used = {os.path.basename(t["value"]) for c in talk for t in c["conversations"] if t["type"] == "audio"}
+    assert talk and used and used <= clips  # every audio turn is one of the corpus's own clips

@@ -56,7 +56,7 @@ from salm_mtp.errors import check_ckpt_path, check_writable_dir
 
 log = logging.getLogger(__name__)
 
-_MAKE_DEMO = "python scripts/make_demo_data.py"
+_MAKE_DEMO = "salm-mtp make-demo-data"
 
 
 @dataclass

@@ -359,8 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", action="store_true",
                         help="use synthetic tones instead of espeak-ng speech (for tests)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--mix", action="store_true",
+                        help="also write the mixing sets conf/demo_mix.yaml trains on: talk_{split}.jsonl (spoken "
+                             "three-turn conversations over the corpus's clips) and text_{split}.jsonl (text chats)")
     args = parser.parse_args(argv)
     make_demo_data(out=args.out, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
                    seed=args.seed, workers=args.workers, force=args.force,
                    synthetic=True if args.synthetic else None, progress=not args.no_progress)
+    if args.mix:
+        from salm_mtp.data.demo_mix import make_mix_data
+
+        for name, path in make_mix_data(args.out, seed=args.seed).items():
+            print(f"{name}: {sum(1 for _ in open(path))} lines -> {path}")
     return 0
