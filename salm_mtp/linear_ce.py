@@ -82,11 +82,15 @@ class _LinearCE(torch.autograd.Function):
         tensors = ctx.saved_tensors
         hs, targets, weights = tensors[:K], tensors[K : 2 * K], tensors[2 * K :]
         if ctx.fast:  # dh_k = g_k * (G_k @ W_k) exactly; dW_j = s_j * buffer_j when the g_k fit the ratios
-            gh = [None if d is None else d * grad_ce[k].to(d.dtype) for k, d in enumerate(ctx.dh)]
+            # a head whose CE gets no gradient (e.g. only one depth's loss is backpropagated) sends nothing back
+            gh = [None if d is None or not bool(grad_ce[k] != 0) else d * grad_ce[k].to(d.dtype)
+                  for k, d in enumerate(ctx.dh)]
             gw = []
             for j, d in enumerate(ctx.dW):
                 s = None if d is None else _common_scale(grad_ce, ctx.meta["ratios"], widx, j)
-                if d is not None and s is not None:
+                if d is not None and s is not None and not bool(s != 0):
+                    d = None  # no head on this weight gets a gradient
+                elif d is not None and s is not None:
                     d = d.mul_(s).to(weights[j].dtype)  # in place: no second (V, H) buffer
                 elif d is not None:
                     d = _recompute_grads(ctx, grad_ce, hs, targets, weights, only_weight=j)[1][j]
