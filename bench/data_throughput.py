@@ -27,7 +27,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+from common import write_result  # noqa: E402
 
 OUT = "bench/results/data_throughput.json"
 DEMO_CONF = "conf/demo.yaml"
@@ -131,10 +132,7 @@ def main() -> None:
     torch.manual_seed(0)
     res = measure(tuple(int(w) for w in a.workers.split(",")), a.batches, a.step_repeats, **kw)
     print_table(res)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write_result(res, a.out)
 
 
 if __name__ == "__main__":

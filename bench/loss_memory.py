@@ -43,34 +43,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
+from common import read_status, reset_hwm, write_result  # noqa: E402
 from salm_mtp.loss import combine_losses, head_stats, mtp_targets  # noqa: E402
 
 OUT = "bench/results/loss_memory.json"
 LAMBDA = 0.1  # model.mtp.loss_scaling_factor's default
 RTOL = 1e-5
-
-
-def _status_mib() -> dict[str, float]:
-    """VmRSS and VmHWM (peak) of this process, MiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_inputs(vocab: int, hidden: int, tokens: int, depths: int, seed: int = 0):
@@ -140,13 +120,13 @@ def run_case(case: str, vocab: int, hidden: int, tokens: int, depths: int, grads
     fn(w, h, t).backward()
     del w, h, t
     W, hs, targets = make_inputs(vocab, hidden, tokens, depths)
-    before = _status_mib()["VmRSS"]
-    exact = _reset_peak()
+    before = read_status()["VmRSS"]
+    exact = reset_hwm()
     t0 = time.perf_counter()
     loss = fn(W, hs, targets)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _status_mib()["VmHWM"] - before
+    peak = read_status()["VmHWM"] - before
     if grads_file is not None:
         torch.save({"loss": loss.detach(), "grads": [W.grad] + [h.grad for h in hs]}, grads_file)
     return {"case": case, "peak_mib": round(peak, 1), "seconds": round(seconds, 3), "loss": float(loss),
@@ -248,14 +228,10 @@ def main() -> None:
         gf = None if a.grads_file in (None, os.devnull) else a.grads_file
         print(json.dumps(run_case(a.case, a.vocab, a.hidden, a.tokens, a.depths, gf)))
         return
-    torch.set_num_threads(torch.get_num_threads())
     cases = ["naive"] + [f"ours@{int(c)}" for c in a.chunk_sizes.split(",")] + ([] if a.no_cce else ["cce"])
     res = measure(cases, a.vocab, a.hidden, a.tokens, a.depths, repeats=a.repeats)
     print_table(res)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write_result(res, a.out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+from common import write_result  # noqa: E402
 
 OUT = "bench/results/mtp_overhead.json"
 DEMO_CONF = "conf/demo.yaml"
@@ -213,10 +214,7 @@ def main() -> None:
             res["sizes"][size]["wall_s"] = round(time.perf_counter() - t0, 1)
     res["goal"] = {"overhead_vs_flops_ratio_max": 1.25}
     print_table(res)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.out}")
+    write_result(res, a.out)
 
 
 if __name__ == "__main__":

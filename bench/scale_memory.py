@@ -53,36 +53,14 @@ import time
 
 from lightning.pytorch.callbacks import Callback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import STATUS_KEYS, read_status, reset_hwm  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2**20
-STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
 
 # ------------------------------------------------------------------------------- in the ranks
-def read_status(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of a process in MiB ({} if it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in STATUS_KEYS:
-                    out[key] = int(rest.split()[0]) / 1024.0  # kB -> MiB
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return {}
-    return out
-
-
-def reset_hwm() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class MemoryProbe(Callback):
     """Writes ``out_dir/rank{R}.json``: /proc/self/status at each stage and VmHWM per phase (MiB).
 
