@@ -3,6 +3,7 @@
     salm-mtp evaluate --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt \\
         --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/eval [--decode greedy|mtp] [--batch-size 16]
     salm-mtp evaluate --model exports/demo --manifest ... --out ...
+    salm-mtp evaluate --ckpt ... --manifest data/demo/talk_test.jsonl --out ...   # conversations / text (--type)
 
 Settings come from the run itself: its resolved ``config.yaml`` (``<log_dir>/config.yaml`` for
 ``<log_dir>/checkpoints/x.ckpt``, ``EXPORT/config.yaml`` for an export, or ``--config FILE``) gives the
@@ -21,7 +22,14 @@ Per batch:
      not) and the chained acceptance a self-speculative decoder would get along that answer (depth k
      counts only when 1..k-1 agree too: ``mtp_teacher_forced_chained_acceptance``) with
      ``teacher_forced_mean_accepted_length`` = 1 + sum_k chained_k;
-  3. the main head's teacher-forced top-1 accuracy on the reference answers (``main_acc``).
+  3. the main head's teacher-forced top-1 accuracy and cross-entropy on the reference answers (``main_acc``,
+     ``main_loss``).
+A conversation or text set (``--type conversations|text``, detected from the first line by default; the formats
+of data.inputs, data/README.md) is read by the training code's reader (``SALMDataModule.source_dataloader``) with
+one row per assistant turn: the reference history before the turn (its audio clips included) is the prompt, the
+turn is generated and scored against its reference (``turn_wer``, ``turn_exact_match``), and teacher-forced
+(``main_loss``, ``main_acc``; summed over turns, that is the loss of every assistant turn of the set). Rows are
+``<conversation id>#<k>`` for the k-th assistant turn; a bad line follows data.on_bad_cut like a bad cut.
 With ``--decode mtp`` step 1 also runs MTP self-speculative decoding (salm_mtp.decoding.speculative) on
 the same prompts, greedy and MTP alternating which goes first from batch to batch; the hypotheses are
 the MTP decoder's, and what it measured live is added under ``spec_*`` names.
@@ -40,7 +48,8 @@ Writes to ``--out``:
                 ref_chars, num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
                 mtp_teacher_forced_agreement (marginal, one value per depth; [] without a head),
                 mtp_teacher_forced_chained_acceptance, teacher_forced_mean_accepted_length (tokens per backbone
-                forward; null without a head), main_acc, generated_tokens, decode_seconds (prompt encoding +
+                forward; null without a head), main_acc, main_loss (nats per answer token), num_turns, turn_wer,
+                turn_exact_match (conversation / text rows; null without any), generated_tokens, decode_seconds (prompt encoding +
                 prefill + decode steps only), tokens_per_s, max_new_tokens, decode ("greedy" | "mtp"). Undefined
                 values (nan/inf) are written as null. The teacher-forced figures are offline: measured along the
                 finished greedy answer. --decode mtp adds what the speculative decoder measured live:
@@ -66,12 +75,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+from lhotse import CutSet
 from tqdm import tqdm
 
 from salm_mtp import metrics as M
+from salm_mtp.data.conversation import conversation_of
 from salm_mtp.data.datamodule import DataConfig, SALMDataModule
 from salm_mtp.data.dataset import reference_answer
 from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.mix import SOURCE_TYPES, PerTurn, detect_source_type, source_cuts
 from salm_mtp.data.policy import BadCut, SkipLog
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
@@ -153,17 +165,20 @@ def not_evaluated() -> dict[str, None]:
 
 def eval_datamodule(tokenizer, manifest: str, data: DataConfig | None = None, batch_size: int | None = None,
                     limit: int | None = None, num_workers: int | None = None,
-                    audio_positions_per_second: float | None = None) -> SALMDataModule:
+                    audio_positions_per_second: float | None = None, input_type: str = "cuts") -> SALMDataModule:
     """The training data code with ``manifest`` as its test split: ``data`` (the run's DataConfig; None: the
     defaults) with ``max_cuts = batch_size`` (None: the run's, else DEFAULT_BATCH_SIZE), the model's
-    ``tokenizer``, no train/val manifests. Its ``test_dataloader()`` yields the evaluation batches and its
-    ``skip_log`` (a ``_SkipRows``) every cut left out."""
+    ``tokenizer``, no train/val manifests. ``eval_loader(dm, manifest, input_type)`` yields the evaluation
+    batches (for cuts its ``test_dataloader()``) and its ``skip_log`` (a ``_SkipRows``) every cut left out."""
+    if input_type not in SOURCE_TYPES:
+        raise ValueError(f"--type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if not os.path.isfile(manifest):
-        raise MissingInputError(f"--manifest {manifest!r}: no such file; pass a lhotse CutSet manifest (jsonl.gz)")
+        raise MissingInputError(f"--manifest {manifest!r}: no such file; pass a lhotse CutSet manifest (jsonl.gz) "
+                                "or a conversation / text JSONL (data/README.md)")
     data = data if data is not None else DataConfig()
-    cfg = replace(data, **{**not_evaluated(), "test_manifest": manifest,
+    cfg = replace(data, **{**not_evaluated(), "test_manifest": manifest if input_type == "cuts" else None,
                            "max_cuts": batch_size if batch_size is not None else (data.max_cuts or DEFAULT_BATCH_SIZE),
                            "num_workers": data.num_workers if num_workers is None else num_workers})
     dm = SALMDataModule.from_config(cfg)
@@ -171,9 +186,17 @@ def eval_datamodule(tokenizer, manifest: str, data: DataConfig | None = None, ba
     dm.set_tokenizer(tokenizer)
     if audio_positions_per_second is not None:
         dm.set_audio_rate(audio_positions_per_second)  # counted in data.max_seq_len, as in training
-    if limit is not None:
+    if limit is not None and input_type == "cuts":
         dm.use_first_cuts("test", limit)
     return dm
+
+
+def eval_loader(dm: SALMDataModule, manifest: str, input_type: str = "cuts", limit: int | None = None):
+    """The evaluation batches of ``manifest``: the test loader for cuts; for conversation / text sets one row per
+    assistant turn (the reference history as the prompt, that turn the target: ``source_dataloader(per_turn)``)."""
+    if input_type == "cuts":
+        return dm.test_dataloader()
+    return dm.source_dataloader(eval_source(manifest, input_type), per_turn=True, limit=limit)
 
 
 def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
@@ -188,6 +211,33 @@ def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[i
         except (IndexError, ValueError):
             task, ref = None, None
         index.setdefault(cut.id, (i, task, ref))
+    return index
+
+
+INPUT_TYPES = ("auto",) + SOURCE_TYPES
+TURN_TASKS = ("conversation", "text")
+"""Row tasks of conversation / text examples (salm_mtp.data.conversation.Conversation.kind)."""
+
+
+def eval_source(manifest: str, input_type: str) -> dict:
+    """The ``data.inputs`` entry that evaluates a conversation / text ``manifest`` (name "eval")."""
+    return {"name": "eval", "type": input_type, "path": manifest}
+
+
+def turn_index(manifest: str, input_type: str,
+               limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
+    """{turn id ``<conversation id>#<k>``: (position, task, reference turn)} of a conversation / text manifest's
+    (first ``limit``) assistant turns, in the order the evaluation loader yields them; bad lines are left to the
+    datamodule, which reports them."""
+    from salm_mtp.data.mix import as_inputs
+
+    cuts = CutSet(PerTurn(source_cuts(as_inputs([eval_source(manifest, input_type)])[0], None, lambda bad: None)))
+    index: dict[str, tuple[int, str | None, str | None]] = {}
+    for i, cut in enumerate(cuts):
+        if limit is not None and i >= limit:
+            break
+        conv = conversation_of(cut)
+        index.setdefault(cut.id, (i, conv.kind, conv.answer))
     return index
 
 
@@ -216,6 +266,7 @@ class _Totals:
     chain_count: list[int] = field(default_factory=list)
     main_correct: int = 0
     main_count: int = 0
+    main_nll: float = 0.0
     decode: str = "greedy"
     spec: SpecStats | None = None
     greedy_seconds: float = 0.0
@@ -231,14 +282,17 @@ class _Totals:
     """Per task, the prompt token ids of the first row of that task (what the model was fed)."""
 
 
-def teacher_forced_hits(module, batch: dict) -> tuple[int, int]:
-    """(correct, count) of the main head's top-1 on the reference answer tokens (answer + eos)."""
+def teacher_forced_hits(module, batch: dict) -> tuple[int, int, float]:
+    """(correct, count, summed cross-entropy in nats) of the main head on the reference answer tokens
+    (answer + eos), teacher-forced."""
     with inference(module):
         merged, _, _ = module.prepare_inputs(batch)
         h0 = module(merged.inputs_embeds)  # (B, T', H)
         keep = merged.targets != IGNORE_INDEX  # (B, T')
-        pred = module.llm.lm_head(h0[keep]).float().argmax(-1)  # (N,): logits only where a target is
-    return int((pred == merged.targets[keep]).sum()), int(keep.sum())
+        logits = module.llm.lm_head(h0[keep]).float()  # (N, V): logits only where a target is
+        target = merged.targets[keep]  # (N,)
+        nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    return int((logits.argmax(-1) == target).sum()), int(keep.sum()), float(nll)
 
 
 def _sync(device: torch.device) -> None:
@@ -291,9 +345,10 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: _Totals) ->
             totals.chain_hits[k] += hits
             totals.chain_count[k] += n
 
-    correct, count = teacher_forced_hits(module, batch)
+    correct, count, nll = teacher_forced_hits(module, batch)
     totals.main_correct += correct
     totals.main_count += count
+    totals.main_nll += nll
 
 
 def add_failed(totals: _Totals, skipped: list[BadCut]) -> None:
@@ -354,6 +409,8 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
     w = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr])
     c = M.cer([r["ref"] for r in asr], [r["hyp"] for r in asr])
     b = M.bleu([r["ref"] for r in ast], [r["hyp"] for r in ast]) if ast else None
+    turns = [r for r in ok if r["task"] in TURN_TASKS]
+    tw = M.wer([r["ref"] for r in turns], [r["hyp"] for r in turns]) if turns else None
     if num_depths:
         acceptance = [h / n if n else math.nan for h, n in zip(totals.acc_hits, totals.acc_count)]
         acceptance += [math.nan] * (num_depths - len(acceptance))  # no tokens decoded at all
@@ -380,6 +437,11 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
         "mtp_teacher_forced_chained_acceptance": [_finite(a) for a in chained],
         "teacher_forced_mean_accepted_length": M.mean_accepted_length(chained) if num_depths else None,
         "main_acc": totals.main_correct / totals.main_count if totals.main_count else math.nan,
+        "main_loss": totals.main_nll / totals.main_count if totals.main_count else math.nan,
+        "num_turns": len(turns),
+        "turn_wer": tw["wer"] if tw is not None else None,
+        "turn_exact_match": (sum(M.normalize_text(r["ref"]) == M.normalize_text(r["hyp"]) for r in turns) / len(turns)
+                             if turns else None),
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
         "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else math.nan,
@@ -425,7 +487,12 @@ def format_table(m: dict) -> str:
         ("CER", fmt(m["cer"], pct=True)),
         ("BLEU", fmt(m["bleu"])),
         ("main_acc (teacher-forced)", fmt(m["main_acc"], pct=True)),
+        ("main_loss (teacher-forced, nats/token)", fmt(m.get("main_loss"))),
     ]
+    if m.get("num_turns"):
+        rows += [("assistant turns (reference history)", fmt(m["num_turns"])),
+                 ("turn WER", fmt(m["turn_wer"], pct=True)),
+                 ("turn exact match", fmt(m["turn_exact_match"], pct=True))]
     for k, a in enumerate(m["mtp_teacher_forced_agreement"], start=1):
         rows.append((f"MTP agreement depth {k} (teacher-forced, marginal)", fmt(a, pct=True)))
     for k, a in enumerate(m.get("mtp_teacher_forced_chained_acceptance") or [], start=1):
@@ -454,7 +521,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
              limit: int | None = None, metrics_csv: str | None = None, title: str | None = None,
              prompt: PromptConfig | None = None, num_workers: int | None = None, progress: bool = True,
              decode: str = "greedy", num_drafts: int | None = None, data: DataConfig | None = None,
-             run_config: str | None = None) -> dict:
+             run_config: str | None = None, input_type: str = "auto") -> dict:
     """Decode ``manifest`` with ``module``; write hyps.jsonl, skipped_cuts.jsonl, settings.json, metrics.json and
     report.png under ``out_dir`` (module docstring).
 
@@ -462,6 +529,9 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     ``eval_datamodule`` with ``batch_size`` cuts (None: the run's data.max_cuts, else 16); ``run_config``: the file
     they came from (recorded in settings.json). ``decode``: "greedy", or "mtp" (also MTP self-speculative decoding
     with ``num_drafts`` drafts per step, default all the head's depths; its hypotheses are written).
+    ``input_type``: cuts (a lhotse manifest), conversations or text (JSONL as ``data.inputs`` reads them: every
+    assistant turn is generated given the reference history before it, and scored: turn_wer, turn_exact_match,
+    main_loss, main_acc), or auto (salm_mtp.data.mix.detect_source_type).
 
     Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as batches
     finish, so an interrupted run keeps what it decoded, then rewritten in manifest order.
@@ -476,19 +546,21 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
         raise ValueError("--decode mtp needs a model with an MTP head (this one has none); use --decode greedy")
     if prompt is not None:
         data = replace(data if data is not None else DataConfig(), prompt=prompt)
+    if input_type == "auto":
+        input_type = detect_source_type(manifest) if os.path.isfile(manifest) else "cuts"
     dm = eval_datamodule(module.tokenizer, manifest, data, batch_size, limit, num_workers,
-                         module.audio_positions_per_second())
+                         module.audio_positions_per_second(), input_type)
     os.makedirs(out_dir, exist_ok=True)
     skip: _SkipRows = dm.skip_log
     skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
-    index = manifest_index(manifest, limit)
-    loader = dm.test_dataloader()
+    index = manifest_index(manifest, limit) if input_type == "cuts" else turn_index(manifest, input_type, limit)
+    loader = eval_loader(dm, manifest, input_type, limit)
     totals = _Totals(decode=decode, num_drafts=num_drafts)
     was_training = module.training
     module.eval()
     hyps_path = os.path.join(out_dir, "hyps.jsonl")
     bar = tqdm(total=len(index), unit="utt", desc="decode", disable=not progress)
-    with open(hyps_path, "w") as f, bar:
+    with open(hyps_path, "w") as f, bar:  # tqdm counts rows: cuts, or assistant turns
         for batch in loader:
             start = len(totals.rows)
             dm.report_skipped(batch)  # the cuts SALMDataset left out of this batch, as the training loop counts them
@@ -516,6 +588,9 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     if title is None:
         bleu = "n/a" if result["bleu"] is None else f"{result['bleu']:.1f}"
         title = f"{os.path.basename(manifest)}: WER {_pct(result['wer'])}, BLEU {bleu}, {result['num_utterances']} utts"
+        if result["num_turns"]:
+            title = (f"{os.path.basename(manifest)}: turn WER {_pct(result['turn_wer'])}, main_loss "
+                     f"{result['main_loss']:.3f}, {result['num_turns']} turns")
     plot_report(os.path.join(out_dir, "report.png"), agreement, metrics_csv, title)
     return result
 
@@ -563,7 +638,13 @@ def parse_args(argv: list[str] | None = None):
                         "...) the evaluation uses (default: <log_dir>/config.yaml of --ckpt, or config.yaml of "
                         "--model; none found: the defaults, with a warning)")
     p.add_argument("--manifest", default=None,
-                   help="lhotse CutSet manifest (jsonl.gz) to evaluate (default: the run's data.test_manifest)")
+                   help="what to evaluate: a lhotse CutSet manifest (jsonl.gz), or a conversation / text JSONL as "
+                        "data.inputs reads them (data/README.md) (default: the run's data.test_manifest)")
+    p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto",
+                   help="the manifest's format: cuts, conversations (NeMo multimodal JSONL), text (text-only "
+                        "conversations or {messages: [...]}), or auto (default: from its first line). Conversations "
+                        "and text: each assistant turn is generated given the reference history and scored (turn WER, "
+                        "exact match, teacher-forced loss and token accuracy)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"most cuts per batch, data.max_cuts (default: the run's, else {DEFAULT_BATCH_SIZE})")
@@ -633,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(module, manifest, args.out, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, metrics_csv=metrics_csv,
                       progress=not args.no_progress, decode=args.decode, num_drafts=args.num_drafts, data=data,
-                      run_config=run_config)
+                      run_config=run_config, input_type=args.input_type)
     print(format_table(result))
     print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, settings.json, report.png")
     return 0

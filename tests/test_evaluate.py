@@ -188,3 +188,89 @@ def test_missing_inputs_are_one_paragraph_errors(tmp_path):
     (tmp_path / "config.yaml").write_text("data:\n  max_duration: -1\n")
     with pytest.raises(SalmError, match=r"data.max_duration must be > 0, got -1.0.*Override the key"):
         evaluate_main(["--ckpt", str(ckpt), "--manifest", str(ckpt), *out])
+
+
+# ------------------------------------------------------------------------------ conversation and text sets
+EXAMPLES = REPO / "data" / "examples"
+
+
+def _assistant_turns(path: Path) -> list[tuple[str, str]]:
+    """(turn id, reference) of every assistant turn of a NeMo conversation JSONL, consecutive Assistant pieces
+    joined (read here with json alone, independently of the project's reader)."""
+    out = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        turns, k = d["conversations"], 0
+        for i, t in enumerate(turns):
+            if t["from"] != "Assistant" or (i + 1 < len(turns) and turns[i + 1]["from"] == "Assistant"):
+                continue
+            j = i
+            while j > 0 and turns[j - 1]["from"] == "Assistant":
+                j -= 1
+            k += 1
+            out.append((f"{d['id']}#{k}", " ".join(x["value"] for x in turns[j:i + 1])))
+    return out
+
+
+def _whole_conversation_loss(module, path: Path, input_type: str) -> tuple[int, int, float]:
+    """Teacher-forced (correct, count, nll) of the main head over every assistant turn of every conversation,
+    each conversation one row with loss on all its assistant turns (the training encoding)."""
+    from salm_mtp.evaluate import teacher_forced_hits
+
+    dm = SALMDataModule(max_cuts=2)
+    dm.set_tokenizer(module.tokenizer)
+    totals = [0, 0, 0.0]
+    for batch in dm.source_dataloader({"name": "x", "type": input_type, "path": str(path)}):
+        for i, v in enumerate(teacher_forced_hits(module, batch)):
+            totals[i] += v
+    return tuple(totals)
+
+
+@pytest.mark.parametrize("name, input_type", [("conversations.jsonl", "conversations"), ("text.jsonl", "text")])
+def test_evaluate_scores_every_assistant_turn_given_the_reference_history(tmp_path, tok_dir, name, input_type):
+    from salm_mtp.data.mix import detect_source_type
+    from salm_mtp.evaluate import evaluate
+
+    torch.manual_seed(0)
+    module = tiny.build(tok_dir, mtp_layers=1)
+    path = EXAMPLES / name
+    assert detect_source_type(str(path)) == "conversations"  # both are NeMo conversation files
+    m = evaluate(module, str(path), str(tmp_path / "eval"), batch_size=2, max_new_tokens=4, progress=False,
+                 input_type=input_type)
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "hyps.jsonl").read_text().splitlines()]
+    expected = _assistant_turns(path)
+    assert [(r["id"], r["ref"]) for r in rows] == expected  # one row per assistant turn, in file order
+    kind = "text" if input_type == "text" else "conversation"
+    assert {r["task"] for r in rows} == {kind} and all(isinstance(r["hyp"], str) for r in rows)
+    assert m["num_turns"] == len(expected) and m["num_utterances"] == len(expected) and m["num_failed"] == 0
+    assert m["wer"] is None and m["num_asr"] == 0  # no ASR cuts in a conversation set
+    assert 0.0 <= m["turn_exact_match"] <= 1.0 and m["turn_wer"] >= 0.0
+    # per turn, the reference history as the prompt: the summed teacher-forced loss is that of the whole
+    # conversations with loss on all assistant turns (as training encodes them)
+    correct, count, nll = _whole_conversation_loss(module, path, input_type)
+    assert m["main_acc"] == pytest.approx(correct / count, abs=1e-12)
+    assert m["main_loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert math.isfinite(m["main_loss"]) and m["main_loss"] > 0
+
+
+def test_evaluate_conversation_set_bad_line_is_counted_and_named(tmp_path, tok_dir):
+    from salm_mtp.data.datamodule import DataConfig
+    from salm_mtp.data.mix import detect_source_type
+    from salm_mtp.evaluate import evaluate
+
+    bad = tmp_path / "chat.jsonl"
+    lines = (EXAMPLES / "text.jsonl").read_text().splitlines()
+    bad.write_text("\n".join([lines[0], json.dumps({"id": "oops", "conversations": [
+        {"from": "Robot", "type": "text", "value": "hi"}]}), *lines[1:]]) + "\n")
+    assert detect_source_type(str(EXAMPLES / "chat.jsonl")) == "text"
+    module = tiny.build(tok_dir, mtp_layers=0)
+    m = evaluate(module, str(bad), str(tmp_path / "eval"), batch_size=2, max_new_tokens=3, progress=False,
+                 data=DataConfig(on_bad_cut="skip"))
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "hyps.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if r["hyp"] is None]
+    assert [r["id"] for r in failed] == ["oops"] and "unknown 'from' 'Robot'" in failed[0]["error"]
+    assert m["num_failed"] == 1 and m["skipped_cuts"] == {"bad_conversation": 1}
+    assert m["num_turns"] == len(_assistant_turns(EXAMPLES / "text.jsonl"))
+    with pytest.raises(Exception, match="unknown 'from' 'Robot'"):
+        evaluate(module, str(bad), str(tmp_path / "eval2"), batch_size=2, max_new_tokens=3, progress=False,
+                 data=DataConfig(on_bad_cut="raise"))

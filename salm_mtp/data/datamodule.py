@@ -599,14 +599,20 @@ class SALMDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_dataloader("test")
 
-    def source_dataloader(self, spec: InputConfig | dict, per_turn: bool = False) -> DataLoader:
+    def source_dataloader(self, spec: InputConfig | dict, per_turn: bool = False,
+                          limit: int | None = None) -> DataLoader:
         """Loader of one named set (``data.inputs`` form) in file order, for evaluation. ``per_turn``: each
         conversation becomes one row per assistant turn, the reference history before it as the prompt
-        (``prompt_lens``) and that turn as the only target (salm_mtp.data.conversation.turn_examples)."""
+        (``prompt_lens``) and that turn as the only target (salm_mtp.data.conversation.turn_examples).
+        ``limit``: only the first N examples (rows)."""
         spec = as_inputs([spec])[0]
         cuts = source_cuts(spec, None, self._on_bad)
         if per_turn:
             cuts = CutSet(PerTurn(cuts))
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"--limit must be >= 1, got {limit}")
+            cuts = cuts.subset(first=limit)
         return self._eval_loader(self._prepared(cuts, f"eval/{spec.name}"))
 
     def predict_dataloader(self) -> DataLoader:

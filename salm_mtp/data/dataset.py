@@ -188,13 +188,18 @@ class SALMDataset(torch.utils.data.Dataset):
         task, answer = reference_answer(cut) if cut.supervisions else ("asr", "")
         return self.formatter.encode(task, answer), [audio], task, answer
 
+    def read(self, cut: Cut) -> tuple[Any, list[np.ndarray], str, str] | BadCut:
+        """(prompt encoding, waveforms, task, answer) of one cut or conversation / text example, every check and
+        audio read of collation applied; or the BadCut saying why it cannot be used."""
+        return self._conversation(cut) if is_conversation(cut) else self._cut(cut)
+
     def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
         audios, input_ids, loss_masks, prompt_lens, ctc_ids, clip_rows = [], [], [], [], [], []
         ids, tasks, answers, sources = [], [], [], []
         skipped: list[dict] = []
         for cut in cuts:
             conv = is_conversation(cut)
-            item = self._conversation(cut) if conv else self._cut(cut)
+            item = self.read(cut)
             if isinstance(item, BadCut):
                 if self.policy == "raise":
                     raise item.error()

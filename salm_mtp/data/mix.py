@@ -28,6 +28,8 @@ than the budget are bad cuts (too_long_sequence). Batches are formed in stream o
 from __future__ import annotations
 
 import functools
+import gzip
+import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -91,6 +93,28 @@ class InputConfig:
 
     def files(self) -> list[str]:
         return [self.path] if self.path is not None else list(self.paths or [])
+
+
+def detect_source_type(path: str) -> str:
+    """The ``data.inputs`` type of a manifest from its first non-empty line: an object with ``conversations``
+    (NeMo multimodal conversations) -> "conversations", with ``messages`` -> "text", anything else -> "cuts" (a
+    lhotse CutSet manifest; its reader reports what is wrong with it). Gzipped files are read too."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                first = json.loads(raw)
+            except ValueError:
+                return "cuts"
+            if isinstance(first, dict) and "conversations" in first:
+                return "conversations"
+            if isinstance(first, dict) and "messages" in first:
+                return "text"
+            return "cuts"
+    return "cuts"
 
 
 def as_inputs(items: Iterable[InputConfig | dict] | None, key: str = "data.inputs") -> list[InputConfig]:

@@ -1,11 +1,14 @@
 """``salm-mtp validate-data MANIFEST... [--config X]``: every bad cut of some manifests, before a run.
 
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz data/demo/dev_cuts.jsonl.gz --config conf/demo.yaml
+    salm-mtp validate-data data/demo/talk_train.jsonl data/demo/text_train.jsonl --config conf/demo_mix.yaml
 
-Reads every line and every cut's audio with the training checks (salm_mtp.data.policy: manifest lines,
+Reads every line and every example's audio with the training checks (salm_mtp.data.policy: manifest lines,
 durations, text and token lengths with the run's tokenizer and prompt, audio decoding and declared vs
-actual duration), prints one line per bad cut (cut id, file, reason), a count per reason and histograms
-of durations and answer lengths. Settings come from the ``data:`` section of ``--config`` files (later
+actual duration; conversations: every turn, every audio turn's clip), prints one line per bad example (id,
+file, reason), a count per reason and histograms of durations and target lengths. Each manifest is read as
+its ``data.inputs`` type: a lhotse CutSet, NeMo conversations or text (``--type``, default detected from its
+first line). Settings come from the ``data:`` section of ``--config`` files (later
 files win; ``data.tokenizer_path``, else ``model.tokenizer_path``, else ``--tokenizer``). Exit code 0
 when every cut is good, 1 otherwise, 2 on unusable arguments.
 """
@@ -47,7 +50,10 @@ def histogram(values: list[float], bins: int = 8, width: int = 40, unit: str = "
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="salm-mtp validate-data", description=__doc__.split("\n\n")[0])
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="lhotse CutSet manifest(s) (jsonl or jsonl.gz)")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                   help="lhotse CutSet manifest(s) (jsonl or jsonl.gz), or conversation / text JSONL (data/README.md)")
+    p.add_argument("--type", dest="input_type", choices=("auto", "cuts", "conversations", "text"), default="auto",
+                   help="format of every MANIFEST (default auto: each one's from its first line)")
     p.add_argument("--config", action="append", default=[], help="YAML config(s) of the run (data: section)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the config names none")
     args = p.parse_args(argv)
@@ -59,8 +65,11 @@ def main(argv: list[str]) -> int:
 
 
 def _validate(args) -> int:
-    from salm_mtp.data.dataset import SALMDataset, reference_answer
+    import os
+
+    from salm_mtp.data.dataset import SALMDataset
     from salm_mtp.data.manifest import load_cuts
+    from salm_mtp.data.mix import InputConfig, detect_source_type, source_cuts
     from salm_mtp.data.prompt import PromptConfig, PromptFormatter
     from salm_mtp.errors import MissingInputError
 
@@ -80,27 +89,32 @@ def _validate(args) -> int:
     bad: list[BadCut] = []
     durations: list[float] = []
     lengths: list[int] = []
-    n = 0
+    kinds: Counter = Counter()
     for manifest in args.manifests:
-        for cut in load_cuts(manifest, bad.append):
-            n += 1
-            found = checker.check_metadata(cut)
-            if found is None:
-                audio = dataset.load_audio(cut)
-                found = audio if isinstance(audio, BadCut) else None
-            if found is not None:
-                bad.append(found)
+        if not os.path.isfile(manifest):
+            raise MissingInputError(f"MANIFEST {manifest!r}: no such file")
+        kind = detect_source_type(manifest) if args.input_type == "auto" else args.input_type
+        kinds[kind] += 1
+        if kind == "cuts":
+            cuts = load_cuts(manifest, bad.append)
+        else:
+            cuts = source_cuts(InputConfig(name="validate", type=kind, path=manifest), None, bad.append)
+        for cut in cuts:
+            item = checker.check_metadata(cut) or dataset.read(cut)  # text, durations, then the audio itself
+            if isinstance(item, BadCut):
+                bad.append(item)
                 continue
             durations.append(cut.duration)
-            task, answer = reference_answer(cut)
-            lengths.append(len(fmt.answer_ids(task, answer)) - 1)
+            lengths.append(sum(item[0].loss_mask))  # target tokens: the answer(s) and their end tokens
     for b in bad:
         print(f"BAD {b.message()}")
     counts = Counter(b.reason for b in bad)
-    print(f"{n} cuts read from {len(args.manifests)} manifest(s): {len(durations)} good, "
+    read = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
+    n = len(durations) + len(bad)  # bad manifest lines included
+    print(f"{n} examples read from {len(args.manifests)} manifest(s) ({read}): {len(durations)} good, "
           f"{len(bad)} bad" + (f" [{', '.join(f'{r}={c}' for r, c in sorted(counts.items()))}]" if bad else ""))
-    print("duration (s) of the good cuts:")
+    print("audio duration (s) of the good examples:")
     print("\n".join(histogram(durations, unit=" s")))
-    print("answer tokens of the good cuts:")
+    print("target tokens (answers + end tokens) of the good examples:")
     print("\n".join(histogram([float(x) for x in lengths])))
     return 1 if bad else 0
