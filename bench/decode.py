@@ -45,8 +45,10 @@ DEMO_CONF = "conf/demo.yaml"
 DEMO_MANIFEST = "data/demo/test_cuts.jsonl.gz"
 
 
-def untrained_demo_model():
-    """The model conf/demo.yaml trains, freshly initialised (seed 0): the floor of the benchmark."""
+def untrained_demo_model(llm_pattern: str | None = None):
+    """The model conf/demo.yaml trains, freshly initialised (seed 0): the floor of the benchmark.
+    ``llm_pattern``: another backbone block pattern (same sizes), e.g. a deeper one whose backbone-to-head cost
+    ratio is that of a real model (the head keeps its own pattern)."""
     import yaml
 
     from salm_mtp.io import build_module
@@ -54,6 +56,8 @@ def untrained_demo_model():
     with open(DEMO_CONF) as f:
         cfg = yaml.safe_load(f)["model"]
     cfg["encoder"]["path"] = None
+    if llm_pattern:
+        cfg["llm"]["pattern"] = llm_pattern
     if not os.path.isfile(os.path.join(cfg["tokenizer_path"], "tokenizer.json")):
         raise FileNotFoundError(f"{cfg['tokenizer_path']} has no tokenizer: run `salm-mtp make-demo-data "
                                 "--out data/demo` (step 1 of scripts/run_demo.sh) or pass --ckpt")
@@ -61,18 +65,30 @@ def untrained_demo_model():
     return build_module(**cfg)
 
 
-def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_drafts: int):
+def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_drafts: int,
+                  acceptance: float = 1.0, seed: int = 0):
     """mtp_decode whose drafts are ``truth`` (greedy's tokens): every draft that predicts a real token is
-    accepted. Returns (tokens (B, max_new_tokens), SpecStats)."""
+    accepted. ``acceptance`` < 1: each draft is instead a wrong token (truth + 1) with probability 1 - acceptance
+    (seeded), so the decoder meets rejections at a chosen rate. Returns (tokens (B, max_new_tokens), SpecStats)."""
     eos_id, pad_id = _eos_id(module), _pad_id(module)
     B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
     stats = SpecStats(num_drafts)
     padded_truth = torch.full((B, max_new_tokens + num_drafts + 1), pad_id, dtype=torch.long, device=dev)
     padded_truth[:, : truth.shape[1]] = truth.to(dev)
 
+    gen = torch.Generator().manual_seed(seed)
+    vocab = module.llm.config.vocab_size
+
     def drafter(dec, rows):
         ref = padded_truth[rows]
-        return lambda k, h: ref.gather(1, (dec.lens + k - 1).clamp(max=ref.shape[1] - 1)[:, None])[:, 0]
+
+        def draft(k, h):
+            d = ref.gather(1, (dec.lens + k - 1).clamp(max=ref.shape[1] - 1)[:, None])[:, 0]
+            if acceptance < 1.0:
+                wrong = torch.rand(d.shape, generator=gen) >= acceptance
+                d = torch.where(wrong.to(d.device), (d + 1) % vocab, d)
+            return d
+        return draft
 
     with inference(module):
         tokens = decode_row_groups(module, prompt, num_drafts, max_new_tokens, eos_id, pad_id,
@@ -83,7 +99,7 @@ def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_
 
 
 def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
-                     max_new_tokens: int, oracle: bool) -> list[dict]:
+                     max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0) -> list[dict]:
     """Rows of the table for one batch size (see the module docstring)."""
     from salm_mtp.evaluate import batches
 
@@ -105,7 +121,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
         elif name[0] == "mtp":
             tokens, lengths, s = mtp_decode(module, b, max_new_tokens=max_new_tokens, num_drafts=name[1], prompt=p)
         else:
-            tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1])
+            tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1], oracle_acceptance, seed=i)
             tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
         return time.perf_counter() - t0, tokens, lengths, s
 
@@ -176,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--oracle", action="store_true", help="also decode with oracle drafts (the ceiling)")
+    p.add_argument("--oracle-acceptance", type=float, default=1.0,
+                   help="--oracle: the probability that an oracle draft is right (default 1: every draft); e.g. the "
+                        "acceptance a trained head reached, to see the speedup it gives on another backbone")
+    p.add_argument("--llm-pattern", default=None,
+                   help="untrained model only: the backbone's block pattern (default conf/demo.yaml's). A deeper one "
+                        "(e.g. 8 x 'M*EM-*') gives the backbone-to-head cost ratio of a real model")
     a = p.parse_args(argv)
     logging_quiet()
     if a.threads:
@@ -185,18 +207,24 @@ def main(argv: list[str] | None = None) -> int:
 
         module, source = load_model(a.ckpt or a.model), a.ckpt or a.model
     else:
-        module, source = untrained_demo_model(), f"untrained {DEMO_CONF} model (seed 0)"
+        if a.llm_pattern:
+            module = untrained_demo_model(a.llm_pattern)
+            source = f"untrained {DEMO_CONF} model (seed 0), backbone pattern {a.llm_pattern!r}"
+        else:
+            module, source = untrained_demo_model(), f"untrained {DEMO_CONF} model (seed 0)"
     module.eval()
     if not module.num_mtp_depths:
         raise SystemExit(f"{source} has no MTP head: nothing to draft with")
     drafts = [int(d) for d in a.num_drafts.split(",")] if a.num_drafts else [module.num_mtp_depths]
     rows = []
     for bs in (int(b) for b in a.batch_sizes.split(",")):
-        rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle)
+        rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle,
+                                 a.oracle_acceptance)
     head = next(r for r in rows if r["decoder"] == "mtp")
     result = {
         "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
         "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(),
+        "oracle_acceptance": a.oracle_acceptance if a.oracle else None,
         "headline": {"batch_size": head["batch_size"], "num_drafts": head["num_drafts"]},
         "tokens_per_forward": head["tokens_per_forward"], "speedup": head["speedup"], "identical": head["identical"],
         "chained_acceptance": head["chained_acceptance"], "mean_accepted_length": head["mean_accepted_length"],

@@ -70,8 +70,13 @@ def _recording_forward(mixer, recorder: MambaRecorder, hidden_states: torch.Tens
     # Conv: the cached last K inputs, then the n new ones; output j sees window[j+1 : j+1+K].
     K = conv_state.shape[-1]
     window = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (b, C, K + n)
-    w = mixer.conv1d.weight  # (C, 1, K)
-    conv = F.conv1d(window.to(w.dtype), w, mixer.conv1d.bias, groups=mixer.conv_dim)[..., 1:]  # (b, C, n)
+    windows = window.unfold(-1, K, 1)[:, :, 1:]  # (b, C, n, K): the conv state after each position
+    w = mixer.conv1d.weight[:, 0]  # (C, K)
+    # the single-token update's sum(state * weight) per position (a grouped F.conv1d costs ~0.3 ms more per call
+    # on CPU at these sizes)
+    conv = (windows.to(w.dtype) * w[None, :, None, :]).sum(-1)  # (b, C, n)
+    if mixer.conv1d.bias is not None:
+        conv = conv + mixer.conv1d.bias[None, :, None]
     xbc = nh.apply_mask_to_padding_states(mixer.act(conv).to(dtype).transpose(1, 2), attention_mask)  # (b, n, C)
     x, B, C = torch.split(xbc, [mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size,
                                 mixer.n_groups * mixer.ssm_state_size], dim=-1)
@@ -92,7 +97,7 @@ def _recording_forward(mixer, recorder: MambaRecorder, hidden_states: torch.Tens
         states.append(state)
     ssm = torch.stack(states, 1)  # (b, n, H, P, N)
     y = torch.einsum("bnhpk,bnhk->bnhp", ssm.to(C.dtype), C) + x * mixer.D[:, None]
-    recorder.record[idx] = MambaRecord(conv=window.unfold(-1, K, 1)[:, :, 1:].transpose(1, 2), ssm=ssm)
+    recorder.record[idx] = MambaRecord(conv=windows.transpose(1, 2), ssm=ssm)
     y = y.to(dtype).reshape(b, n, -1)  # (b, n, heads * head_dim)
     return mixer.out_proj(mixer.norm(y, gate).to(dtype))
 
