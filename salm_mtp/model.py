@@ -18,7 +18,7 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -107,6 +107,12 @@ def config_from_dict(raw: dict) -> dict:
     return out
 
 
+def _absolute(cfg):
+    """``cfg`` with its ``path`` (a local directory or file, or None) made absolute."""
+    path = getattr(cfg, "path", None)
+    return replace(cfg, path=os.path.abspath(path)) if path else cfg
+
+
 class SALMModule(L.LightningModule):
     """Speech-aware LLM with a Multi-Token Prediction head."""
 
@@ -164,6 +170,9 @@ class SALMModule(L.LightningModule):
                                                                        "parallel"))
         if ctc_weight < 0:
             raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
+        # the checkpoint's hyperparameters name the directories absolutely: it loads from any working directory
+        encoder, llm, adapter = (_absolute(c) for c in (encoder, llm, adapter))
+        tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else tokenizer_path
         self.save_hyperparameters()
         self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_optim = encoder, llm, mtp, optim
         self.cfg_adapter = adapter

@@ -186,3 +186,35 @@ def test_new_deeper_head_on_an_export(tok_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.adapter\.path=.*does not exist|does not exist"):
         kw["adapter"] = AdapterConfig(path=str(tmp_path / "nope.safetensors"))
         build_module(**kw)
+
+
+def test_checkpoint_loads_from_another_working_directory(tok_dir, tmp_path, sine_corpus, monkeypatch):
+    """A model built from relative paths (encoder dir, tokenizer) records them absolutely: its .ckpt loads from
+    any working directory."""
+    import shutil
+
+    import lightning as L
+
+    from salm_mtp.data.datamodule import SALMDataModule
+    from salm_mtp.io import load_model
+
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    manifest = sine_corpus(n=4)
+    monkeypatch.chdir(tmp_path)
+    kw = tiny.tiny_kwargs("tok", pattern="MEM*E")
+    kw["encoder"] = EncoderConfig(path="exp/encoder")
+    module = build_module(**kw)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=SALMDataModule(train_manifest=str(manifest), max_duration=1.0))
+    trainer.save_checkpoint(str(tmp_path / "m.ckpt"))
+    assert module.hparams["encoder"].path == str(tmp_path / "exp" / "encoder")
+    assert module.hparams["tokenizer_path"] == str(tmp_path / "tok")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    back = load_model(str(tmp_path / "m.ckpt"))
+    ref = module.state_dict()
+    assert set(back.state_dict()) == set(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
