@@ -107,7 +107,11 @@ def test_share_of_each_source_matches_its_weight(tok_dir, data, w_cuts, w_text):
     assert len(sources) > 600
     share = sources.count(0) / len(sources)
     assert abs(share - w_cuts) <= 0.05, share
-    assert sum(len({c.custom[SOURCE_KEY] for c in b}) == 2 for b in batches) > 60  # batches mix sources
+    # length bucketing (the default) groups the short text rows apart; in stream order batches mix the sources
+    plain = sampler_batches(make_dm(tok_dir, data, inputs=inputs(data, w_cuts, w_text), bucket_window=0), 120)
+    sources = [c.custom[SOURCE_KEY] for b in plain for c in b]
+    assert abs(sources.count(0) / len(sources) - w_cuts) <= 0.05
+    assert sum(len({c.custom[SOURCE_KEY] for c in b}) == 2 for b in plain) > 60
 
 
 def test_stream_is_deterministic_by_seed(tok_dir, data):
@@ -155,6 +159,31 @@ def test_counted_positions_bound_the_model_inputs(tok_dir, data):
             batch = next(it)
             merged, _, _ = model.prepare_inputs(batch)
             assert merged.inputs_embeds.shape[0] * merged.inputs_embeds.shape[1] <= 150
+
+
+def test_bucketing_cuts_padding_and_keeps_the_examples(tok_dir, data):
+    """data.bucket_window: the examples of each window, sorted by length, are cut into budgeted batches served in a
+    shuffled order: the same examples as stream-order batching, far less padding, still within the budget."""
+    kw = dict(max_tokens=150, inputs=inputs(data, talk=0.3))
+    window = 40
+
+    def padding(batches):
+        sizes = [[c.custom[POSITIONS_KEY] for c in b] for b in batches]
+        return 1 - sum(map(sum, sizes)) / sum(len(s) * max(s) for s in sizes)
+
+    plain = sampler_batches(make_dm(tok_dir, data, bucket_window=0, **kw), 60)
+    stream = [c.id for b in plain for c in b]  # the mixed stream, in order
+    whole = len(stream) - len(stream) % window
+    it = iter(make_dm(tok_dir, data, bucket_window=window, **kw).train_dataloader().sampler)
+    bucketed = []
+    while sum(map(len, bucketed)) < whole:  # a window's batches come out together: this stops at exactly `whole`
+        bucketed.append(list(next(it)))
+    assert sum(map(len, bucketed)) == whole
+    assert sorted(c.id for b in bucketed for c in b) == sorted(stream[:whole])
+    assert all(len(b) * max(c.custom[POSITIONS_KEY] for c in b) <= 150 for b in bucketed)
+    assert padding(bucketed) < 0.5 * padding(plain), (padding(bucketed), padding(plain))
+    assert [[c.id for c in b] for b in bucketed[:10]] == [[c.id for c in b] for b in sampler_batches(
+        make_dm(tok_dir, data, bucket_window=window, **kw), 10)]  # deterministic: resumable by counting batches
 
 
 def test_an_example_over_the_budget_is_a_bad_cut(tok_dir, data):
@@ -259,7 +288,7 @@ def test_fit_logs_per_source_losses_and_named_val_sets(tok_dir, data, tmp_path):
     model = tiny.build(tok_dir)
     val = [{"name": "asr_dev", "path": data["cuts"]}, {"name": "chat_dev", "type": "text", "path": data["text"]}]
     dm = SALMDataModule(tokenizer_path=tok_dir, max_tokens=200, num_buckets=2, inputs=inputs(data, talk=0.2),
-                        val_inputs=val)
+                        val_inputs=val, bucket_window=0)  # stream order: every one of the 4 batches mixes sources
     trainer = pl.Trainer(max_steps=4, val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=2,
                          log_every_n_steps=1, logger=CSVLogger(str(tmp_path), name="salm"),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

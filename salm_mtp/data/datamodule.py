@@ -111,6 +111,10 @@ class DataConfig:
     """Batch budget in LLM positions: b examples whose longest has L positions (text tokens + audio seconds x
     positions per second) fit when b * L <= max_tokens; replaces max_duration when set. Required with text or
     conversations sources. null: max_duration bounds batches."""
+    bucket_window: int = 1000
+    """With max_tokens, in training: this many consecutive examples of the (shuffled) stream are sorted by length
+    and cut into budgeted batches, served in a seeded random order, so a batch holds examples of similar length
+    (less padding; the source mix is unchanged over a window). 0: batches follow the stream order."""
 
     def __post_init__(self) -> None:
         if self.prompt is None:
@@ -125,6 +129,8 @@ class DataConfig:
                              "data.val_inputs (type: cuts) and set --data.val_manifest=null")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"data.max_tokens must be >= 1 or null, got {self.max_tokens}; set --data.max_tokens")
+        if self.bucket_window < 0:
+            raise ValueError(f"data.bucket_window must be >= 0, got {self.bucket_window}; set --data.bucket_window")
         text_like = [i.name for i in (self.inputs or []) + (self.val_inputs or []) if i.type != "cuts"]
         if text_like and self.max_tokens is None:
             raise ValueError(f"sources {text_like} are conversations / text: their batches need a token budget; set "
@@ -253,6 +259,7 @@ class SALMDataModule(pl.LightningDataModule):
         on_bad_cut, max_cut_duration, max_target_tokens, max_seq_len, precheck: the bad-cut policy.
         inputs, val_inputs: named training sources (mixed by weight) and validation sets (salm_mtp.data.mix).
         max_tokens: batch budget in LLM positions.
+        bucket_window: examples sorted by length together before they are cut into budgeted batches (training).
     """
 
     def __init__(
@@ -276,6 +283,7 @@ class SALMDataModule(pl.LightningDataModule):
         inputs: list[InputConfig] | None = None,
         val_inputs: list[InputConfig] | None = None,
         max_tokens: int | None = None,
+        bucket_window: int = 1000,
     ) -> None:
         super().__init__()
         self.cfg = DataConfig(
@@ -298,6 +306,7 @@ class SALMDataModule(pl.LightningDataModule):
             inputs=inputs,
             val_inputs=val_inputs,
             max_tokens=max_tokens,
+            bucket_window=bucket_window,
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
@@ -441,13 +450,16 @@ class SALMDataModule(pl.LightningDataModule):
         streams = [Endless(c, self.cfg.seed, s.name, shuffle=self.cfg.shuffle) for c, s in zip(sets, specs)]
         return mix(streams, [s.weight for s in specs], self.cfg.seed)
 
-    def _budget_sampler(self, cuts: CutSet, shuffle: bool, world_size: int, rank: int) -> BudgetSampler:
-        """Batches bounded by data.max_tokens LLM positions (salm_mtp.data.mix.BudgetSampler)."""
+    def _budget_sampler(self, cuts: CutSet, shuffle: bool, world_size: int, rank: int,
+                        bucket: bool = False) -> BudgetSampler:
+        """Batches bounded by data.max_tokens LLM positions (salm_mtp.data.mix.BudgetSampler); ``bucket``: sorted
+        by length per data.bucket_window examples (training)."""
         if self.audio_positions_per_second is None:
             log.warning("data.max_tokens: the audio rate is unknown (set_audio_rate not called): audio counts 1 "
                         "position per clip")
         return BudgetSampler(cuts, self.cfg.max_tokens, max_cuts=self.cfg.max_cuts, shuffle=shuffle,
-                             seed=self.cfg.seed, world_size=world_size, rank=rank)
+                             seed=self.cfg.seed, world_size=world_size, rank=rank,
+                             bucket_window=self.cfg.bucket_window if bucket else 0)
 
     def precheck(self) -> None:
         """Check every train and val cut once (manifest lines, durations, text, audio headers), before training."""
@@ -542,12 +554,12 @@ class SALMDataModule(pl.LightningDataModule):
         if num_buckets < self.cfg.num_buckets:
             n = num_buckets
             log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)
-        # a mixed stream is already shuffled and is batched in its own order: length buckets would hold a backlog
-        # that skews the sources' shares for hundreds of steps (salm_mtp.data.mix)
+        # a mixed stream is already shuffled: lhotse's length buckets would hold a backlog that skews the sources'
+        # shares for hundreds of steps; the budget sampler sorts by length within data.bucket_window examples only
         mixed = len(self.cfg.inputs or []) > 1
         shuffle = self.cfg.shuffle and not mixed
         if self.cfg.max_tokens is not None:  # LLM-position budget, strict
-            sampler = self._budget_sampler(cuts, shuffle, world_size, rank)
+            sampler = self._budget_sampler(cuts, shuffle, world_size, rank, bucket=True)
         else:
             common = dict(max_duration=self.cfg.max_duration, max_cuts=self.cfg.max_cuts, shuffle=shuffle,
                           seed=self.cfg.seed, drop_last=False, world_size=world_size, rank=rank)

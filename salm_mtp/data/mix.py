@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -244,14 +245,22 @@ class BudgetSampler(CutSampler):
     at each example before taking it and holds it over for the next batch. Examples come in the stream's order
     (``shuffle``: a ``SHUFFLE_BUFFER`` window shuffled from ``(seed, epoch)``); data-parallel ranks take turns
     through lhotse's ``CutSampler`` (every rank reads the same stream, rank r keeps batch r of each group).
+
+    ``bucket_window`` > 0: each run of that many consecutive examples is sorted by positions, cut into batches the
+    same way, and its batches are served in an order shuffled from ``(seed, epoch, window)``: examples of similar
+    length share a batch (little padding), the stream's source mix holds per window, and every iteration yields the
+    same batches (resumable by counting batches, as before).
     """
 
     def __init__(self, cuts: Iterable, max_tokens: int, max_cuts: int | None = None, shuffle: bool = False,
-                 seed: int = 0, world_size: int | None = None, rank: int | None = None) -> None:
+                 seed: int = 0, world_size: int | None = None, rank: int | None = None,
+                 bucket_window: int = 0) -> None:
         super().__init__(shuffle=shuffle, drop_last=False, world_size=world_size, rank=rank, seed=seed)
-        self.cuts, self.max_tokens, self.max_cuts = cuts, max_tokens, max_cuts
+        self.cuts, self.max_tokens, self.max_cuts, self.bucket_window = cuts, max_tokens, max_cuts, bucket_window
         self._iter: Iterator | None = None
         self._held = None
+        self._ready: list[list] = []
+        self._window = 0
 
     def __iter__(self) -> BudgetSampler:
         self.diagnostics.reset_current_epoch()
@@ -259,12 +268,14 @@ class BudgetSampler(CutSampler):
         if self.shuffle:
             items = _shuffled(items, random.Random(f"{self.seed}/{self.epoch}"), SHUFFLE_BUFFER)
         self._iter, self._held = (c for c in items if self._filter_fn(c)), None
+        self._ready, self._window = [], 0
         return self
 
-    def _next_batch(self) -> CutSet:
+    def _pack(self, cuts: Iterator) -> list:
+        """The next batch of ``cuts`` in their order: as many as fit (``_held`` keeps the first that did not)."""
         batch, longest = [], 0
         while True:
-            cut, self._held = (self._held, None) if self._held is not None else (next(self._iter, None), None)
+            cut, self._held = (self._held, None) if self._held is not None else (next(cuts, None), None)
             if cut is None:
                 break
             n = cut.custom[POSITIONS_KEY]
@@ -274,6 +285,24 @@ class BudgetSampler(CutSampler):
                 break
             batch.append(cut)
             longest = max(longest, n)
+        return batch
+
+    def _next_batch(self) -> CutSet:
+        if self.bucket_window <= 0:
+            batch = self._pack(self._iter)
+        else:
+            if not self._ready:
+                window = list(itertools.islice(self._iter, self.bucket_window))
+                window.sort(key=lambda c: c.custom[POSITIONS_KEY])  # stable: ties keep the stream order
+                rest = iter(window)
+                while True:
+                    b = self._pack(rest)
+                    if not b:
+                        break
+                    self._ready.append(b)
+                random.Random(f"{self.seed}/{self.epoch}/{self._window}").shuffle(self._ready)
+                self._window += 1
+            batch = self._ready.pop() if self._ready else []
         if not batch:
             raise StopIteration()
         return CutSet.from_cuts(batch)
