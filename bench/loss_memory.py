@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=1024, help="target tokens of the main head")
     p.add_argument("--depths", type=int, default=2, help="MTP depths D")
-    p.add_argument("--chunk-sizes", default="256,128,2048", help="ours@C cases (the first, the model default, is the headline)")
+    p.add_argument("--chunk-sizes", default="256,192,128", help="ours@C cases (the first, the model default, is the headline)")
     p.add_argument("--no-cce", action="store_true", help="skip cut-cross-entropy")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default=OUT)
