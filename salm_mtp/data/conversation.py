@@ -207,7 +207,8 @@ def parse_conversation(data: object, path: str, lineno: int, kind: str = "conver
     return Conversation(cid, messages, clips, loss_turns, kind, path, lineno)
 
 
-def _open(path: str):
+def open_maybe_gzipped(path: str):
+    """The file opened for binary reading, through gzip when it starts with the gzip magic bytes."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
@@ -236,7 +237,7 @@ class ConversationCuts:
 
     def __iter__(self) -> Iterator[MonoCut]:
         try:
-            f = _open(self.path)
+            f = open_maybe_gzipped(self.path)
         except OSError as e:
             raise BadCutError(f"cannot open the conversation manifest {self.path!r}: {e.strerror or e}") from None
         with f:

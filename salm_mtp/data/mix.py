@@ -28,7 +28,6 @@ than the budget are bad cuts (too_long_sequence). Batches are formed in stream o
 from __future__ import annotations
 
 import functools
-import gzip
 import itertools
 import json
 import random
@@ -39,7 +38,9 @@ from pathlib import Path
 from lhotse import CutSet
 from lhotse.dataset.sampling.base import CutSampler
 
-from salm_mtp.data.conversation import LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, turn_examples
+from salm_mtp.data.conversation import (
+    LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, open_maybe_gzipped, turn_examples,
+)
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
@@ -100,9 +101,7 @@ def detect_source_type(path: str) -> str:
     """The ``data.inputs`` type of a manifest from its first non-empty line: an object with ``conversations``
     (NeMo multimodal conversations) -> "conversations", with ``messages`` -> "text", anything else -> "cuts" (a
     lhotse CutSet manifest; its reader reports what is wrong with it). Gzipped files are read too."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+    with open_maybe_gzipped(path) as f:
         for raw in f:
             if not raw.strip():
                 continue

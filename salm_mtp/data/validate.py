@@ -21,6 +21,7 @@ from collections import Counter
 
 import numpy as np
 
+from salm_mtp.data.mix import SOURCE_TYPES
 from salm_mtp.data.policy import BadCut, CutChecker
 from salm_mtp.errors import SalmError
 
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="salm-mtp validate-data", description=__doc__.split("\n\n")[0])
     p.add_argument("manifests", nargs="+", metavar="MANIFEST",
                    help="lhotse CutSet manifest(s) (jsonl or jsonl.gz), or conversation / text JSONL (data/README.md)")
-    p.add_argument("--type", dest="input_type", choices=("auto", "cuts", "conversations", "text"), default="auto",
+    p.add_argument("--type", dest="input_type", choices=("auto", *SOURCE_TYPES), default="auto",
                    help="format of every MANIFEST (default auto: each one's from its first line)")
     p.add_argument("--config", action="append", default=[], help="YAML config(s) of the run (data: section)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the config names none")
