@@ -224,6 +224,9 @@ class LoRAConfig:
         return self.r > 0
 
 
+OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay to a floor."""
@@ -240,11 +243,17 @@ class OptimConfig:
     """Floor of the cosine schedule as a fraction of lr."""
     decay_steps: int | None = None
     """Length of the cosine decay; null = trainer.max_steps."""
+    implementation: str = "auto"
+    """AdamW kernel: fused (one kernel over all parameters), foreach, for_loop, or auto = fused where torch has
+    a fused AdamW for the parameters' device (CPU, CUDA), else foreach. On CPU the per-tensor for_loop costs
+    about 9x the fused step, which at small batches is a large share of a train step (bench/mtp_overhead.py)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "model.optim.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "model.optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "model.optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.implementation in OPTIM_IMPLEMENTATIONS, "model.optim.implementation",
+               f"must be one of {', '.join(OPTIM_IMPLEMENTATIONS)}, got {self.implementation!r}")
 
 
 @dataclass

@@ -17,6 +17,19 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_kernel(implementation: str, params: list[torch.Tensor]) -> dict:
+    """AdamW keyword arguments for ``model.optim.implementation`` (auto: fused when every parameter lives on a
+    device torch has a fused AdamW for, else foreach)."""
+    if implementation == "auto":
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        ok = set(_get_fused_kernels_supported_devices())
+        implementation = "fused" if all(p.device.type in ok and p.is_floating_point() for p in params) else "foreach"
+    if implementation == "fused":
+        return {"fused": True}
+    return {"foreach": implementation == "foreach"}
+
+
 def build_optimizer(module, o: OptimConfig) -> dict:
     """Lightning ``configure_optimizers`` result; no weight decay on norms and biases (ndim < 2)."""
     decay, no_decay = [], []
@@ -27,7 +40,7 @@ def build_optimizer(module, o: OptimConfig) -> dict:
         raise ValueError("model.freeze froze every parameter: nothing to train; relax --model.freeze.patterns")
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=tuple(o.betas),
+        lr=o.lr, betas=tuple(o.betas), **adamw_kernel(o.implementation, decay + no_decay),
     )
     # Not trainer.estimated_stepping_batches: it iterates the train loader before a checkpoint is
     # restored (losing the resumable loader's position) and the lhotse loader has no length anyway.
