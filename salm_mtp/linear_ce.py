@@ -12,9 +12,10 @@ The optimised loss is linear in the heads' summed CEs, ``loss = s * sum_k ratio_
 
 and backward only scales them by the incoming gradients (dh_k by g_k, dW by s = g_k / ratio_k). Peak memory is
 one chunk's logits plus those buffers, and the time is that of a plain forward + backward (no recompute; the
-naive loss spends the same three matmuls per head). When the incoming gradients are not proportional to
-``ratios`` (a caller that weights the heads differently), backward recomputes each chunk instead: always
-exact, only slower.
+naive loss spends the same three matmuls per head). Heads that share a weight have their rows stacked
+before chunking, so the lm_head GEMMs see full chunks, not a few dozen rows per head. When the incoming
+gradients are not proportional to ``ratios`` (a caller that weights the heads differently), backward
+recomputes each chunk instead: always exact, only slower.
 """
 
 from __future__ import annotations
@@ -51,25 +52,39 @@ class _LinearCE(torch.autograd.Function):
         fast = meta["grad"] and ratios is not None and (any(need_h) or any(need_w))
         dW = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if fast and need_w[j] else None
               for j, w in enumerate(weights)]
-        dh = [torch.empty_like(h) if fast and need_h[k] else None for k, h in enumerate(hs)]
+        dh = [True if fast and need_h[k] else None for k in range(K)]  # filled with (N_k, H) views below
         ce_sum = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
         correct = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
-        row_ce = []
-        for k in range(K):
-            h, t, w = hs[k], targets[k], weights[widx[k]]
-            each = torch.empty(t.numel(), dtype=torch.float32, device=t.device)
-            for s in range(0, t.numel(), chunk):
+        row_ce: list[torch.Tensor | None] = [None] * K
+        for j, ks, h, t, owner in _row_groups(hs, targets, widx):
+            w = weights[j]
+            n = t.numel()
+            each = torch.empty(n, dtype=torch.float32, device=t.device)
+            hit = torch.empty(n, dtype=torch.float32, device=t.device)
+            dh_all = torch.empty_like(h) if any(dh[k] is not None for k in ks) else None
+            rr = None  # (n,) each row's head ratio, applied to the small hidden rows instead of the (c, V) G
+            if dW[j] is not None and any(ratios[k] != 1.0 for k in ks):
+                rr = torch.tensor([ratios[k] for k in ks], dtype=torch.float32, device=t.device)[owner]
+            for s in range(0, n, chunk):
                 hc, tc = h[s : s + chunk], t[s : s + chunk]
                 ce, hits, g = _softmax_grad_(_chunk_logits(hc, w), tc)
                 each[s : s + chunk] = ce
-                correct[k] += hits.sum()
-                if dh[k] is not None:
-                    dh[k][s : s + chunk] = g.to(w.dtype) @ w
-                if dW[widx[k]] is not None:
-                    dW[widx[k]].addmm_(g.t(), hc.float(), alpha=ratios[k])
+                hit[s : s + chunk] = hits
+                if dh_all is not None:
+                    dh_all[s : s + chunk] = g.to(w.dtype) @ w
+                if dW[j] is not None:
+                    x = hc.float() if rr is None else hc.float() * rr[s : s + chunk, None]
+                    dW[j].addmm_(g.t(), x)
                 del g
-            ce_sum[k] = each.sum()
-            row_ce.append(each)
+            start = 0
+            for k in ks:
+                m = targets[k].numel()
+                row_ce[k] = each[start : start + m]
+                ce_sum[k] = row_ce[k].sum()
+                correct[k] = hit[start : start + m].sum()
+                if dh[k] is not None:
+                    dh[k] = dh_all[start : start + m]
+                start += m
         ctx.meta, ctx.fast = meta, fast
         ctx.dh, ctx.dW = dh, dW
         ctx.save_for_backward(*tensors)
@@ -101,6 +116,23 @@ class _LinearCE(torch.autograd.Function):
         return (None, *gh, *([None] * K), *gw)
 
 
+def _row_groups(hs, targets, widx):
+    """Yield (weight index j, head indices ks, rows h (n, H), targets t (n,), owner (n,)) with the rows of every
+    head on weight j (and of one dtype) stacked, so each chunk's GEMMs see up to ``chunk`` rows from all of
+    them: a few dozen rows per head (small batches, short answers) make slow, narrow lm_head GEMMs."""
+    order: dict[tuple[int, torch.dtype], list[int]] = {}
+    for k in range(len(hs)):
+        order.setdefault((widx[k], hs[k].dtype), []).append(k)
+    for (j, _), ks in order.items():
+        if len(ks) == 1:
+            h, t = hs[ks[0]], targets[ks[0]]
+        else:
+            h, t = torch.cat([hs[k] for k in ks]), torch.cat([targets[k] for k in ks])
+        sizes = torch.tensor([targets[k].numel() for k in ks], device=t.device)
+        owner = torch.repeat_interleave(torch.arange(len(ks), device=t.device), sizes)  # (n,) index into ks
+        yield j, ks, h, t, owner
+
+
 def _common_scale(grad_ce: torch.Tensor, ratios: list[float], widx: list[int], j: int) -> torch.Tensor | None:
     """The factor s with grad_ce[k] = s * ratios[k] (relative 1e-5) for every head k on weight j, or None."""
     ks = [k for k in range(len(widx)) if widx[k] == j]
@@ -121,19 +153,27 @@ def _recompute_grads(ctx, grad_ce, hs, targets, weights, only_weight: int | None
     need_w = [ctx.needs_input_grad[1 + 2 * K + j] and only_weight in (None, j) for j in range(len(weights))]
     gw = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w[j] else None
           for j, w in enumerate(weights)]
-    gh = [torch.empty_like(h) if need_h[k] else None for k, h in enumerate(hs)]
-    for k in range(K):
-        h, t, w = hs[k], targets[k], weights[widx[k]]
-        if gh[k] is None and gw[widx[k]] is None:
+    gh = [True if need_h[k] else None for k in range(K)]  # filled with (N_k, H) views below
+    for j, ks, h, t, owner in _row_groups(hs, targets, widx):
+        w = weights[j]
+        if gw[j] is None and all(gh[k] is None for k in ks):
             continue
+        gk = grad_ce[ks].float()[owner]  # (n,) each row's incoming gradient
+        dh_all = torch.empty_like(h) if any(gh[k] is not None for k in ks) else None
         for s in range(0, t.numel(), chunk):
             hc = h[s : s + chunk]
             _, _, g = _softmax_grad_(_chunk_logits(hc, w), t[s : s + chunk])
-            g.mul_(grad_ce[k])
+            g.mul_(gk[s : s + chunk, None])
+            if dh_all is not None:
+                dh_all[s : s + chunk] = g.to(w.dtype) @ w
+            if gw[j] is not None:
+                gw[j].addmm_(g.t(), hc.float())
+        start = 0
+        for k in ks:
+            m = targets[k].numel()
             if gh[k] is not None:
-                gh[k][s : s + chunk] = g.to(w.dtype) @ w
-            if gw[widx[k]] is not None:
-                gw[widx[k]].addmm_(g.t(), hc.float())
+                gh[k] = dh_all[start : start + m]
+            start += m
     return gh, [None if g is None else g.to(w.dtype) for g, w in zip(gw, weights)]
 
 

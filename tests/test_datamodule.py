@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tiny import BatchRecorder
 from salm_mtp.data.datamodule import DataConfig, SALMDataModule, load_cuts
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.data.tokenizer import train_tokenizer
@@ -158,27 +159,8 @@ def test_resume_with_a_worker_process(corpus):
 
 
 # ---- resume inside a Lightning Trainer -----------------------------------------------------------
-class _Recorder(pl.LightningModule):
-    """Records which cut ids each training step saw."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[tuple[str, ...]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(tuple(batch["ids"]))
-        return (self.w * batch["audios"].mean()).sum() + (self.w**2).sum()
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def _fit(corpus, root, ckpt_path=None, callbacks=(), **trainer_kw):
-    model = _Recorder()
+    model = BatchRecorder()
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(root), **trainer_kw,
@@ -229,7 +211,7 @@ def test_lightning_resume_from_epoch_end_and_validation_checkpoints(corpus, tmp_
     assert full[:3] + _fit(corpus, tmp_path, ckpt_path=ckpt, **val_every_3) == full
 
 
-class _StepsFromLoader(_Recorder):
+class _StepsFromLoader(BatchRecorder):
     def configure_optimizers(self):
         self.trainer.estimated_stepping_batches  # builds the train loader before the restore
         return super().configure_optimizers()

@@ -94,3 +94,20 @@ def test_bf16_weight_and_hidden_match_autograd_of_the_same_maths():
     for x, y in zip(got, ref):
         assert x.dtype == torch.bfloat16
         assert (x.float() - y.float()).norm() <= 2e-2 * y.float().norm()
+
+
+@pytest.mark.parametrize("ratios", [[1.0, 0.5, 0.25], None])
+def test_interleaved_weights_keep_each_heads_rows_in_order(ratios):
+    # heads 0 and 2 share W (their rows are stacked into one chunked pass), head 1 has its own weight
+    hs, W, ts = _inputs(N=(11, 9, 13))
+    W2 = (torch.randn_like(W) * 0.3).requires_grad_(True)
+    ce, hits, rows = linear_ce(hs, [W, W2, W], ts, chunk_size=5, ratios=ratios)
+    ref_ce, ref_hits = _naive(hs, [W, W2, W], ts)
+    _close([ce], [ref_ce])
+    assert torch.equal(hits, ref_hits)
+    ref_rows = torch.cat([F.cross_entropy(F.linear(h, w), t, reduction="none") for h, w, t in zip(hs, [W, W2, W], ts)])
+    _close([rows], [ref_rows])  # per-row CE in head order, not in stacking order
+    coef = torch.tensor(ratios or [1.0, 1.0, 1.0])
+    got = torch.autograd.grad((coef * ce).sum(), [*hs, W, W2])
+    ref = torch.autograd.grad((coef * ref_ce).sum(), [*hs, W, W2])
+    _close(got, ref)

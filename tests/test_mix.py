@@ -304,27 +304,11 @@ def test_fit_logs_per_source_losses_and_named_val_sets(tok_dir, data, tmp_path):
     assert float(last["val_loss/chat_dev"]) > 0 and float(last["val_loss/asr_dev"]) > 0
 
 
-class _Recorder(pl.LightningModule):
-    """Records the row ids of each training step (no model)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[tuple[str, ...]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(tuple(batch["ids"]))
-        return (self.w**2).sum() + self.w.sum() * float(batch["input_lens"].sum())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def test_lightning_resume_of_a_mixed_stream_sees_the_remaining_batches(tok_dir, data, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(ckpt_path=None, callbacks=()):
-        model = _Recorder()
+        model = tiny.BatchRecorder()
         trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp_path),
                              use_distributed_sampler=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import lightning.pytorch as pl
 import torch
 
 from salm_mtp.config import AdapterConfig, EncoderConfig, LLMConfig, MTPConfig
@@ -100,3 +101,22 @@ def set_lora_b(module, std: float = 0.05) -> None:
             full = torch.randn(tuple(p.shape), generator=g) * std
             local, offset = local_block(p)
             local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))].to(local.dtype))
+
+
+class BatchRecorder(pl.LightningModule):
+    """No model: records the row ids each training step saw (for resume tests of the data pipeline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[str, ...]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(tuple(batch["ids"]))
+        return (self.w**2).sum() + self.w.sum() * float(batch["input_lens"].sum())
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)

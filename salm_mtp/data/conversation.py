@@ -23,7 +23,6 @@ and the resumable loader treat it like any cut. ``is_conversation(cut)`` tells t
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from lhotse.cut import MonoCut
 
+from salm_mtp.data.manifest import open_maybe_gzipped
 from salm_mtp.data.policy import BadCut, BadCutError
 from salm_mtp.data.tokenizer import AUDIO_PLACEHOLDER
 
@@ -205,13 +205,6 @@ def parse_conversation(data: object, path: str, lineno: int, kind: str = "conver
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return Conversation(cid, messages, clips, loss_turns, kind, path, lineno)
-
-
-def open_maybe_gzipped(path: str):
-    """The file opened for binary reading, through gzip when it starts with the gzip magic bytes."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 class ConversationCuts:

@@ -52,7 +52,8 @@ def parse_line(raw: bytes, path: str, lineno: int) -> Cut | BadCut | None:
     return item
 
 
-def _open(path: str):
+def open_maybe_gzipped(path: str):
+    """The file opened for binary reading, through gzip when it starts with the gzip magic bytes."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
@@ -71,7 +72,7 @@ class ManifestCuts:
 
     def __iter__(self) -> Iterator[Cut]:
         try:
-            f = _open(self.path)
+            f = open_maybe_gzipped(self.path)
         except OSError as e:
             raise BadCutError(f"cannot open the manifest {self.path!r}: {e.strerror or e}") from None
         with f:

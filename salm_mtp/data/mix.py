@@ -39,9 +39,9 @@ from lhotse import CutSet
 from lhotse.dataset.sampling.base import CutSampler
 
 from salm_mtp.data.conversation import (
-    LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, open_maybe_gzipped, turn_examples,
+    LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, turn_examples,
 )
-from salm_mtp.data.manifest import load_cuts
+from salm_mtp.data.manifest import load_cuts, open_maybe_gzipped
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
 
