@@ -56,17 +56,18 @@ class _LinearCE(torch.autograd.Function):
         ce_sum = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
         correct = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
         row_ce: list[torch.Tensor | None] = [None] * K
-        for j, ks, h, t, owner in _row_groups(hs, targets, widx):
+        for j, ks, rows, t, owner in _row_groups(hs, targets, widx):
             w = weights[j]
             n = t.numel()
             each = torch.empty(n, dtype=torch.float32, device=t.device)
             hit = torch.empty(n, dtype=torch.float32, device=t.device)
-            dh_all = torch.empty_like(h) if any(dh[k] is not None for k in ks) else None
+            h0 = hs[ks[0]]
+            dh_all = h0.new_empty(n, h0.shape[1]) if any(dh[k] is not None for k in ks) else None
             rr = None  # (n,) each row's head ratio, applied to the small hidden rows instead of the (c, V) G
             if dW[j] is not None and any(ratios[k] != 1.0 for k in ks):
                 rr = torch.tensor([ratios[k] for k in ks], dtype=torch.float32, device=t.device)[owner]
             for s in range(0, n, chunk):
-                hc, tc = h[s : s + chunk], t[s : s + chunk]
+                hc, tc = rows(s, s + chunk), t[s : s + chunk]
                 ce, hits, g = _softmax_grad_(_chunk_logits(hc, w), tc)
                 each[s : s + chunk] = ce
                 hit[s : s + chunk] = hits
@@ -117,20 +118,30 @@ class _LinearCE(torch.autograd.Function):
 
 
 def _row_groups(hs, targets, widx):
-    """Yield (weight index j, head indices ks, rows h (n, H), targets t (n,), owner (n,)) with the rows of every
-    head on weight j (and of one dtype) stacked, so each chunk's GEMMs see up to ``chunk`` rows from all of
-    them: a few dozen rows per head (small batches, short answers) make slow, narrow lm_head GEMMs."""
+    """Yield (weight index j, head indices ks, rows, targets t (n,), owner (n,)) for the heads on weight j (of one
+    dtype), their rows stacked: ``rows(s, e)`` is rows s..e of the heads' hidden states one after another (a
+    view, or a chunk-sized copy where it spans two heads), so each chunk's GEMMs see up to ``chunk`` rows from all
+    of them. A few dozen rows per head (small batches, short answers) would make slow, narrow lm_head GEMMs."""
     order: dict[tuple[int, torch.dtype], list[int]] = {}
     for k in range(len(hs)):
         order.setdefault((widx[k], hs[k].dtype), []).append(k)
     for (j, _), ks in order.items():
-        if len(ks) == 1:
-            h, t = hs[ks[0]], targets[ks[0]]
-        else:
-            h, t = torch.cat([hs[k] for k in ks]), torch.cat([targets[k] for k in ks])
+        parts = [hs[k] for k in ks]
+        t = targets[ks[0]] if len(ks) == 1 else torch.cat([targets[k] for k in ks])
         sizes = torch.tensor([targets[k].numel() for k in ks], device=t.device)
         owner = torch.repeat_interleave(torch.arange(len(ks), device=t.device), sizes)  # (n,) index into ks
-        yield j, ks, h, t, owner
+        yield j, ks, (lambda s, e, parts=parts: _stacked_rows(parts, s, e)), t, owner
+
+
+def _stacked_rows(parts: list[torch.Tensor], s: int, e: int) -> torch.Tensor:
+    """Rows s..e of ``torch.cat(parts)`` without building it: (e - s, H)."""
+    out, off = [], 0
+    for p in parts:
+        a, b = max(s, off), min(e, off + p.shape[0])
+        if a < b:
+            out.append(p[a - off : b - off])
+        off += p.shape[0]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _common_scale(grad_ce: torch.Tensor, ratios: list[float], widx: list[int], j: int) -> torch.Tensor | None:
@@ -154,14 +165,15 @@ def _recompute_grads(ctx, grad_ce, hs, targets, weights, only_weight: int | None
     gw = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w[j] else None
           for j, w in enumerate(weights)]
     gh = [True if need_h[k] else None for k in range(K)]  # filled with (N_k, H) views below
-    for j, ks, h, t, owner in _row_groups(hs, targets, widx):
+    for j, ks, rows, t, owner in _row_groups(hs, targets, widx):
         w = weights[j]
         if gw[j] is None and all(gh[k] is None for k in ks):
             continue
         gk = grad_ce[ks].float()[owner]  # (n,) each row's incoming gradient
-        dh_all = torch.empty_like(h) if any(gh[k] is not None for k in ks) else None
+        h0 = hs[ks[0]]
+        dh_all = h0.new_empty(t.numel(), h0.shape[1]) if any(gh[k] is not None for k in ks) else None
         for s in range(0, t.numel(), chunk):
-            hc = h[s : s + chunk]
+            hc = rows(s, s + chunk)
             _, _, g = _softmax_grad_(_chunk_logits(hc, w), t[s : s + chunk])
             g.mul_(gk[s : s + chunk, None])
             if dh_all is not None:
