@@ -71,7 +71,7 @@ def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
         return demo_corpus.main(argv[1:])
     if sub == "pretrain-encoder":
         from salm_mtp import pretrain
-        from salm_mtp.trainer_cli import bound_malloc_caching
+        from salm_mtp.malloc import bound_malloc_caching
 
         bound_malloc_caching()
         _quiet_args_warning()

@@ -21,6 +21,7 @@ from salm_mtp.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.loss import ctc_sum
+from salm_mtp.malloc import keep_freed_memory
 from salm_mtp.metrics import wer
 from salm_mtp.model import load_tokenizer
 from salm_mtp.modules.encoder import AudioEncoder, encoder_config_from
@@ -95,6 +96,10 @@ class CTCPretrainModule(L.LightningModule):
         feats, fmask = self.features(batch["audios"], batch["audio_lens"])
         enc, lens = self.audio(self.spec_augment(feats, fmask), fmask)
         return self.audio.ctc_head(enc), lens
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cpu" and self.trainer.world_size == 1:
+            keep_freed_memory()  # salm_mtp/malloc.py
 
     def training_step(self, batch: dict, batch_idx: int):
         if batch["input_ids"].shape[0] == 0:

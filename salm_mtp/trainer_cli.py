@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from salm_mtp.data.datamodule import SALMDataModule
+from salm_mtp.malloc import bound_malloc_caching
 from salm_mtp.model import SALMModule
 
 
@@ -89,24 +90,6 @@ def document_data_options(parser) -> None:
         name = action.dest[len("data."):] if action.dest.startswith("data.") else None
         if name in docs and not action.help:
             action.help = docs[name].replace("%", "%%")  # argparse %-formats help strings
-
-
-def bound_malloc_caching() -> None:
-    """Hand freed blocks >= 1 MiB back to the OS at once (glibc's M_MMAP_THRESHOLD; bench/scale_memory.py).
-
-    glibc raises that threshold to 32 MiB after the first large free, after which FSDP2's varying 1-32 MiB
-    all-gather buffers come from a heap that fragments and never shrinks: each rank then holds ~1 GiB more
-    than it uses. ``SALM_MTP_MALLOC_THRESHOLD=0`` keeps glibc's default; other systems are left alone.
-    """
-    threshold = int(os.environ.get("SALM_MTP_MALLOC_THRESHOLD", 1 << 20))
-    if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def run_trainer_cli(args: list[str] | None) -> None:
