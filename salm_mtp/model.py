@@ -234,6 +234,7 @@ class SALMModule(L.LightningModule):
         self.val_names: tuple[str, ...] = ()
         """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
         self._t_last: float | None = None
+        self._source_window: torch.Tensor | None = None  # summed statistics since the last per-source log row
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -541,6 +542,21 @@ class SALMModule(L.LightningModule):
         empty = torch.tensor(float(batch["input_ids"].shape[0] == 0), device=batch["input_ids"].device)
         return bool(all_reduce_sum(empty, self._trainer) > 0)
 
+    def _log_per_source(self, summed: torch.Tensor, keys: set[str]) -> None:
+        """``loss/<name>``, ``mtp_loss/<name>``, ``target_tokens/<name>`` over the steps since the last log row,
+        written to the loggers directly: a source with no rows in that window gets no entry (``self.log`` would
+        repeat its last value in every row, and length-bucketed batches often hold one source only)."""
+        if not self.source_names or self._trainer is None:
+            return
+        self._source_window = summed if self._source_window is None else self._source_window + summed
+        if not self.trainer._logger_connector.should_update_logs:
+            return
+        window, self._source_window = self._source_window, None
+        out = {k: v for k, v in self.summarise(window, self.source_names).items() if k in keys}
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own row gets
+        for logger in self.loggers:
+            logger.log_metrics(out, step=step)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_empty(batch):
             return None  # no backward, no optimiser step, on every rank
@@ -553,8 +569,12 @@ class SALMModule(L.LightningModule):
                 buf.copy_(saved)
         metrics = self.summarise(summed, self.source_names)
         bar = {"loss", "mtp_loss", "ctc_loss"}
+        per_source = {f"{m}/{n}" for m in ("loss", "mtp_loss", "target_tokens") for n in self.source_names}
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)
+            if name not in per_source:
+                self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)
+        if not skip:
+            self._log_per_source(summed, per_source)
         self.log("padding_ratio", 1.0 - float(batch["audio_lens"].sum()) / max(batch["audios"].numel(), 1),
                  on_step=True, on_epoch=False, batch_size=bsz)
         if self._trainer is not None and self.trainer.optimizers:

@@ -304,6 +304,35 @@ def test_fit_logs_per_source_losses_and_named_val_sets(tok_dir, data, tmp_path):
     assert float(last["val_loss/chat_dev"]) > 0 and float(last["val_loss/asr_dev"]) > 0
 
 
+def test_per_source_rows_hold_only_the_sources_of_their_steps(tok_dir, data, tmp_path):
+    # small, length-bucketed batches: many steps see one source; its row must not repeat the others' old values
+    model = tiny.build(tok_dir)
+    seen: list[set[int]] = []
+
+    class Sources(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(set(batch["source_ids"].tolist()))
+
+    dm = SALMDataModule(tokenizer_path=tok_dir, max_tokens=80, num_buckets=2, inputs=inputs(data, talk=0.3))
+    trainer = pl.Trainer(max_steps=8, log_every_n_steps=1, logger=CSVLogger(str(tmp_path), name="salm"),
+                         callbacks=[Sources()], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         use_distributed_sampler=False, accelerator="cpu")
+    model.configure_model = lambda: None
+    trainer.fit(model, datamodule=dm)
+    (path,) = glob.glob(os.path.join(tmp_path, "salm/version_*/metrics.csv"))
+    by_step: dict[int, dict] = {}
+    for r in csv.DictReader(open(path)):
+        by_step.setdefault(int(r["step"]), {}).update({k: float(v) for k, v in r.items() if v and k != "step"})
+    assert sorted(by_step) == list(range(8))
+    assert any(len(s) < len(model.source_names) for s in seen)  # the case that matters happened
+    for step, row in by_step.items():
+        logged = {n for n in model.source_names if f"target_tokens/{n}" in row}
+        assert logged == {model.source_names[i] for i in seen[step]}, step
+        assert sum(row[f"target_tokens/{n}"] for n in logged) == row["target_tokens"]
+        assert {n for n in model.source_names if f"loss/{n}" in row} == logged
+
+
 def test_lightning_resume_of_a_mixed_stream_sees_the_remaining_batches(tok_dir, data, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
