@@ -52,7 +52,8 @@ class _LinearCE(torch.autograd.Function):
         fast = meta["grad"] and ratios is not None and (any(need_h) or any(need_w))
         dW = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if fast and need_w[j] else None
               for j, w in enumerate(weights)]
-        dh = [True if fast and need_h[k] else None for k in range(K)]  # filled with (N_k, H) views below
+        want_dh = [fast and need_h[k] for k in range(K)]
+        dh: list[torch.Tensor | None] = [None] * K  # (N_k, H) views of each group's buffer, filled below
         ce_sum = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
         correct = torch.zeros(K, dtype=torch.float32, device=hs[0].device)
         row_ce: list[torch.Tensor | None] = [None] * K
@@ -62,7 +63,7 @@ class _LinearCE(torch.autograd.Function):
             each = torch.empty(n, dtype=torch.float32, device=t.device)
             hit = torch.empty(n, dtype=torch.float32, device=t.device)
             h0 = hs[ks[0]]
-            dh_all = h0.new_empty(n, h0.shape[1]) if any(dh[k] is not None for k in ks) else None
+            dh_all = h0.new_empty(n, h0.shape[1]) if any(want_dh[k] for k in ks) else None
             rr = None  # (n,) each row's head ratio, applied to the small hidden rows instead of the (c, V) G
             if dW[j] is not None and any(ratios[k] != 1.0 for k in ks):
                 rr = torch.tensor([ratios[k] for k in ks], dtype=torch.float32, device=t.device)[owner]
@@ -77,15 +78,12 @@ class _LinearCE(torch.autograd.Function):
                     x = hc.float() if rr is None else hc.float() * rr[s : s + chunk, None]
                     dW[j].addmm_(g.t(), x)
                 del g
-            start = 0
-            for k in ks:
-                m = targets[k].numel()
-                row_ce[k] = each[start : start + m]
+            for k, rows_k in _head_rows(ks, targets):
+                row_ce[k] = each[rows_k]
                 ce_sum[k] = row_ce[k].sum()
-                correct[k] = hit[start : start + m].sum()
-                if dh[k] is not None:
-                    dh[k] = dh_all[start : start + m]
-                start += m
+                correct[k] = hit[rows_k].sum()
+                if want_dh[k]:
+                    dh[k] = dh_all[rows_k]
         ctx.meta, ctx.fast = meta, fast
         ctx.dh, ctx.dW = dh, dW
         ctx.save_for_backward(*tensors)
@@ -133,6 +131,15 @@ def _row_groups(hs, targets, widx):
         yield j, ks, (lambda s, e, parts=parts: _stacked_rows(parts, s, e)), t, owner
 
 
+def _head_rows(ks: list[int], targets) -> list[tuple[int, slice]]:
+    """Each head k of a group and the slice of the group's stacked rows that are its own."""
+    out, start = [], 0
+    for k in ks:
+        out.append((k, slice(start, start + targets[k].numel())))
+        start += targets[k].numel()
+    return out
+
+
 def _stacked_rows(parts: list[torch.Tensor], s: int, e: int) -> torch.Tensor:
     """Rows s..e of ``torch.cat(parts)`` without building it: (e - s, H)."""
     out, off = [], 0
@@ -164,14 +171,14 @@ def _recompute_grads(ctx, grad_ce, hs, targets, weights, only_weight: int | None
     need_w = [ctx.needs_input_grad[1 + 2 * K + j] and only_weight in (None, j) for j in range(len(weights))]
     gw = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w[j] else None
           for j, w in enumerate(weights)]
-    gh = [True if need_h[k] else None for k in range(K)]  # filled with (N_k, H) views below
+    gh: list[torch.Tensor | None] = [None] * K  # (N_k, H) views of each group's buffer, filled below
     for j, ks, rows, t, owner in _row_groups(hs, targets, widx):
         w = weights[j]
-        if gw[j] is None and all(gh[k] is None for k in ks):
+        if gw[j] is None and not any(need_h[k] for k in ks):
             continue
         gk = grad_ce[ks].float()[owner]  # (n,) each row's incoming gradient
         h0 = hs[ks[0]]
-        dh_all = h0.new_empty(t.numel(), h0.shape[1]) if any(gh[k] is not None for k in ks) else None
+        dh_all = h0.new_empty(t.numel(), h0.shape[1]) if any(need_h[k] for k in ks) else None
         for s in range(0, t.numel(), chunk):
             hc = rows(s, s + chunk)
             _, _, g = _softmax_grad_(_chunk_logits(hc, w), t[s : s + chunk])
@@ -180,12 +187,9 @@ def _recompute_grads(ctx, grad_ce, hs, targets, weights, only_weight: int | None
                 dh_all[s : s + chunk] = g.to(w.dtype) @ w
             if gw[j] is not None:
                 gw[j].addmm_(g.t(), hc.float())
-        start = 0
-        for k in ks:
-            m = targets[k].numel()
-            if gh[k] is not None:
-                gh[k] = dh_all[start : start + m]
-            start += m
+        for k, rows_k in _head_rows(ks, targets):
+            if need_h[k]:
+                gh[k] = dh_all[rows_k]
     return gh, [None if g is None else g.to(w.dtype) for g, w in zip(gw, weights)]
 
 

@@ -2,7 +2,7 @@
 memory kept for reuse while one process trains on the CPU.
 
     bound_malloc_caching()            # the CLI, before anything loads (and every rank of a multi-process run)
-    keep_freed_memory()               # SALMModule.on_train_start, when one process trains on the CPU
+    keep_freed_memory_if_alone(device_type, world_size)   # on_train_start of the training modules
 
 PyTorch's CPU tensors come from glibc malloc, and its two defaults both cost something here:
 
@@ -12,8 +12,9 @@ PyTorch's CPU tensors come from glibc malloc, and its two defaults both cost som
 * kept (``keep_freed_memory``): freed blocks stay in the heap, the heap is never trimmed. A step on the CPU frees
   and re-allocates the same activations every time, and the reference (kernel-free) Mamba2 scan builds transient
   tensors of hundreds of MiB: bounded, every one is page-faulted in again. On the demo mix (conf/demo_mix.yaml)
-  30 bounded steps spent 58 s of their 108 s CPU time in the kernel; kept, 4 s, and the run took 0.62x the wall
-  time. The price is a heap that stays at its peak, as a GPU caching allocator's does.
+  a 30-step `salm-mtp fit` spent 54 s in the kernel beside 110 s in user space; kept from the first training
+  step on, 4.5 s, and the run took 0.70x the wall time (peak RSS 1.95 GB instead of 1.38). The price is a heap
+  that stays at its peak, as a GPU caching allocator's does.
 
 ``SALM_MTP_MALLOC_THRESHOLD=N`` fixes glibc's mmap threshold at N bytes for the whole run (0: glibc's defaults);
 glibc's own ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables, when set, are left to act alone. Off Linux/glibc nothing
@@ -61,3 +62,9 @@ def keep_freed_memory(mmap_threshold: int = (1 << 31) - 1, top_pad: int = 64 << 
         return False
     done = [mallopt(M_MMAP_THRESHOLD, mmap_threshold), mallopt(M_TRIM_THRESHOLD, -1), mallopt(M_TOP_PAD, top_pad)]
     return all(r == 1 for r in done)
+
+
+def keep_freed_memory_if_alone(device_type: str, world_size: int) -> bool:
+    """``keep_freed_memory()`` when one process trains on the CPU (the training modules' on_train_start); other
+    runs keep the bounded policy. True when the settings took."""
+    return device_type == "cpu" and world_size == 1 and keep_freed_memory()

@@ -37,8 +37,8 @@ from salm_mtp.config import (
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.errors import MissingInputError, NonFiniteError
-from salm_mtp.malloc import keep_freed_memory
 from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, summarise_stats
+from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
@@ -637,8 +637,7 @@ class SALMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.train()  # Lightning leaves modes as they are: apply head_only's eval modes (train() below)
-        if self.device.type == "cpu" and self.trainer.world_size == 1:
-            keep_freed_memory()  # one CPU process: reuse freed activations instead of page-faulting them in
+        keep_freed_memory_if_alone(self.device.type, self.trainer.world_size)  # salm_mtp/malloc.py
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the aux-loss-free bias update of trainable routers (before any callback, so a

@@ -21,7 +21,7 @@ from salm_mtp.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.loss import ctc_sum
-from salm_mtp.malloc import keep_freed_memory
+from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.metrics import wer
 from salm_mtp.model import load_tokenizer
 from salm_mtp.modules.encoder import AudioEncoder, encoder_config_from
@@ -98,8 +98,7 @@ class CTCPretrainModule(L.LightningModule):
         return self.audio.ctc_head(enc), lens
 
     def on_train_start(self) -> None:
-        if self.device.type == "cpu" and self.trainer.world_size == 1:
-            keep_freed_memory()  # salm_mtp/malloc.py
+        keep_freed_memory_if_alone(self.device.type, self.trainer.world_size)  # salm_mtp/malloc.py
 
     def training_step(self, batch: dict, batch_idx: int):
         if batch["input_ids"].shape[0] == 0:

@@ -29,14 +29,15 @@ def mmapped_by(nbytes):
     del x
     return during - before
 
-took = {"bounded": malloc.bound_malloc_caching, "kept": malloc.keep_freed_memory, "none": lambda: None}[sys.argv[1]]()
+took = {"bounded": malloc.bound_malloc_caching, "kept": malloc.keep_freed_memory,
+        "kept_if_alone": lambda: malloc.keep_freed_memory_if_alone(sys.argv[2], int(sys.argv[3]))}[sys.argv[1]]()
 print(took, mmapped_by(8 << 20), mmapped_by(200 << 20))
 """
 
 
-def _probe(mode: str, **env) -> tuple[str, int, int]:
+def _probe(mode: str, *args: str, **env) -> tuple[str, int, int]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "SALM_MTP_MALLOC_THRESHOLD"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**full, **env}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, *args], env={**full, **env}, capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
@@ -51,6 +52,14 @@ def test_kept_serves_large_blocks_from_the_heap():
     took, small, large = _probe("kept")
     assert took == "True"
     assert small == 0 and large == 0
+
+
+def test_only_a_single_cpu_process_keeps_freed_memory():
+    took, _, large = _probe("kept_if_alone", "cpu", "1")
+    assert took == "True" and large == 0
+    for device, world in (("cuda", "1"), ("cpu", "2")):
+        took, _, large = _probe("kept_if_alone", device, world)
+        assert took == "False" and large >= 200 << 20, (device, world)
 
 
 def test_glibc_variables_of_the_user_switch_both_off():
