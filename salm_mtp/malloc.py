@@ -27,6 +27,8 @@ import ctypes
 import os
 import sys
 
+from salm_mtp.errors import SalmError
+
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 THRESHOLD_VARIABLE = "SALM_MTP_MALLOC_THRESHOLD"
@@ -47,7 +49,12 @@ def _mallopt():
 
 def bound_malloc_caching() -> bool:
     """Hand freed blocks >= 1 MiB (or ``SALM_MTP_MALLOC_THRESHOLD``) back to the OS at once; True when set."""
-    threshold = int(os.environ.get(THRESHOLD_VARIABLE, BOUNDED_THRESHOLD))
+    raw = os.environ.get(THRESHOLD_VARIABLE, str(BOUNDED_THRESHOLD))
+    try:
+        threshold = int(raw)
+    except ValueError:
+        raise SalmError(f"{THRESHOLD_VARIABLE}={raw!r} is not a whole number of bytes: set it to e.g. 1048576, "
+                        "or 0 for glibc's defaults") from None
     mallopt = _mallopt()
     if threshold <= 0 or mallopt is None:
         return False

@@ -70,3 +70,12 @@ def test_glibc_variables_of_the_user_switch_both_off():
 def test_a_fixed_threshold_holds_for_the_whole_run():
     assert _probe("kept", SALM_MTP_MALLOC_THRESHOLD="65536")[0] == "False"  # training does not override it
     assert _probe("bounded", SALM_MTP_MALLOC_THRESHOLD="0")[0] == "False"  # 0: glibc's defaults
+
+
+def test_a_threshold_that_is_not_a_number_names_the_variable(monkeypatch):
+    from salm_mtp.errors import SalmError
+    from salm_mtp.malloc import bound_malloc_caching
+
+    monkeypatch.setenv("SALM_MTP_MALLOC_THRESHOLD", "1MiB")
+    with pytest.raises(SalmError, match="SALM_MTP_MALLOC_THRESHOLD='1MiB'"):
+        bound_malloc_caching()
