@@ -35,7 +35,8 @@ the same prompts, greedy and MTP alternating which goes first from batch to batc
 the MTP decoder's, and what it measured live is added under ``spec_*`` names.
 
 Writes to ``--out``:
-  hyps.jsonl    one object per manifest cut, in manifest order: {"id", "task", "ref", "hyp"}; a cut the data
+  hyps.jsonl    one object per manifest cut, in manifest order: {"id", "task", "ref", "hyp"} (+ "groups" when the
+                cut carries supervision.custom["groups"]); a cut the data
                 code left out (unreadable audio, empty text, too long, ...: salm_mtp.data.policy) has
                 "hyp": null and "error": "<reason>: <detail>" (counted in num_failed; fatal only under
                 on_bad_cut=raise). Written line by line as batches finish, rewritten in manifest order at the end.
@@ -44,7 +45,10 @@ Writes to ``--out``:
                 config.yaml, or null for the defaults) and the prompts actually fed to the model, read back from
                 the batches (``prompts``: text per task; ``prompt_ids``: their token ids)
   metrics.json  num_utterances (cuts evaluated, failed included), num_failed, skipped_cuts (count per reason),
-                num_asr, num_ast, wer, cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors,
+                num_asr, num_ast, normalizer (applied before WER/CER: --normalizer), wer, wer_raw (raw text),
+                wer_by_group ({"name=value": {num, wer, wer_raw, errors, ref_words}} for every group the asr cuts
+                carry in supervision.custom["groups"], e.g. "text=unseen", "voice=unseen", "kind=numbers"),
+                cer (over decoded asr cuts) with wer_errors, ref_words, cer_errors,
                 ref_chars, num_empty_refs, num_empty_hyps (asr), bleu (over ast cuts; null if none),
                 mtp_teacher_forced_agreement (marginal, one value per depth; [] without a head),
                 mtp_teacher_forced_chained_acceptance, teacher_forced_mean_accepted_length (tokens per backbone
@@ -199,10 +203,17 @@ def eval_loader(dm: SALMDataModule, manifest: str, input_type: str = "cuts", lim
     return dm.source_dataloader(eval_source(manifest, input_type), per_turn=True, limit=limit)
 
 
+def cut_groups(cut) -> dict[str, str]:
+    """The evaluation groups a cut carries: ``supervision.custom["groups"]`` ({name: value}), as strings."""
+    groups = ((cut.supervisions[0].custom or {}).get("groups") if cut.supervisions else None) or {}
+    return {str(k): str(v) for k, v in groups.items()} if isinstance(groups, dict) else {}
+
+
 def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
     """{cut id: (position, task, reference)} of the manifest's (first ``limit``) cuts; unreadable lines are
-    left to the datamodule, which reports them."""
-    index: dict[str, tuple[int, str | None, str | None]] = {}
+    left to the datamodule, which reports them. The cuts' evaluation groups (`cut_groups`) are in
+    ``index.groups``."""
+    index: dict[str, tuple[int, str | None, str | None]] = _Index()
     for i, cut in enumerate(load_cuts(manifest, on_bad_line=lambda bad: None)):
         if limit is not None and i >= limit:
             break
@@ -211,7 +222,17 @@ def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[i
         except (IndexError, ValueError):
             task, ref = None, None
         index.setdefault(cut.id, (i, task, ref))
+        if cut.supervisions:
+            index.groups.setdefault(cut.id, cut_groups(cut))
     return index
+
+
+class _Index(dict):
+    """A manifest index (id -> (position, task, reference)) with the cuts' evaluation groups beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: dict[str, dict[str, str]] = {}
 
 
 INPUT_TYPES = ("auto",) + SOURCE_TYPES
@@ -232,7 +253,7 @@ def turn_index(manifest: str, input_type: str,
     from salm_mtp.data.mix import as_inputs
 
     cuts = CutSet(PerTurn(source_cuts(as_inputs([eval_source(manifest, input_type)])[0], None, lambda bad: None)))
-    index: dict[str, tuple[int, str | None, str | None]] = {}
+    index: dict[str, tuple[int, str | None, str | None]] = _Index()
     for i, cut in enumerate(cuts):
         if limit is not None and i >= limit:
             break
@@ -401,16 +422,17 @@ def _finite(x):
     return x
 
 
-def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
+def summarise(totals: _Totals, num_depths: int, max_new_tokens: int, normalizer: str = "whisper_english") -> dict:
     """metrics.json content (keys in the module docstring)."""
     ok = [r for r in totals.rows if r["hyp"] is not None]
     asr = [r for r in ok if r["task"] == "asr"]
     ast = [r for r in ok if r["task"] == "ast"]
-    w = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr])
-    c = M.cer([r["ref"] for r in asr], [r["hyp"] for r in asr])
+    w = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
+    w_raw = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], "none")
+    c = M.cer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
     b = M.bleu([r["ref"] for r in ast], [r["hyp"] for r in ast]) if ast else None
     turns = [r for r in ok if r["task"] in TURN_TASKS]
-    tw = M.wer([r["ref"] for r in turns], [r["hyp"] for r in turns]) if turns else None
+    tw = M.wer([r["ref"] for r in turns], [r["hyp"] for r in turns], normalizer) if turns else None
     if num_depths:
         acceptance = [h / n if n else math.nan for h, n in zip(totals.acc_hits, totals.acc_count)]
         acceptance += [math.nan] * (num_depths - len(acceptance))  # no tokens decoded at all
@@ -424,7 +446,10 @@ def summarise(totals: _Totals, num_depths: int, max_new_tokens: int) -> dict:
         "skipped_cuts": dict(sorted(totals.skipped.items())),
         "num_asr": len(asr),
         "num_ast": len(ast),
+        "normalizer": normalizer,
         "wer": w["wer"],
+        "wer_raw": w_raw["wer"],
+        "wer_by_group": {k: {kk: _finite(vv) for kk, vv in g.items()} for k, g in M.wer_by_group(asr, normalizer).items()},
         "cer": c["cer"],
         "wer_errors": w["errors"],
         "ref_words": w["ref_words"],
@@ -483,7 +508,14 @@ def format_table(m: dict) -> str:
         ("skipped (data policy)", ", ".join(f"{r}={n}" for r, n in sorted((m.get("skipped_cuts") or {}).items()))
          or "0"),
         ("asr / ast", f"{m['num_asr']} / {m['num_ast']}"),
-        ("WER", fmt(m["wer"], pct=True)),
+        (f"WER ({m.get('normalizer', 'basic')} normaliser)", fmt(m["wer"], pct=True)),
+    ]
+    if m.get("wer_raw") is not None and m.get("wer_raw") != m["wer"]:
+        rows.append(("WER (raw text)", fmt(m["wer_raw"], pct=True)))
+    for key, g in (m.get("wer_by_group") or {}).items():
+        raw = f", raw {fmt(g['wer_raw'], pct=True)}" if g["wer_raw"] != g["wer"] else ""
+        rows.append((f"  WER {key} ({g['num']} utts)", f"{fmt(g['wer'], pct=True)}{raw}"))
+    rows += [
         ("CER", fmt(m["cer"], pct=True)),
         ("BLEU", fmt(m["bleu"])),
         ("main_acc (teacher-forced)", fmt(m["main_acc"], pct=True)),
@@ -521,7 +553,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
              limit: int | None = None, metrics_csv: str | None = None, title: str | None = None,
              prompt: PromptConfig | None = None, num_workers: int | None = None, progress: bool = True,
              decode: str = "greedy", num_drafts: int | None = None, data: DataConfig | None = None,
-             run_config: str | None = None, input_type: str = "auto") -> dict:
+             run_config: str | None = None, input_type: str = "auto", normalizer: str = "whisper_english") -> dict:
     """Decode ``manifest`` with ``module``; write hyps.jsonl, skipped_cuts.jsonl, settings.json, metrics.json and
     report.png under ``out_dir`` (module docstring).
 
@@ -531,7 +563,9 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     with ``num_drafts`` drafts per step, default all the head's depths; its hypotheses are written).
     ``input_type``: cuts (a lhotse manifest), conversations or text (JSONL as ``data.inputs`` reads them: every
     assistant turn is generated given the reference history before it, and scored: turn_wer, turn_exact_match,
-    main_loss, main_acc), or auto (salm_mtp.data.mix.detect_source_type).
+    main_loss, main_acc), or auto (salm_mtp.data.mix.detect_source_type). ``normalizer``: the text normaliser
+    applied before WER/CER (salm_mtp.metrics.NORMALIZERS); metrics.json names it and adds the raw-text WER and
+    the WER of every group the cuts carry in ``supervision.custom["groups"]`` (``wer_by_group``).
 
     Returns the metrics dict (as written to metrics.json). hyps.jsonl is written line by line as batches
     finish, so an interrupted run keeps what it decoded, then rewritten in manifest order.
@@ -540,6 +574,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    M.get_normalizer(normalizer)  # an unknown name fails before any decoding
     if decode not in ("greedy", "mtp"):
         raise ValueError(f"--decode must be greedy or mtp, got {decode!r}")
     if decode == "mtp" and not module.num_mtp_depths:
@@ -581,7 +616,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     _write_settings(os.path.join(out_dir, "settings.json"), dm.cfg, run_config, totals.prompts, module.tokenizer)
     if skip.total:
         log.warning("%s", skip.summary())
-    result = summarise(totals, module.num_mtp_depths, max_new_tokens)
+    result = summarise(totals, module.num_mtp_depths, max_new_tokens, normalizer)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     agreement = [math.nan if a is None else a for a in result["mtp_teacher_forced_agreement"]]
@@ -596,10 +631,14 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
 
 
 def _in_manifest_order(rows: list[dict], index: dict[str, tuple[int, str | None, str | None]]) -> None:
-    """Sort ``rows`` (in place) by manifest position; a failed row gets its task and reference from there."""
+    """Sort ``rows`` (in place) by manifest position; a failed row gets its task and reference from there, and
+    every row its evaluation groups (when the manifest has any)."""
+    groups = getattr(index, "groups", {})
     for row in rows:
         if row["hyp"] is None and row["id"] in index:
             _, row["task"], row["ref"] = index[row["id"]]
+        if groups.get(row["id"]):
+            row["groups"] = groups[row["id"]]
     rows.sort(key=lambda r: index.get(r["id"], (len(index),))[0])
 
 
@@ -661,6 +700,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers reading audio, data.num_workers (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--normalizer", choices=M.NORMALIZERS, default="whisper_english",
+                   help="text normaliser applied to references and hypotheses before WER/CER: whisper_english "
+                        "(default; Whisper's English normaliser, as the Open ASR Leaderboard: spoken numbers become "
+                        "digits), basic (lowercase, no punctuation) or none (raw text); metrics.json names it and "
+                        "also gives the raw-text WER")
     p.add_argument("--decode", choices=("greedy", "mtp"), default="greedy",
                    help="greedy (default), or mtp: also MTP self-speculative decoding of the same prompts (its "
                         "hypotheses are written), with its live acceptance, forwards and wall time against greedy")
@@ -714,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(module, manifest, args.out, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, metrics_csv=metrics_csv,
                       progress=not args.no_progress, decode=args.decode, num_drafts=args.num_drafts, data=data,
-                      run_config=run_config, input_type=args.input_type)
+                      run_config=run_config, input_type=args.input_type, normalizer=args.normalizer)
     print(format_table(result))
     print(f"wrote {os.path.join(args.out, 'hyps.jsonl')}, metrics.json, settings.json, report.png")
     return 0

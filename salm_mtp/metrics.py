@@ -8,17 +8,21 @@ Python numbers, ready to log or dump as JSON:
     bleu(refs, hyps)              -> {"bleu": 31.2, "num": 100}
 
 Conventions (one place, so reports agree):
-- WER/CER normalise both sides with `normalize_text` first; BLEU scores raw text with sacrebleu's
-  default 13a tokenizer (the standard, comparable BLEU).
+- WER/CER normalise both sides first, with the normaliser named by ``normalizer`` (``NORMALIZERS``):
+  "basic" (`normalize_text`, the default of these functions and of training's val_wer), "whisper_english"
+  (Whisper's English normaliser, as the Open ASR Leaderboard and NeMo's evaluation scripts use it; the
+  default of ``salm-mtp evaluate``), or "none" (the raw strings split on whitespace). BLEU scores raw text
+  with sacrebleu's default 13a tokenizer (the standard, comparable BLEU).
 - An undefined value (nothing to score) is `nan`, never a silent 0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,12 +41,37 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+NORMALIZERS = ("whisper_english", "basic", "none")
+"""Text normalisers WER/CER can apply before scoring (``get_normalizer``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def get_normalizer(name: str) -> Callable[[str], str]:
+    """The normaliser called ``name`` (one of ``NORMALIZERS``).
+
+    whisper_english: ``whisper_normalizer.english.EnglishTextNormalizer`` (the port of openai/whisper's
+        normaliser): lowercase, punctuation and fillers removed, contractions and British spellings
+        standardised, spoken numbers written as digits ("three seven nine" -> "379", "twenty one" -> "21").
+    basic: `normalize_text` (lowercase, punctuation deleted, whitespace collapsed).
+    none: the text as it is (split on whitespace by WER).
+    """
+    if name == "whisper_english":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        return EnglishTextNormalizer()
+    if name == "basic":
+        return normalize_text
+    if name == "none":
+        return lambda text: _SPACES.sub(" ", text).strip()
+    raise ValueError(f"unknown normalizer {name!r}; choose one of {', '.join(NORMALIZERS)} (--normalizer)")
+
+
 def _check_pairs(refs: Sequence[str], hyps: Sequence[str]) -> None:
     if len(refs) != len(hyps):
         raise ValueError(f"got {len(refs)} references but {len(hyps)} hypotheses; pass one hypothesis per reference")
 
 
-def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str) -> dict:
+def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str, normalizer: str = "basic") -> dict:
     """Shared WER/CER: edit errors over normalised text, with empty sides handled outside jiwer.
 
     unit "words": tokens are words; "chars": tokens are characters (spaces included, as jiwer.cer).
@@ -53,6 +82,7 @@ def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str) -> dict:
     import jiwer
 
     _check_pairs(refs, hyps)
+    norm = get_normalizer(normalizer)
 
     def tokens(s: str) -> list[str]:
         return s.split() if unit == "words" else list(s)
@@ -61,7 +91,7 @@ def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str) -> dict:
     scored_refs: list[str] = []
     scored_hyps: list[str] = []
     for ref, hyp in zip(refs, hyps):
-        ref, hyp = normalize_text(ref), normalize_text(hyp)
+        ref, hyp = norm(ref), norm(hyp)
         num_empty_refs += ref == ""
         num_empty_hyps += hyp == ""
         if ref == "":
@@ -91,8 +121,8 @@ def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str) -> dict:
     }
 
 
-def wer(refs: Sequence[str], hyps: Sequence[str]) -> dict:
-    """Corpus word error rate over `normalize_text`-ed strings.
+def wer(refs: Sequence[str], hyps: Sequence[str], normalizer: str = "basic") -> dict:
+    """Corpus word error rate over strings normalised by ``normalizer`` (`get_normalizer`).
 
     Returns:
         wer: errors / ref_words (nan for an empty corpus; inf when every reference is empty but
@@ -104,19 +134,39 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> dict:
         num_empty_refs / num_empty_hyps: pairs whose reference / hypothesis is empty after
             normalisation.
     """
-    r = _error_rate(refs, hyps, "words")
+    r = _error_rate(refs, hyps, "words", normalizer)
     return {"wer": r["rate"], "errors": r["errors"], "ref_words": r["ref_len"],
             "num_empty_refs": r["num_empty_refs"], "num_empty_hyps": r["num_empty_hyps"]}
 
 
-def cer(refs: Sequence[str], hyps: Sequence[str]) -> dict:
-    """Corpus character error rate over `normalize_text`-ed strings (spaces count as characters).
+def cer(refs: Sequence[str], hyps: Sequence[str], normalizer: str = "basic") -> dict:
+    """Corpus character error rate over strings normalised by ``normalizer`` (spaces count as characters).
 
     Same conventions as `wer`; returns keys cer, errors, ref_chars, num_empty_refs, num_empty_hyps.
     """
-    r = _error_rate(refs, hyps, "chars")
+    r = _error_rate(refs, hyps, "chars", normalizer)
     return {"cer": r["rate"], "errors": r["errors"], "ref_chars": r["ref_len"],
             "num_empty_refs": r["num_empty_refs"], "num_empty_hyps": r["num_empty_hyps"]}
+
+
+def wer_by_group(rows: Sequence[dict], normalizer: str) -> dict[str, dict]:
+    """WER of every evaluation group the rows carry.
+
+    ``rows``: dicts with "ref", "hyp" and "groups" ({group name: value}, e.g. {"text": "unseen", "kind":
+    "numbers"}; rows without groups count in no group). Returns {"name=value": {"num", "wer", "wer_raw",
+    "errors", "ref_words"}} sorted by key; "wer" uses ``normalizer``, "wer_raw" the raw strings ("none").
+    """
+    members: dict[str, list[dict]] = {}
+    for row in rows:
+        for name, value in (row.get("groups") or {}).items():
+            members.setdefault(f"{name}={value}", []).append(row)
+    out = {}
+    for key in sorted(members):
+        refs, hyps = [r["ref"] for r in members[key]], [r["hyp"] for r in members[key]]
+        w, raw = wer(refs, hyps, normalizer), wer(refs, hyps, "none")
+        out[key] = {"num": len(refs), "wer": w["wer"], "wer_raw": raw["wer"], "errors": w["errors"],
+                    "ref_words": w["ref_words"]}
+    return out
 
 
 def bleu(refs: Sequence[str], hyps: Sequence[str]) -> dict:

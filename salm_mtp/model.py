@@ -393,10 +393,12 @@ class SALMModule(L.LightningModule):
         return feats.sample_rate / feats.hop_length / sub / self.adapter.k
 
     def configure_callbacks(self):
-        """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) for every run."""
+        """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
+        (salm_mtp.provenance) for every run."""
         from salm_mtp.callbacks import BadCutReport, Preemption
+        from salm_mtp.provenance import RunEnvironment
 
-        return [BadCutReport(), Preemption()]
+        return [BadCutReport(), Preemption(), RunEnvironment()]
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it

@@ -15,7 +15,21 @@ from lhotse import CutSet
 from transformers import AutoTokenizer
 
 from salm_mtp.data.datamodule import SALMDataModule
-from salm_mtp.data.demo_corpus import NUMBER_WORDS, SPLITS, VOCABULARY, make_demo_data, plan_split, words_to_digits
+from salm_mtp.data.demo_corpus import (
+    HELD_OUT_BASE_VOICE,
+    HELD_OUT_SPLITS,
+    HELD_OUT_VARIANT,
+    KINDS,
+    NUMBER_WORDS,
+    SEEN_VOICES,
+    SPLITS,
+    UNSEEN_VOICES,
+    VOCABULARY,
+    make_demo_data,
+    plan_corpus,
+    plan_split,
+    words_to_digits,
+)
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="espeak-ng/sox not installed"
@@ -66,7 +80,7 @@ def test_same_seed_gives_identical_manifests_and_tokenizer(two_runs):
 def test_manifest_content(two_runs):
     a, _, metas = two_runs
     assert sum(metas[0]["splits"]["train"]["tasks"].values()) == 6
-    for split, n in zip(SPLITS, (6, 2, 2)):
+    for split, n in zip(SPLITS, (6, 2, 2, 2)):
         cuts = CutSet.from_file(a / f"{split}_cuts.jsonl.gz")
         assert [c.id for c in cuts] == [f"{split}-{i:06d}" for i in range(n)]
         for cut in cuts:
@@ -133,11 +147,12 @@ def test_cli_script(tmp_path):
     cmd = [sys.executable, "-m", "salm_mtp.cli", "make-demo-data", "--out", str(out), "--num-train", "2",
            "--num-dev", "1", "--num-test", "1", "--synthetic", "--no-progress"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "wrote 4 clips" in run.stdout
+    assert "wrote 5 clips" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "audio", "dev_cuts.jsonl.gz", "meta.json", "test_cuts.jsonl.gz", "tokenizer", "train_cuts.jsonl.gz",
+        "audio", "dev_cuts.jsonl.gz", "meta.json", "test_cuts.jsonl.gz", "test_unseen_voice_cuts.jsonl.gz",
+        "tokenizer", "train_cuts.jsonl.gz",
     ]  # fmt: skip
-    assert len(list((out / "audio").glob("*.flac"))) == 4
+    assert len(list((out / "audio").glob("*.flac"))) == 5
 
 
 def test_cli_mix_writes_the_mixing_sets_over_the_corpus_clips(tmp_path):
@@ -153,3 +168,69 @@ def test_cli_mix_writes_the_mixing_sets_over_the_corpus_clips(tmp_path):
     talk = [json.loads(line) for line in open(out / "talk_train.jsonl")]
     used = {os.path.basename(t["value"]) for c in talk for t in c["conversations"] if t["type"] == "audio"}
     assert talk and used and used <= clips  # every audio turn is one of the corpus's own clips
+
+
+def test_held_out_splits_share_no_text_and_no_unseen_voice_with_train():
+    plans = plan_corpus({"train": 3000, "dev": 150, "test": 150, "test_unseen_voice": 150}, seed=3)
+    train_texts = {u.text for u in plans["train"]}
+    train_voices = {u.voice for u in plans["train"]}
+    for split in HELD_OUT_SPLITS:
+        assert plans[split] and not {u.text for u in plans[split]} & train_texts, split
+    assert {u.voice for u in plans["test_unseen_voice"]} <= set(UNSEEN_VOICES)
+    assert not train_voices & set(UNSEEN_VOICES)
+    assert {u.voice for u in plans["dev"] + plans["test"]} <= set(SEEN_VOICES)
+    assert not any(v.startswith(HELD_OUT_BASE_VOICE) or v.endswith(HELD_OUT_VARIANT) for v in train_voices)
+    assert len(SEEN_VOICES) == 49 and len(UNSEEN_VOICES) == 15 and not set(SEEN_VOICES) & set(UNSEEN_VOICES)
+    # the redraws keep the task mix and every kind of utterance in train
+    assert {u.kind for u in plans["train"]} == set(KINDS)
+    assert 0.12 < sum(u.task == "ast" for u in plans["train"]) / 3000 < 0.18
+    # the kinds are what the text says
+    for u in plans["train"][:300]:
+        words = u.text.split()
+        if u.kind == "numbers":
+            assert set(words) <= set(NUMBER_WORDS)
+        elif u.kind == "copula":
+            assert "is" in words
+        else:
+            assert not set(words) & set(NUMBER_WORDS) and "is" not in words
+
+
+def test_every_cut_carries_its_groups_against_train(tmp_path):
+    meta = make_demo_data(tmp_path, 40, 6, 6, seed=0, synthetic=True, progress=False, num_unseen_voice=5)
+    train = CutSet.from_file(tmp_path / "train_cuts.jsonl.gz")
+    train_texts = {c.supervisions[0].text for c in train}
+    train_voices = {c.supervisions[0].custom["voice"] for c in train}
+    for split, n in zip(SPLITS, (40, 6, 6, 5)):
+        cuts = list(CutSet.from_file(tmp_path / f"{split}_cuts.jsonl.gz"))
+        assert len(cuts) == n
+        for cut in cuts:
+            sup = cut.supervisions[0]
+            groups = sup.custom["groups"]
+            assert set(groups) == {"text", "voice", "kind"} and groups["kind"] in KINDS
+            assert groups["text"] == ("seen" if sup.text in train_texts else "unseen")
+            assert groups["voice"] == ("seen" if sup.custom["voice"] in train_voices else "unseen")
+            if split != "train":
+                assert groups["text"] == "unseen"
+            if split == "test_unseen_voice":
+                assert groups["voice"] == "unseen"
+        assert meta["splits"][split]["unseen_text"] == sum(c.supervisions[0].custom["groups"]["text"] == "unseen"
+                                                           for c in cuts)
+    assert meta["held_out"]["base_voice"] == HELD_OUT_BASE_VOICE and meta["held_out"]["variant"] == HELD_OUT_VARIANT
+    assert len(meta["audio_sha256"]) == 64
+
+
+def test_audio_hash_follows_the_audio(tmp_path):
+    from salm_mtp.data.demo_corpus import audio_hash
+
+    for name, data in (("a.flac", b"one"), ("b.flac", b"two")):
+        (tmp_path / name).write_bytes(data)
+    h = audio_hash(tmp_path, ["b.flac", "a.flac"])
+    assert h == audio_hash(tmp_path, ["a.flac", "b.flac"])  # order-free
+    (tmp_path / "b.flac").write_bytes(b"tw0")
+    assert audio_hash(tmp_path, ["a.flac", "b.flac"]) != h
+
+
+@needs_espeak
+def test_real_corpus_records_its_tools(two_runs):
+    _, _, metas = two_runs
+    assert "eSpeak NG" in metas[0]["tools"]["espeak-ng"] and "SoX" in metas[0]["tools"]["sox"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -274,3 +275,49 @@ def test_evaluate_conversation_set_bad_line_is_counted_and_named(tmp_path, tok_d
     with pytest.raises(Exception, match="unknown 'from' 'Robot'"):
         evaluate(module, str(bad), str(tmp_path / "eval2"), batch_size=2, max_new_tokens=3, progress=False,
                  data=DataConfig(on_bad_cut="raise"))
+
+
+def test_evaluate_reports_wer_per_group_with_the_normaliser_named(tmp_path, tok_dir, sine_corpus, monkeypatch):
+    """A hand-built manifest whose cuts carry supervision.custom["groups"]; the decoder is replaced by one whose
+    errors are known per cut, so every figure of metrics.json's wer_by_group is worked out by hand."""
+    from lhotse import CutSet
+
+    import salm_mtp.evaluate as E
+
+    manifest = sine_corpus(n=6)  # c000..c005; c002, c005 are ast; refs "zero zero", "zero one", ...
+    groups = {"c000": {"text": "seen", "voice": "seen"}, "c001": {"text": "unseen", "voice": "seen"},
+              "c003": {"text": "unseen", "voice": "unseen"}, "c004": {"text": "unseen", "voice": "unseen"}}
+    cuts = list(CutSet.from_file(manifest))
+    for cut in cuts:
+        if cut.id in groups:
+            cut.supervisions[0].custom["groups"] = groups[cut.id]
+    CutSet.from_cuts(cuts).to_file(manifest)
+    # c000 right; c001 casing and punctuation only; c003 one number word wrong; c004 nothing
+    hyps = {"c000": "zero zero", "c001": "Zero one.", "c003": "zero four", "c004": ""}
+
+    def fake_batch(module, batch, max_new_tokens, totals):
+        for cid, task, ref in zip(batch["ids"], batch["tasks"], batch["answers"]):
+            totals.rows.append({"id": cid, "task": task, "ref": ref, "hyp": hyps.get(cid, ref)})
+
+    monkeypatch.setattr(E, "evaluate_batch", fake_batch)
+    module = tiny.build(tok_dir, pattern="M*", mtp_layers=0)
+    m = E.evaluate(module, str(manifest), str(tmp_path / "eval"), batch_size=2, progress=False)
+    assert m["normalizer"] == "whisper_english"
+    # whisper_english writes spoken digit strings as one number: "zero one" -> "01"
+    assert m["wer_by_group"]["text=seen"] == {"num": 1, "wer": 0.0, "wer_raw": 0.0, "errors": 0, "ref_words": 1}
+    unseen = m["wer_by_group"]["text=unseen"]
+    assert unseen["num"] == 3 and unseen["errors"] == 2 and unseen["ref_words"] == 3 and unseen["wer"] == 2 / 3
+    assert unseen["wer_raw"] == 5 / 6  # raw: "Zero", "one.", "four", "zero three" deleted (2)
+    assert m["wer_by_group"]["voice=unseen"]["wer"] == 1.0 and m["wer_by_group"]["voice=seen"]["wer"] == 0.0
+    assert m["wer"] == 2 / 4 and m["wer_raw"] == 5 / 8
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "hyps.jsonl").read_text().splitlines()]
+    assert [r.get("groups") for r in rows] == [groups.get(f"c{i:03d}") for i in range(6)]
+    table = format_table(m)
+    assert "WER (whisper_english normaliser)" in table and "WER (raw text)" in table
+    assert re.search(r"  WER text=unseen \(3 utts\) +66.67%, raw 83.33%", table)
+
+    basic = E.evaluate(module, str(manifest), str(tmp_path / "eval_basic"), batch_size=2, progress=False,
+                       normalizer="basic")
+    assert basic["normalizer"] == "basic" and basic["wer_by_group"]["text=unseen"]["wer"] == 3 / 6
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        E.evaluate(module, str(manifest), str(tmp_path / "bad"), normalizer="nemo", progress=False)

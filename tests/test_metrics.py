@@ -101,3 +101,40 @@ def test_chained_acceptance_counts_only_unbroken_chains():
     (h1, n1), (h2, n2) = chained_acceptance_counts(main, drafts, valid)
     assert (h1, n1) == (3, 4) and (h2, n2) == (1, 3)  # depth 2 at t = 1 is right but unchained
     assert mean_accepted_length([h1 / n1, h2 / n2]) == pytest.approx(1 + 0.75 + 1 / 3)
+
+
+def test_normalizers_by_name():
+    from salm_mtp.metrics import NORMALIZERS, get_normalizer
+
+    assert set(NORMALIZERS) == {"whisper_english", "basic", "none"}
+    whisper = get_normalizer("whisper_english")
+    assert whisper("Don't stop, Mr. Smith!") == "do not stop mister smith"
+    assert whisper("three seven nine") == "379" and whisper("colour") == "color"
+    assert get_normalizer("basic")("Don't stop.") == "dont stop"
+    assert get_normalizer("none")("  Don't  stop. ") == "Don't stop."
+    with pytest.raises(ValueError, match="unknown normalizer 'nemo'.*--normalizer"):
+        get_normalizer("nemo")
+
+
+def test_wer_under_each_normalizer():
+    refs, hyps = ["zero one", "the red cat"], ["Zero one.", "the red hat"]
+    assert wer(refs, hyps, "none")["wer"] == 3 / 5  # "Zero", "one.", "hat"
+    assert wer(refs, hyps, "basic")["wer"] == 1 / 5
+    w = wer(refs, hyps, "whisper_english")  # "zero one" -> "01": one word
+    assert w["wer"] == 1 / 4 and w["ref_words"] == 4
+
+
+def test_wer_by_group_hand_built():
+    from salm_mtp.metrics import wer_by_group
+
+    rows = [
+        {"ref": "a b c d", "hyp": "a b c d", "groups": {"text": "seen", "voice": "seen"}},
+        {"ref": "a b c d", "hyp": "a x c d", "groups": {"text": "unseen", "voice": "seen"}},
+        {"ref": "a b", "hyp": "A b", "groups": {"text": "unseen", "voice": "unseen"}},
+        {"ref": "a b", "hyp": "z", "groups": {}},  # in no group
+    ]
+    g = wer_by_group(rows, "basic")
+    assert list(g) == ["text=seen", "text=unseen", "voice=seen", "voice=unseen"]
+    assert g["text=seen"] == {"num": 1, "wer": 0.0, "wer_raw": 0.0, "errors": 0, "ref_words": 4}
+    assert g["text=unseen"]["num"] == 2 and g["text=unseen"]["wer"] == 1 / 6 and g["text=unseen"]["wer_raw"] == 2 / 6
+    assert g["voice=seen"]["wer"] == 1 / 8 and g["voice=unseen"]["wer"] == 0.0 and g["voice=unseen"]["wer_raw"] == 0.5

@@ -11,12 +11,21 @@ Two tasks (``supervision.custom["task"]``), about 85 % / 15 %:
 The vocabulary is 39 words. Each clip is spoken by an English espeak-ng voice and variant with
 a random rate and pitch (seeded), converted by sox to 16 kHz mono 16-bit FLAC, 0.5-4 s long.
 
+Held out (the figures measured on dev and test are about speech the model has not learned by heart):
+    text   dev, test and test_unseen_voice are drawn first; train redraws any text they hold, so no dev or
+           test transcript occurs in train.
+    voice  one base voice (``HELD_OUT_BASE_VOICE``) and one variant (``HELD_OUT_VARIANT``) speak only in
+           ``test_unseen_voice``; train, dev and test use the other 7 x 7 voices.
+Every cut's supervision carries ``custom["groups"]``: ``{"text": "seen"|"unseen", "voice": "seen"|"unseen",
+"kind": "numbers"|"svo"|"sv"|"copula"}``, computed against train (``salm-mtp evaluate`` reports WER per group).
+
 Layout under ``out``::
 
     audio/{split}-{index:06d}.flac
-    {train,dev,test}_cuts.jsonl.gz   one MonoCut per clip: recording + one supervision
+    {train,dev,test,test_unseen_voice}_cuts.jsonl.gz   one MonoCut per clip: recording + one supervision
     tokenizer/                       demo BPE tokenizer trained on the train texts
-    meta.json                        the request, per-task counts, durations, "synthetic"
+    meta.json                        the request, per-task counts, durations, "synthetic", the held-out
+                                     voices, espeak-ng/sox versions and a hash of the audio
 
 Audio paths in the manifests are relative to ``out``: load them with
 ``salm_mtp.data.datamodule.load_cuts``, which resolves them from the manifest's directory.
@@ -29,6 +38,7 @@ word); a loud warning is printed and ``meta.json`` records ``"synthetic": true``
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -48,7 +58,7 @@ from tqdm import tqdm
 
 from salm_mtp.data.tokenizer import train_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when the generated content changes, so old corpora are regenerated, not reused."""
 SAMPLE_RATE = 16_000
 MIN_SECONDS, MAX_SECONDS = 0.5, 4.0
@@ -56,7 +66,11 @@ AST_FRACTION = 0.15
 """Share of ``ast`` utterances; the rest are ``asr``."""
 NUMBER_FRACTION_OF_ASR = 0.4
 """Share of number sequences among ``asr`` utterances; the rest are sentences."""
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "test_unseen_voice")
+HELD_OUT_SPLITS = ("dev", "test", "test_unseen_voice")
+"""Drawn before train; train never repeats one of their texts."""
+KINDS = ("numbers", "svo", "sv", "copula")
+"""Utterance kinds: number words, subject-verb-object, subject-verb, "X is (very) Y" sentences."""
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DETERMINERS = ("the", "a")
@@ -77,6 +91,17 @@ VOICES = (
 )  # fmt: skip
 VARIANTS = ("", "+m1", "+m3", "+m7", "+f1", "+f2", "+f3", "+f4")
 """espeak-ng voice variants ("" = the voice's default)."""
+HELD_OUT_BASE_VOICE = "en-us-nyc"
+HELD_OUT_VARIANT = "+f4"
+SEEN_VOICES: tuple[str, ...] = tuple(
+    b + v for b in VOICES for v in VARIANTS if b != HELD_OUT_BASE_VOICE and v != HELD_OUT_VARIANT
+)
+"""The 49 voices of train, dev and test."""
+UNSEEN_VOICES: tuple[str, ...] = tuple(
+    b + v for b in VOICES for v in VARIANTS if b == HELD_OUT_BASE_VOICE or v == HELD_OUT_VARIANT
+)
+"""The 15 voices heard only in test_unseen_voice (every variant of the held-out base, the held-out variant of every
+other base)."""
 RATES = (140, 190)
 """espeak-ng speaking rate range, words per minute (keeps 6-word clips under 4 s)."""
 PITCHES = (30, 70)
@@ -98,6 +123,7 @@ class Utterance:
     voice: str
     rate: int
     pitch: int
+    kind: str = "numbers"
 
     @property
     def target_text(self) -> str | None:
@@ -115,7 +141,8 @@ def _noun_phrase(rng: random.Random) -> list[str]:
     return words + [rng.choice(_NOUNS)]
 
 
-def _sentence(rng: random.Random) -> str:
+def _sentence(rng: random.Random) -> tuple[str, str]:
+    """(kind, text) of one grammar sentence."""
     kind = rng.randrange(3)
     if kind == 0:  # the red cat sees a big dog
         words = _noun_phrase(rng) + [rng.choice(_TRANSITIVE)] + _noun_phrase(rng)
@@ -124,20 +151,37 @@ def _sentence(rng: random.Random) -> str:
     else:  # the old man is very happy
         adj = ["very"] if rng.random() < 0.3 else []
         words = _noun_phrase(rng) + ["is"] + adj + [rng.choice(_ADJECTIVES)]
-    return " ".join(words)
+    return ("svo", "sv", "copula")[kind], " ".join(words)
 
 
-def plan_split(split: str, num: int, seed: int) -> list[Utterance]:
-    """The utterances of one split: tasks, texts and voices drawn from a seeded RNG."""
+_MAX_REDRAWS = 10_000
+
+
+def plan_split(
+    split: str, num: int, seed: int, exclude: frozenset[str] = frozenset(), voices: tuple[str, ...] = SEEN_VOICES
+) -> list[Utterance]:
+    """The utterances of one split: tasks, texts and voices drawn from a seeded RNG.
+
+    Args:
+        split: split name (part of the RNG seed and of the ids).
+        num: utterances.
+        seed: corpus seed.
+        exclude: texts this split must not use (train excludes the held-out splits' texts); a drawn text in
+            it is redrawn (same task and kind of draw), so the split stays a prefix-stable function of its seed.
+        voices: the voices to draw from.
+    """
     rng = random.Random(f"salm-mtp-demo/{seed}/{split}")
     utts = []
     for i in range(num):
         task = "ast" if rng.random() < AST_FRACTION else "asr"
-        if task == "ast" or rng.random() < NUMBER_FRACTION_OF_ASR:
-            text = _numbers(rng)
+        numbers = task == "ast" or rng.random() < NUMBER_FRACTION_OF_ASR
+        for _ in range(_MAX_REDRAWS):
+            kind, text = ("numbers", _numbers(rng)) if numbers else _sentence(rng)
+            if text not in exclude:
+                break
         else:
-            text = _sentence(rng)
-        voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+            raise RuntimeError(f"plan_split({split!r}): {_MAX_REDRAWS} draws all in the excluded texts")
+        voice = rng.choice(voices)
         utts.append(
             Utterance(
                 id=f"{split}-{i:06d}",
@@ -146,9 +190,30 @@ def plan_split(split: str, num: int, seed: int) -> list[Utterance]:
                 voice=voice,
                 rate=rng.randint(*RATES),
                 pitch=rng.randint(*PITCHES),
+                kind=kind,
             )
         )
     return utts
+
+
+def plan_corpus(sizes: dict[str, int], seed: int) -> dict[str, list[Utterance]]:
+    """Every split of the corpus, held-out splits first (``HELD_OUT_SPLITS``), then train without their texts."""
+    plans = {}
+    for split in HELD_OUT_SPLITS:
+        voices = UNSEEN_VOICES if split == "test_unseen_voice" else SEEN_VOICES
+        plans[split] = plan_split(split, sizes[split], seed, voices=voices)
+    held_out = frozenset(u.text for s in HELD_OUT_SPLITS for u in plans[s])
+    plans["train"] = plan_split("train", sizes["train"], seed, exclude=held_out)
+    return {s: plans[s] for s in SPLITS}
+
+
+def groups_of(utt: Utterance, train_texts: set[str], train_voices: set[str]) -> dict[str, str]:
+    """The evaluation groups of one utterance, against what train holds."""
+    return {
+        "text": "seen" if utt.text in train_texts else "unseen",
+        "voice": "seen" if utt.voice in train_voices else "unseen",
+        "kind": utt.kind,
+    }
 
 
 def have_speech_tools() -> bool:
@@ -197,7 +262,7 @@ def _synthesise(utt: Utterance, path: Path, synthetic: bool) -> int:
     return int(audio.shape[0])
 
 
-def _make_cut(utt: Utterance, num_samples: int, synthetic: bool) -> MonoCut:
+def _make_cut(utt: Utterance, num_samples: int, synthetic: bool, groups: dict[str, str]) -> MonoCut:
     duration = num_samples / SAMPLE_RATE
     recording = Recording(
         id=utt.id,
@@ -206,7 +271,7 @@ def _make_cut(utt: Utterance, num_samples: int, synthetic: bool) -> MonoCut:
         num_samples=num_samples,
         duration=duration,
     )
-    custom = {"task": utt.task, "voice": utt.voice, "rate": utt.rate, "pitch": utt.pitch}
+    custom = {"task": utt.task, "voice": utt.voice, "rate": utt.rate, "pitch": utt.pitch, "groups": groups}
     if utt.task == "ast":
         custom["target_text"] = utt.target_text
     supervision = SupervisionSegment(
@@ -234,14 +299,46 @@ def _write_manifest(cuts: list[MonoCut], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _request(seed: int, num_train: int, num_dev: int, num_test: int) -> dict:
+def _request(seed: int, num_train: int, num_dev: int, num_test: int, num_unseen_voice: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "num_train": num_train,
         "num_dev": num_dev,
         "num_test": num_test,
+        "num_test_unseen_voice": num_unseen_voice,
     }
+
+
+def tool_versions() -> dict[str, str | None]:
+    """First line of ``espeak-ng --version`` and ``sox --version`` (None when missing)."""
+    out = {}
+    for tool in ("espeak-ng", "sox"):
+        try:
+            res = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30)
+            out[tool] = (res.stdout or res.stderr).strip().splitlines()[0].strip()
+        except (OSError, IndexError, subprocess.SubprocessError):
+            out[tool] = None
+    return out
+
+
+def audio_hash(audio_dir: Path, names: list[str]) -> str:
+    """sha256 over the named clips' bytes in sorted order: two corpora with the same hash have the same audio."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode() + b"\0")
+        h.update((audio_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def _warm_up(synthetic: bool, scratch: Path) -> None:
+    """One throw-away synthesis before the real ones: the first espeak-ng call after installing it came out
+    different from a regeneration (a one-off state at first use), so no clip of the corpus is ever the first."""
+    if synthetic:
+        return
+    utt = Utterance(id="warmup", task="asr", text="one two three", voice=SEEN_VOICES[0], rate=160, pitch=50)
+    _speak(utt, scratch, utt.rate)
+    scratch.unlink(missing_ok=True)
 
 
 def _can_reuse(out: Path, request: dict, synthetic: bool) -> bool:
@@ -271,6 +368,7 @@ def make_demo_data(
     force: bool = False,
     synthetic: bool | None = None,
     progress: bool = True,
+    num_unseen_voice: int | None = None,
 ) -> dict:
     """Generate (or reuse) the demo corpus under ``out``; return its ``meta.json`` content.
 
@@ -283,10 +381,14 @@ def make_demo_data(
         synthetic: None = espeak-ng when available, else synthetic tones (with a warning);
             True = synthetic tones; False = espeak-ng (error when missing).
         progress: show tqdm progress bars.
+        num_unseen_voice: utterances of ``test_unseen_voice`` (voices never heard in train); None: ``num_test``.
     """
-    for key, value in (("num_train", num_train), ("num_dev", num_dev), ("num_test", num_test)):
+    num_unseen_voice = num_test if num_unseen_voice is None else num_unseen_voice
+    sizes = {"train": num_train, "dev": num_dev, "test": num_test, "test_unseen_voice": num_unseen_voice}
+    for split, value in sizes.items():
         if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}; set --{key.replace('_', '-')}")
+            flag = "--num-unseen-voice" if split == "test_unseen_voice" else f"--num-{split}"
+            raise ValueError(f"num_{split} must be >= 1, got {value}; set {flag}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}; set --workers")
     out = Path(out).resolve()
@@ -294,7 +396,7 @@ def make_demo_data(
     if synthetic is False and not tools:
         raise FileNotFoundError("espeak-ng and sox are needed for real speech: apt-get install espeak-ng sox")
     synthetic = not tools if synthetic is None else synthetic
-    request = _request(seed, num_train, num_dev, num_test)
+    request = _request(seed, num_train, num_dev, num_test, num_unseen_voice)
     if not force and _can_reuse(out, request, synthetic):
         print(f"reusing the demo corpus in {out} (meta.json matches; --force regenerates)")
         return json.loads((out / "meta.json").read_text())
@@ -308,34 +410,51 @@ def make_demo_data(
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the corpus is incomplete until meta.json exists
-    plans = {s: plan_split(s, n, seed) for s, n in zip(SPLITS, (num_train, num_dev, num_test))}
+    plans = plan_corpus(sizes, seed)
     wanted = {f"{u.id}.flac" for utts in plans.values() for u in utts}
     for stale in audio_dir.glob("*.flac"):  # clips of an earlier, larger corpus
         if stale.name not in wanted:
             stale.unlink()
+    train_texts = {u.text for u in plans["train"]}
+    train_voices = {u.voice for u in plans["train"]}
 
-    meta = dict(request, synthetic=synthetic, sample_rate=SAMPLE_RATE, splits={})
+    meta = dict(
+        request,
+        synthetic=synthetic,
+        sample_rate=SAMPLE_RATE,
+        splits={},
+        held_out={"base_voice": HELD_OUT_BASE_VOICE, "variant": HELD_OUT_VARIANT,
+                  "unseen_voices": list(UNSEEN_VOICES)},
+        tools=tool_versions() if not synthetic else {},
+    )
+    _warm_up(synthetic, audio_dir / "warmup.flac")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for split, utts in plans.items():
             def work(u: Utterance) -> int:
                 return _synthesise(u, audio_dir / f"{u.id}.flac", synthetic)
 
             lengths = list(tqdm(pool.map(work, utts), total=len(utts), desc=split, disable=not progress))
-            cuts = [_make_cut(u, n, synthetic) for u, n in zip(utts, lengths)]
+            groups = [groups_of(u, train_texts, train_voices) for u in utts]
+            cuts = [_make_cut(u, n, synthetic, g) for u, n, g in zip(utts, lengths, groups)]
             _write_manifest(cuts, out / f"{split}_cuts.jsonl.gz")
             meta["splits"][split] = {
                 "tasks": dict(sorted(Counter(u.task for u in utts).items())),
+                "kinds": dict(sorted(Counter(u.kind for u in utts).items())),
+                "unseen_text": sum(g["text"] == "unseen" for g in groups),
+                "unseen_voice": sum(g["voice"] == "unseen" for g in groups),
                 "hours": round(sum(lengths) / SAMPLE_RATE / 3600, 4),
                 "min_seconds": round(min(lengths) / SAMPLE_RATE, 3),
                 "max_seconds": round(max(lengths) / SAMPLE_RATE, 3),
             }
+    meta["audio_sha256"] = audio_hash(audio_dir, sorted(wanted))
 
     texts = [t for u in plans["train"] for t in (u.text, u.target_text) if t is not None]
     train_tokenizer(texts, out / "tokenizer")
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    total = num_train + num_dev + num_test
+    total = sum(sizes.values())
     elapsed = time.time() - start
-    print(f"wrote {total} clips to {out} in {elapsed:.1f} s ({total / elapsed:.0f} clips/s)")
+    print(f"wrote {total} clips to {out} in {elapsed:.1f} s ({total / elapsed:.0f} clips/s); "
+          f"audio sha256 {meta['audio_sha256'][:16]}")
     return meta
 
 
@@ -346,13 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="salm-mtp make-demo-data",
         description="Make the spoken demo corpus (espeak-ng + sox; synthetic tones without them) and its tokenizer "
-                    "under --out: audio/*.flac, {train,dev,test}_cuts.jsonl.gz (lhotse), tokenizer/, meta.json. "
+                    "under --out: audio/*.flac, {train,dev,test,test_unseen_voice}_cuts.jsonl.gz (lhotse), tokenizer/, "
+                    "meta.json. Dev and test texts never occur in train; test_unseen_voice holds voices train never "
+                    "heard; every cut carries custom.groups (text/voice seen or unseen, kind). "
                     "Re-running with the same arguments reuses the corpus.",
     )
     parser.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
     parser.add_argument("--num-train", type=int, default=4000, help="train utterances (default: 4000)")
     parser.add_argument("--num-dev", type=int, default=200, help="dev utterances (default: 200)")
     parser.add_argument("--num-test", type=int, default=200, help="test utterances (default: 200)")
+    parser.add_argument("--num-unseen-voice", type=int, default=None,
+                        help="test_unseen_voice utterances: voices never heard in train (default: --num-test)")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed; same seed, same corpus (default: 0)")
     parser.add_argument("--workers", type=int, default=2, help="parallel espeak-ng calls (default: 2)")
     parser.add_argument("--force", action="store_true", help="regenerate even if meta.json matches the request")
@@ -364,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                              "three-turn conversations over the corpus's clips) and text_{split}.jsonl (text chats)")
     args = parser.parse_args(argv)
     make_demo_data(out=args.out, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test,
-                   seed=args.seed, workers=args.workers, force=args.force,
+                   seed=args.seed, workers=args.workers, force=args.force, num_unseen_voice=args.num_unseen_voice,
                    synthetic=True if args.synthetic else None, progress=not args.no_progress)
     if args.mix:
         from salm_mtp.data.demo_mix import make_mix_data
