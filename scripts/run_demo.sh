@@ -4,7 +4,7 @@
 # splits (unseen sentences; unseen sentences and voices), print metrics.
 # Env: DEMO_TRAIN (train utterances), DEMO_HELDOUT (dev / test / unseen-voice utterances each), CORPUS_SEED,
 #      SEED (training seed and data.seed together), ENC_STEPS (encoder step cap), ENC_TARGET_WER (fraction),
-#      SALM_STEPS, RUN (output dir), DATA (corpus dir).
+#      SALM_STEPS, RUN (output dir), DATA (corpus dir), ENC_ARGS / SALM_ARGS (extra flags of the two stages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,14 +32,14 @@ echo "== 2/4 CTC pretraining of the encoder until dev WER <= $ENC_TARGET_WER (at
 rm -f "$RUN/encoder_ctc_hf/pretrain_result.json"
 "$PY" -m salm_mtp.cli pretrain-encoder fit --config conf/encoder_ctc.yaml "${DATA_ARGS[@]}" \
   --trainer.default_root_dir="$RUN" --trainer.max_steps="$ENC_STEPS" --model.export_dir="$RUN/encoder_ctc_hf" \
-  --model.target_wer="$ENC_TARGET_WER"
+  --model.target_wer="$ENC_TARGET_WER" ${ENC_ARGS:-}
 "$PY" -c 'import sys; from salm_mtp.pretrain import require_target; sys.exit(require_target(sys.argv[1]))' \
   "$RUN/encoder_ctc_hf"
 
 echo "== 3/4 SALM + MTP training (conf/demo.yaml)"
 "$PY" -m salm_mtp.cli fit --config conf/demo.yaml "${DATA_ARGS[@]}" --data.test_manifest="$DATA/test_cuts.jsonl.gz" \
   --trainer.default_root_dir="$RUN" --trainer.max_steps="$SALM_STEPS" --model.encoder.path="$RUN/encoder_ctc_hf" \
-  2>&1 | tee "$RUN/fit.log"
+  ${SALM_ARGS:-} 2>&1 | tee "$RUN/fit.log"
 CKPT=$(grep -E '^checkpoint: ' "$RUN/fit.log" | tail -1 | awk '{print $2}')
 LOGDIR=$(grep -E '^logs: ' "$RUN/fit.log" | tail -1 | awk '{print $2}')
 
