@@ -164,7 +164,7 @@ def test_counted_positions_bound_the_model_inputs(tok_dir, data):
 def test_bucketing_cuts_padding_and_keeps_the_examples(tok_dir, data):
     """data.bucket_window: the examples of each window, sorted by length, are cut into budgeted batches served in a
     shuffled order: the same examples as stream-order batching, far less padding, still within the budget."""
-    kw = dict(max_tokens=150, inputs=inputs(data, talk=0.3))
+    kw = dict(max_tokens=150, inputs=inputs(data, talk=0.3), mix_in_batch=False)
     window = 40
 
     def padding(batches):
@@ -184,6 +184,54 @@ def test_bucketing_cuts_padding_and_keeps_the_examples(tok_dir, data):
     assert padding(bucketed) < 0.5 * padding(plain), (padding(bucketed), padding(plain))
     assert [[c.id for c in b] for b in bucketed[:10]] == [[c.id for c in b] for b in sampler_batches(
         make_dm(tok_dir, data, bucket_window=window, **kw), 10)]  # deterministic: resumable by counting batches
+
+
+def test_mix_in_batch_gives_every_batch_each_source_in_proportion(tok_dir, data):
+    """data.mix_in_batch (the default): each window's batches carry every source of the window, a source's count
+    per batch differing by at most one between batches; the same examples as the stream, within the budget."""
+    kw = dict(max_tokens=150, inputs=inputs(data, talk=0.3))
+    window = 40
+    plain = sampler_batches(make_dm(tok_dir, data, bucket_window=0, **kw), 60)
+    stream = [c for b in plain for c in b]
+    whole = len(stream) - len(stream) % window
+    it = iter(make_dm(tok_dir, data, bucket_window=window, **kw).train_dataloader().sampler)
+    dealt = []
+    while sum(map(len, dealt)) < whole:
+        dealt.append(list(next(it)))
+    assert sorted(c.id for b in dealt for c in b) == sorted(c.id for c in stream[:whole])
+    assert all(len(b) * max(c.custom[POSITIONS_KEY] for c in b) <= 150 for b in dealt)
+    seen, start = 0, 0
+    for w in range(whole // window):  # the batches of window w hold exactly its examples
+        in_window = {c.id for c in stream[w * window:(w + 1) * window]}
+        batches = []
+        while seen < (w + 1) * window:
+            batches.append(dealt[start])
+            seen += len(dealt[start])
+            start += 1
+        assert {c.id for b in batches for c in b} == in_window
+        sources = {c.custom[SOURCE_KEY] for c in stream[w * window:(w + 1) * window]}
+        for src in sources:
+            counts = [sum(c.custom[SOURCE_KEY] == src for c in b) for b in batches]
+            assert max(counts) - min(counts) <= 1, (src, counts)
+        if len(batches) <= min(sum(c.custom[SOURCE_KEY] == s for c in stream[w * window:(w + 1) * window])
+                               for s in sources):
+            assert all({c.custom[SOURCE_KEY] for c in b} == sources for b in batches)  # every source in every batch
+
+
+def test_deal_by_source_grows_the_batch_count_until_each_fits():
+    from types import SimpleNamespace
+
+    from salm_mtp.data.mix import deal_by_source
+
+    def cut(src, n):
+        return SimpleNamespace(custom={SOURCE_KEY: src, POSITIONS_KEY: n}, id=f"{src}-{n}")
+
+    window = [cut(0, n) for n in (10, 11, 12, 13, 14, 15)] + [cut(1, n) for n in (40, 41, 42)]
+    fits = lambda b: len(b) * max(c.custom[POSITIONS_KEY] for c in b) <= 130  # noqa: E731
+    batches = deal_by_source(window, 1, fits)
+    assert len(batches) == 3 and all(fits(b) for b in batches)
+    assert [[c.id for c in b] for b in batches] == [["0-10", "0-11", "1-40"], ["0-12", "0-13", "1-41"],
+                                                    ["0-14", "0-15", "1-42"]]
 
 
 def test_an_example_over_the_budget_is_a_bad_cut(tok_dir, data):

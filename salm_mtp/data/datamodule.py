@@ -115,6 +115,11 @@ class DataConfig:
     """With max_tokens, in training: this many consecutive examples of the (shuffled) stream are sorted by length
     and cut into budgeted batches, served in a seeded random order, so a batch holds examples of similar length
     (less padding; the source mix is unchanged over a window). 0: batches follow the stream order."""
+    mix_in_batch: bool = True
+    """With several training sources and bucket_window: every batch of a window carries each source in proportion to
+    its share of the window (each source sorted by length and dealt across the window's batches, so a batch's rows
+    of one source have similar lengths). false: the window is sorted as one, and sources of different lengths fall
+    into different batches (on the demo mix 46% of the batches held no ASR row)."""
 
     def __post_init__(self) -> None:
         if self.prompt is None:
@@ -260,6 +265,7 @@ class SALMDataModule(pl.LightningDataModule):
         inputs, val_inputs: named training sources (mixed by weight) and validation sets (salm_mtp.data.mix).
         max_tokens: batch budget in LLM positions.
         bucket_window: examples sorted by length together before they are cut into budgeted batches (training).
+        mix_in_batch: every bucketed batch carries each source in proportion.
     """
 
     def __init__(
@@ -284,6 +290,7 @@ class SALMDataModule(pl.LightningDataModule):
         val_inputs: list[InputConfig] | None = None,
         max_tokens: int | None = None,
         bucket_window: int = 1000,
+        mix_in_batch: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = DataConfig(
@@ -307,6 +314,7 @@ class SALMDataModule(pl.LightningDataModule):
             val_inputs=val_inputs,
             max_tokens=max_tokens,
             bucket_window=bucket_window,
+            mix_in_batch=mix_in_batch,
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
@@ -459,7 +467,8 @@ class SALMDataModule(pl.LightningDataModule):
                         "position per clip")
         return BudgetSampler(cuts, self.cfg.max_tokens, max_cuts=self.cfg.max_cuts, shuffle=shuffle,
                              seed=self.cfg.seed, world_size=world_size, rank=rank,
-                             bucket_window=self.cfg.bucket_window if bucket else 0)
+                             bucket_window=self.cfg.bucket_window if bucket else 0,
+                             mix_in_batch=self.cfg.mix_in_batch)
 
     def precheck(self) -> None:
         """Check every train and val cut once (manifest lines, durations, text, audio headers), before training."""

@@ -236,6 +236,26 @@ def mix(streams: list[Iterable], weights: list[float], seed: int) -> CutSet:
     return CutSet.mux(*[CutSet(s) for s in streams], weights=[w / total for w in weights], seed=seed)
 
 
+def deal_by_source(window: list, num_batches: int, fits: Callable[[list], bool]) -> list[list]:
+    """Batches of ``window`` that each carry every source in proportion (``custom["salm_source"]``).
+
+    Each source's examples are sorted by length and split into ``k`` consecutive slices of near-equal size; batch
+    i is slice i of every source. ``k`` starts at ``num_batches`` (what length bucketing of the whole window gives)
+    and grows until every batch ``fits`` the budget. Every example lands in exactly one batch.
+    """
+    by_source: dict = {}
+    for cut in window:
+        by_source.setdefault(cut.custom.get(SOURCE_KEY), []).append(cut)
+    groups = [sorted(g, key=lambda c: c.custom[POSITIONS_KEY]) for _, g in sorted(by_source.items(), key=str)]
+    k = max(1, num_batches)
+    while True:
+        batches = [[c for g in groups for c in g[i * len(g) // k:(i + 1) * len(g) // k]] for i in range(k)]
+        batches = [b for b in batches if b]
+        if all(fits(b) for b in batches) or k >= len(window):
+            return batches
+        k += 1
+
+
 class BudgetSampler(CutSampler):
     """A lhotse sampler whose batches never exceed ``max_tokens`` LLM positions: b examples whose longest has L
     positions (``custom["salm_positions"]``) fit when ``b * L <= max_tokens`` (the padded (B, T') the LLM runs on).
@@ -248,14 +268,18 @@ class BudgetSampler(CutSampler):
     ``bucket_window`` > 0: each run of that many consecutive examples is sorted by positions, cut into batches the
     same way, and its batches are served in an order shuffled from ``(seed, epoch, window)``: examples of similar
     length share a batch (little padding), the stream's source mix holds per window, and every iteration yields the
-    same batches (resumable by counting batches, as before).
+    same batches (resumable by counting batches, as before). ``mix_in_batch`` (with examples of two or more
+    sources in a window): each source's examples are sorted by length on their own and dealt across the window's
+    batches in slices proportional to the source's share (``deal_by_source``), so every batch carries every source
+    in proportion instead of one length class.
     """
 
     def __init__(self, cuts: Iterable, max_tokens: int, max_cuts: int | None = None, shuffle: bool = False,
                  seed: int = 0, world_size: int | None = None, rank: int | None = None,
-                 bucket_window: int = 0) -> None:
+                 bucket_window: int = 0, mix_in_batch: bool = False) -> None:
         super().__init__(shuffle=shuffle, drop_last=False, world_size=world_size, rank=rank, seed=seed)
         self.cuts, self.max_tokens, self.max_cuts, self.bucket_window = cuts, max_tokens, max_cuts, bucket_window
+        self.mix_in_batch = mix_in_batch
         self._iter: Iterator | None = None
         self._held = None
         self._ready: list[list] = []
@@ -286,6 +310,23 @@ class BudgetSampler(CutSampler):
             longest = max(longest, n)
         return batch
 
+    def _pack_all(self, cuts: list) -> list[list]:
+        """``cuts`` cut into consecutive budgeted batches (``_pack``)."""
+        out, rest = [], iter(cuts)
+        while True:
+            b = self._pack(rest)
+            if not b:
+                return out
+            out.append(b)
+
+    def _fits(self, batch: list) -> bool:
+        """Whether ``batch`` is within the budget (one example always is)."""
+        if len(batch) <= 1:
+            return True
+        if self.max_cuts is not None and len(batch) > self.max_cuts:
+            return False
+        return len(batch) * max(c.custom[POSITIONS_KEY] for c in batch) <= self.max_tokens
+
     def _next_batch(self) -> CutSet:
         if self.bucket_window <= 0:
             batch = self._pack(self._iter)
@@ -293,12 +334,9 @@ class BudgetSampler(CutSampler):
             if not self._ready:
                 window = list(itertools.islice(self._iter, self.bucket_window))
                 window.sort(key=lambda c: c.custom[POSITIONS_KEY])  # stable: ties keep the stream order
-                rest = iter(window)
-                while True:
-                    b = self._pack(rest)
-                    if not b:
-                        break
-                    self._ready.append(b)
+                self._ready = self._pack_all(window)
+                if self.mix_in_batch and len({c.custom.get(SOURCE_KEY) for c in window}) > 1:
+                    self._ready = deal_by_source(window, len(self._ready), self._fits)
                 random.Random(f"{self.seed}/{self.epoch}/{self._window}").shuffle(self._ready)
                 self._window += 1
             batch = self._ready.pop() if self._ready else []
