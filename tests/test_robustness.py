@@ -264,13 +264,14 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI runs
-def _cli(sub, run_dir, tok_dir, *extra, env=None, check=None):
+def _cli(sub, run_dir, tok_dir, *extra, env=None, check=None, new_session=False):
     cmd = [sys.executable, "-m", "salm_mtp.cli", sub, "--config", os.path.join(ROOT, "conf/tiny.yaml"),
            f"--trainer.default_root_dir={run_dir}", f"--model.tokenizer_path={tok_dir}",
            "--data.test_manifest=null", "--trainer.enable_progress_bar=false", *extra]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}",
            **(env or {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+                         start_new_session=new_session)  # its own process group: a group signal stays there
     if check is not None:
         assert out.returncode == check, out.stdout[-3000:] + out.stderr[-5000:]
     return out
@@ -360,6 +361,26 @@ def test_cli_sigterm_saves_at_the_signal_step_exits_nonzero_and_resumes_exactly(
     a, b = logged_losses(full), logged_losses(resumed)
     assert sorted(b) == [5, 6]
     assert [b[s] for s in (5, 6)] == [a[s] for s in (5, 6)]  # exactly
+
+
+def test_cli_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(corpus, tok_dir, tmp_path):
+    """SLURM, `timeout` and Ctrl-C signal the whole process group, DataLoader workers included: the workers ignore
+    it (no "DataLoader worker ... is killed by signal"), the main process saves at the signal step, exits 143."""
+    common = [f"--data.train_manifest={corpus}", "--data.val_manifest=null", "--trainer.max_steps=6",
+              "--data.num_workers=2"]
+    full = str(tmp_path / "full")
+    _cli("fit", full, tok_dir, *common, check=0)
+    cut = str(tmp_path / "cut")
+    out = _cli("fit", cut, tok_dir, *common, "--trainer.callbacks+=robustness_helpers.KillAtStep",
+               env={"SALM_TEST_KILL_AT_STEP": "3", "SALM_TEST_KILL_GROUP": "1"}, new_session=True)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    assert "is killed by signal" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (ckpt,) = glob.glob(os.path.join(cut, "salm/version_*/checkpoints/preempted-step4.ckpt"))
+    resumed = str(tmp_path / "resumed")
+    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
+    a, b = logged_losses(full), logged_losses(resumed)
+    assert sorted(b) == [4, 5]
+    assert [b[s] for s in (4, 5)] == [a[s] for s in (4, 5)]  # exactly
 
 
 def test_cli_predict_all_unreadable_batch_reports_instead_of_crashing(sine_corpus, tok_dir, tmp_path):

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from itertools import islice
@@ -210,6 +211,23 @@ class ResumableSampler(Sampler):
         while batch is not None:
             yield batch
             batch = next(batches, None)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+"""Signals that ask a run to stop (schedulers, ``timeout``, Ctrl-C, SLURM's pre-emption warning)."""
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals.
+
+    SLURM, ``timeout`` and a terminal's Ctrl-C signal the whole process group. A worker killed by SIGTERM makes the
+    main process raise "DataLoader worker ... is killed by signal" before the pre-emption checkpoint is written;
+    ignoring it leaves the decision to the main process (salm_mtp.callbacks.Preemption), which shuts the workers
+    down itself (they also exit when the main process dies)."""
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class ResumableDataLoader(DataLoader):
@@ -585,6 +603,7 @@ class SALMDataModule(pl.LightningDataModule):
             ResumableSampler(sampler),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            worker_init_fn=ignore_stop_signals if self.cfg.num_workers > 0 else None,
         )
         loader.pending = self._prefetched_batches
         return loader
@@ -604,7 +623,8 @@ class SALMDataModule(pl.LightningDataModule):
         if not with_text:  # prediction: references are not needed, only the audio
             dataset = SALMDataset(dataset.tokenizer, dataset.formatter, checker=dataset.checker,
                                   policy=dataset.policy, check_text=False)
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers,
+                          worker_init_fn=ignore_stop_signals if self.cfg.num_workers > 0 else None)
 
     def val_dataloader(self) -> DataLoader | list:
         # no val manifest: an empty list tells Lightning there is no validation
