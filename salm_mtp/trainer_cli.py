@@ -50,6 +50,30 @@ class SALMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         document_data_options(parser)
 
+    def _parse_ckpt_path(self) -> None:
+        """The resume rule (salm_mtp/resume.py) instead of Lightning's, which replaced every --model.* setting by
+        the checkpoint's: explicit settings that change the trained tensors are refused, the others applied and
+        listed, and settings left at their defaults take the checkpoint's values."""
+        from salm_mtp import resume
+
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        path = self.config[sub].get("ckpt_path")
+        saved = resume.checkpoint_hparams(path) if path else None
+        if not saved:
+            return
+        defaults = resume.flatten(self._subcommand_parsers[sub].get_defaults().get("model"))
+        current = resume.flatten(self.config[sub]["model"])
+        explicit = {k: v for k, v in current.items() if k not in defaults or not resume._same(defaults[k], v)}
+        merged, safe, refused = resume.resolve(resume.flatten(saved), explicit)
+        if refused:
+            raise resume.ResumeSettingsError(resume.refusal_message(path, refused))
+        if safe and int(os.environ.get("RANK", "0")) == 0:
+            print(resume.changes_line(safe), flush=True)
+        merged = {k: v for k, v in merged.items() if k in current}  # keys this version of the code knows
+        self.config = self.parser.parse_object({sub: {"model": resume.unflatten(merged)}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         """Refuse an unwritable ``trainer.default_root_dir`` before the Trainer and its loggers touch it (their
         own failure is a long traceback that names no key)."""
