@@ -50,6 +50,29 @@ class SALMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         document_data_options(parser)
 
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = args  # kept to tell explicit settings from defaults (_parse_ckpt_path)
+        super().parse_arguments(parser, args)
+
+    def _explicit_model_keys(self, sub: str) -> set[str] | None:
+        """The model keys the user gave (in --config files or as flags), re-parsed without defaults; None when
+        that cannot be told (then every value that differs from its default counts as given)."""
+        import sys
+
+        from salm_mtp import resume
+
+        args = getattr(self, "_raw_args", None)
+        if args is None:
+            args = sys.argv[1:]
+        if not isinstance(args, (list, tuple)):
+            return None
+        try:
+            given = self.parser.parse_args(list(args), defaults=False)
+        except (Exception, SystemExit):  # noqa: BLE001
+            return None
+        model = given.get(sub, {}).get("model") if hasattr(given, "get") else None
+        return set(resume.flatten(model)) if model is not None else set()
+
     def _parse_ckpt_path(self) -> None:
         """The resume rule (salm_mtp/resume.py) instead of Lightning's, which replaced every --model.* setting by
         the checkpoint's: explicit settings that change the trained tensors are refused, the others applied and
@@ -63,9 +86,12 @@ class SALMCLI(LightningCLI):
         saved = resume.checkpoint_hparams(path) if path else None
         if not saved:
             return
-        defaults = resume.flatten(self._subcommand_parsers[sub].get_defaults().get("model"))
         current = resume.flatten(self.config[sub]["model"])
-        explicit = {k: v for k, v in current.items() if k not in defaults or not resume._same(defaults[k], v)}
+        given = self._explicit_model_keys(sub)
+        if given is None:
+            defaults = resume.flatten(self._subcommand_parsers[sub].get_defaults().get("model"))
+            given = {k for k, v in current.items() if k not in defaults or not resume._same(defaults[k], v)}
+        explicit = {k: v for k, v in current.items() if k in given}
         merged, safe, refused = resume.resolve(resume.flatten(saved), explicit)
         if refused:
             raise resume.ResumeSettingsError(resume.refusal_message(path, refused))

@@ -67,6 +67,7 @@ def test_a_setting_that_changes_the_tensors_is_refused(trained, tmp_path, tok_di
               "--model.mtp.num_layers=1", "--model.llm.hidden_size=48"])
     assert e.value.code == 2
     err = capsys.readouterr().err
+    print(err)
     assert "model.llm.hidden_size: checkpoint 32, now 48" in err and "model.mtp.num_layers: checkpoint 2, now 1" in err
     assert "salm-mtp export --ckpt CKPT --out EXPORT" in err and "Traceback" not in err
     assert not glob.glob(str(tmp_path / "salm/version_*/checkpoints/*.ckpt"))  # nothing trained
