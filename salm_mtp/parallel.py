@@ -48,8 +48,10 @@ def data_parallel(trainer) -> tuple[int, object | None]:
         mesh = getattr(trainer.strategy, "device_mesh", None)
     except RuntimeError:  # ModelParallelStrategy before setup_environment() built the mesh
         mesh = None
-    if mesh is not None and "data_parallel" in (getattr(mesh, "mesh_dim_names", None) or ()):
-        sub = mesh["data_parallel"]
+    from salm_mtp.strategy import data_parallel_mesh
+
+    sub = data_parallel_mesh(mesh)
+    if sub is not None:
         return sub.size(), sub.get_group()
     return dist.get_world_size(), None
 
@@ -217,6 +219,7 @@ def shard_module(module, dp_mesh) -> list[str]:
     mp_root = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
                                    cast_forward_inputs=False)
     dp = dp_mesh.size()
+    layout = f" (replicate x shard = {' x '.join(map(str, dp_mesh.shape))})" if dp_mesh.ndim > 1 else ""
     made: list[str] = []
 
     def wrap(name: str, m: nn.Module, policy=mp) -> bool:
@@ -226,7 +229,7 @@ def shard_module(module, dp_mesh) -> list[str]:
         n, cls = sum(p.numel() for p in m.parameters() if not isinstance(p, DTensor)), type(m).__name__
         fully_shard(m, mesh=dp_mesh, mp_policy=policy)
         made.append(name)
-        _info(f"fully_shard {name} ({cls}, {n / 1e6:.3f}M params) over data_parallel={dp}")
+        _info(f"fully_shard {name} ({cls}, {n / 1e6:.3f}M params) over data_parallel={dp}{layout}")
         return True
 
     blocks = backbone_blocks(module.llm)
@@ -275,6 +278,8 @@ def apply_parallelism(module) -> None:
     if not isinstance(strategy, ModelParallelStrategy):
         check_parallel_config(module)
         return
+    from salm_mtp.strategy import shard_mesh
+
     mesh = strategy.device_mesh
     check_parallel_config(module, mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1)
-    shard_module(module, mesh["data_parallel"])
+    shard_module(module, shard_mesh(mesh))  # 2-D (replicate, shard) under HSDP: salm_mtp/strategy.py

@@ -102,6 +102,10 @@ def test_loaders_cover_every_cut_from_any_cwd(corpus, tmp_path, monkeypatch):
     assert make_dm(corpus, val_manifest=None).val_dataloader() == []
 
 
+def pos(state: dict) -> dict:
+    return {k: state[k] for k in ("epoch", "batches_done")}
+
+
 def test_resume_mid_epoch_continues_with_the_next_batch(corpus):
     full = ids_of(make_dm(corpus).train_dataloader())
     assert len(full) >= 5
@@ -110,7 +114,7 @@ def test_resume_mid_epoch_continues_with_the_next_batch(corpus):
     it = iter(loader)
     first3 = [tuple(next(it)["ids"]) for _ in range(3)]
     state = loader.state_dict()
-    assert state == {"epoch": 0, "batches_done": 3} and first3 == full[:3]
+    assert pos(state) == {"epoch": 0, "batches_done": 3} and first3 == full[:3]
 
     fresh = make_dm(corpus).train_dataloader()
     fresh.load_state_dict(state)
@@ -119,7 +123,7 @@ def test_resume_mid_epoch_continues_with_the_next_batch(corpus):
     fresh = make_dm(corpus).train_dataloader()
     fresh.load_state_dict(state)
     assert ids_of(fresh) == full[3:]
-    assert fresh.state_dict() == {"epoch": 0, "batches_done": len(full)}
+    assert pos(fresh.state_dict()) == {"epoch": 0, "batches_done": len(full)}
 
 
 def test_epochs_reshuffle_deterministically_and_resume(corpus):
@@ -142,7 +146,37 @@ def test_epochs_reshuffle_deterministically_and_resume(corpus):
     done = make_dm(corpus).train_dataloader()
     done.load_state_dict({"epoch": 0, "batches_done": len(epoch0)})
     assert ids_of(done) == epoch1
-    assert done.state_dict() == {"epoch": 1, "batches_done": len(epoch1)}
+    assert pos(done.state_dict()) == {"epoch": 1, "batches_done": len(epoch1)}
+
+
+def test_resume_with_other_data_restarts_the_stream_and_says_so(corpus):
+    full = ids_of(make_dm(corpus).train_dataloader())
+    loader = make_dm(corpus).train_dataloader()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    assert state["stream"]["seed"] == make_dm(corpus).cfg.seed and state["dp_size"] == 1
+    other = make_dm(corpus, seed=8).train_dataloader()  # another stream: its own order
+    with pytest.warns(UserWarning, match=r"training data differ from the checkpoint's \(data.seed\).*epoch 0, "
+                                         r"batch 3.*starts from its beginning"):
+        other.load_state_dict(state)
+    assert ids_of(other) == ids_of(make_dm(corpus, seed=8).train_dataloader())
+
+
+def test_resume_on_another_data_parallel_size_keeps_the_global_position(corpus):
+    full = ids_of(make_dm(corpus).train_dataloader())
+    assert len(full) >= 5
+    fresh = make_dm(corpus).train_dataloader()  # one process
+    state = {"epoch": 0, "batches_done": 2, "stream": fresh.stream, "dp_size": 2}  # 2 ranks took 2 batches each
+    with pytest.warns(UserWarning, match="resuming on 1 data-parallel ranks from a checkpoint of 2: the 4 batches"):
+        fresh.load_state_dict(state)
+    assert ids_of(fresh) == full[4:]
+    fresh = make_dm(corpus).train_dataloader()
+    fresh.dp_size = 3  # 4 batches over 3 ranks: 1 each, 1 read again
+    with pytest.warns(UserWarning, match=r"skipped as 1 per rank \(1 more are read again\)"):
+        fresh.load_state_dict(state)
+    assert fresh.sampler.skip == 1
 
 
 def test_resume_with_a_worker_process(corpus):
@@ -186,7 +220,7 @@ def test_lightning_resume_from_step_checkpoints(corpus, tmp_path):
     per_epoch = max(_step(p) for p in (tmp_path / "ck").glob("epoch=0-*.ckpt"))  # last step of epoch 0
     assert 3 < per_epoch < len(full) - 2
     saved = torch.load(ckpts[3], weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert saved == [{"epoch": 0, "batches_done": 3}]  # not 4: the prefetched batch is not done
+    assert [pos(s) for s in saved] == [{"epoch": 0, "batches_done": 3}]  # not 4: the prefetched batch is not done
     for step in (3, per_epoch, per_epoch + 2):
         assert full[:step] + _fit(corpus, tmp_path, ckpt_path=ckpts[step]) == full, f"resume at step {step}"
 

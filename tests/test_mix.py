@@ -104,10 +104,10 @@ def test_cli_parses_inputs_as_a_list_of_sources(data):
 def test_share_of_each_source_matches_its_weight(tok_dir, data, w_cuts, w_text):
     batches = sampler_batches(make_dm(tok_dir, data, inputs=inputs(data, w_cuts, w_text)), 120)
     sources = [c.custom[SOURCE_KEY] for b in batches for c in b]
-    assert len(sources) > 600
+    assert len(sources) > 450
     share = sources.count(0) / len(sources)
     assert abs(share - w_cuts) <= 0.05, share
-    # length bucketing (the default) groups the short text rows apart; in stream order batches mix the sources
+    # bucketed batches carry both sources (mix_in_batch, the default), and so do batches in stream order
     plain = sampler_batches(make_dm(tok_dir, data, inputs=inputs(data, w_cuts, w_text), bucket_window=0), 120)
     sources = [c.custom[SOURCE_KEY] for b in plain for c in b]
     assert abs(sources.count(0) / len(sources) - w_cuts) <= 0.05
@@ -131,11 +131,11 @@ def test_resume_mid_stream_yields_the_same_following_batches(tok_dir, data):
     loader = make_dm(tok_dir, data, **kw).train_dataloader()
     assert ids(loader, 4) == full[:4]
     state = loader.state_dict()
-    assert state == {"epoch": 0, "batches_done": 4}
+    assert {k: state[k] for k in ("epoch", "batches_done")} == {"epoch": 0, "batches_done": 4}
     fresh = make_dm(tok_dir, data, **kw).train_dataloader()
     fresh.load_state_dict(state)
     assert ids(fresh, 5) == full[4:]
-    assert fresh.state_dict() == {"epoch": 0, "batches_done": 9}
+    assert fresh.state_dict()["batches_done"] == 9
 
 
 # ---- the token budget -------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_lightning_resume_of_a_mixed_stream_sees_the_remaining_batches(tok_dir, 
     full = fit(callbacks=[every])
     assert len(full) == 8
     saved = torch.load(tmp_path / "ck" / "step=3.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
-    assert saved["combined_loader"] == [{"epoch": 0, "batches_done": 3}]
+    assert [{k: s[k] for k in ("epoch", "batches_done")} for s in saved["combined_loader"]] == [{"epoch": 0, "batches_done": 3}]
     assert full[:3] + fit(ckpt_path=tmp_path / "ck" / "step=3.ckpt") == full
 
 

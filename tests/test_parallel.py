@@ -67,6 +67,10 @@ CASES = [
     dict(name="hf_bf16", strategy="fsdp2", model="hf_frozen", parallel=REAL_TARGET_PRECISION),
     dict(name="hf_bf16_true", strategy="fsdp2", model="hf_frozen", precision="bf16-true"),
 ]
+CASES_4 = [  # 4 processes, one row each: HSDP 2 replicas x 2 shards, and flat FSDP2 over 4 for comparison
+    dict(name="hsdp_2x2", strategy="hsdp", replicate=2),
+    dict(name="fsdp2_4", strategy="fsdp2"),
+]
 TOL = 1e-5
 
 
@@ -128,16 +132,22 @@ def runs(tmp_path_factory, tok_dir):
             "loss": module.summarise(summed)["loss"],
         }
 
-    spec = dict(tok_dir=tok_dir, models=models, batch=str(root / "batch.pt"), out=str(root), cases=CASES,
+    results = launch(root, tok_dir, models, CASES, nproc=2)
+    results.update(launch(root, tok_dir, {"base": models["base"]}, CASES_4, nproc=4, spec_name="spec4.json"))
+    return refs, results, batch, root
+
+
+def launch(root, tok_dir, models: dict, cases: list, nproc: int, spec_name: str = "spec.json") -> dict:
+    """Run the worker over ``cases`` on ``nproc`` gloo processes; {case: rank-0 result}."""
+    spec = dict(tok_dir=tok_dir, models=models, batch=str(root / "batch.pt"), out=str(root), cases=cases,
                 hang_dump_s=200)
-    (root / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           str(root / "spec.json")]
+    (root / spec_name).write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), WORKER,
+           str(root / spec_name)]
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(WORKER)), capture_output=True, text=True,
                           timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
-    results = {c["name"]: torch.load(root / f"{c['name']}.pt", weights_only=False) for c in CASES}
-    return refs, results, batch, root
+    return {c["name"]: torch.load(root / f"{c['name']}.pt", weights_only=False) for c in cases}
 
 
 def write_hf_dirs(root, tok_dir) -> None:
@@ -188,6 +198,17 @@ def test_fsdp2_gradients_equal_single_process(runs):
     assert set(r["param_types"].values()) == {"DTensor"}  # every parameter sharded exactly once
     # validation ran first (sanity check, root gathered without backward), then the exact step above
     assert r["val_losses"][0] == pytest.approx(ref["loss"], rel=1e-6), r["val_losses"]
+
+
+@pytest.mark.parametrize("case", ["hsdp_2x2", "fsdp2_4"])
+def test_hsdp_gradients_equal_single_process(runs, case):
+    """HSDP (2 replicas x 2 shards, salm_mtp.strategy.SALMParallelStrategy) on 4 processes, one row each: the
+    gradients equal the single-process gradients of the same global batch; the plan shards over the 2-D mesh."""
+    refs, results, _, _ = runs
+    check_equivalent(refs["base"], results[case], case)
+    if case == "hsdp_2x2":
+        assert any("replicate x shard = 2 x 2" in line for line in results[case]["plan"]), results[case]["plan"]
+        assert results[case]["dp_size"] == 4
 
 
 def test_fsdp2_plan_groups(runs, tok_dir):

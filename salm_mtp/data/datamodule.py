@@ -256,13 +256,35 @@ class ResumableDataLoader(DataLoader):
             self.batches_done += 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        pending = self.pending() if self.pending is not None else 0
-        return {"epoch": self.sampler.epoch, "batches_done": max(0, self.batches_done - pending)}
+    stream: dict | None = None
+    """What the training stream is made of (``SALMDataModule.stream_signature``), saved with the position."""
+    dp_size: int = 1
+    """Data-parallel ranks reading the stream (each takes its own batches)."""
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.sampler.set_epoch(int(state_dict["epoch"]))
-        self.sampler.skip = int(state_dict["batches_done"])
+    def state_dict(self) -> dict:
+        pending = self.pending() if self.pending is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": max(0, self.batches_done - pending),
+                "stream": self.stream, "dp_size": self.dp_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+        saved_stream, saved_dp = state_dict.get("stream"), int(state_dict.get("dp_size") or self.dp_size)
+        if saved_stream is not None and self.stream is not None and saved_stream != self.stream:
+            changed = sorted(k for k in set(saved_stream) | set(self.stream) if saved_stream.get(k) != self.stream.get(k))
+            rank_zero_warn(f"the training data differ from the checkpoint's ({', '.join(f'data.{k}' for k in changed)}"
+                           f"): the checkpoint's position (epoch {epoch}, batch {done}) belongs to the old stream, so "
+                           "the new one starts from its beginning")
+            epoch, done = 0, 0
+        elif saved_dp != self.dp_size:
+            # each rank read every dp_size-th batch of one stream: keep the global number of batches consumed
+            total = done * saved_dp
+            new = total // self.dp_size
+            rank_zero_warn(f"resuming on {self.dp_size} data-parallel ranks from a checkpoint of {saved_dp}: the "
+                           f"{total} batches the old ranks consumed (epoch {epoch}) are skipped as {new} per rank"
+                           + ("" if total % self.dp_size == 0 else f" ({total - new * self.dp_size} more are read again)"))
+            done = new
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = done
         self.batches_done = self.sampler.skip
 
 
@@ -514,8 +536,10 @@ class SALMDataModule(pl.LightningDataModule):
             mesh = trainer.strategy.device_mesh
         except (AttributeError, RuntimeError):
             mesh = None
-        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-            dp = mesh["data_parallel"]
+        from salm_mtp.strategy import data_parallel_mesh  # HSDP: replicate x shard, flattened
+
+        dp = data_parallel_mesh(mesh)
+        if dp is not None:
             return dp.get_local_rank(), dp.size()
         return trainer.global_rank, trainer.world_size
 
@@ -606,7 +630,17 @@ class SALMDataModule(pl.LightningDataModule):
             worker_init_fn=ignore_stop_signals if self.cfg.num_workers > 0 else None,
         )
         loader.pending = self._prefetched_batches
+        loader.stream, loader.dp_size = self.stream_signature(), world_size
         return loader
+
+    def stream_signature(self) -> dict:
+        """The settings that decide the training stream's batches (a resume compares them with the checkpoint's)."""
+        c = self.cfg
+        inputs = [{"name": s.name, "type": s.type, "files": list(s.files()), "weight": s.weight}
+                  for s in (c.inputs or [])]
+        return {"train_manifest": c.train_manifest, "inputs": inputs, "seed": c.seed, "shuffle": c.shuffle,
+                "max_duration": c.max_duration, "max_tokens": c.max_tokens, "max_cuts": c.max_cuts,
+                "num_buckets": c.num_buckets, "bucket_window": c.bucket_window, "mix_in_batch": c.mix_in_batch}
 
     def _eval_dataloader(self, split: str, with_text: bool = True) -> DataLoader:
         return self._eval_loader(self._usable(split, with_text), with_text)

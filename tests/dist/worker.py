@@ -39,6 +39,7 @@ import tiny  # noqa: E402
 from salm_mtp import weights as W  # noqa: E402
 from salm_mtp.config import EncoderConfig, ParallelConfig  # noqa: E402
 from salm_mtp.model import SALMModule, config_from_dict  # noqa: E402
+from salm_mtp.parallel import data_parallel  # noqa: E402
 from salm_mtp.modules.features import LogMelFeatures  # noqa: E402
 
 
@@ -179,6 +180,11 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
     module = module_class(case.get("prewrap"))(**kw)  # on meta: weights come in configure_model
     if case["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    elif case["strategy"] == "hsdp":
+        from salm_mtp.strategy import SALMParallelStrategy
+
+        strategy = SALMParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                        replicate_size=case["replicate"])
     else:
         strategy = DDPStrategy(process_group_backend="gloo")
     grab, val, init = GrabGrads(), ValLosses(), GrabInit()
@@ -208,6 +214,7 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
         "loss": float(trainer.callback_metrics["loss"]),
         "val_losses": val.losses,
         "plan": list(plan_log.lines),
+        "dp_size": data_parallel(trainer)[0],
         "fsdp_modules": sorted(n or "<root>" for n, m in module.named_modules() if isinstance(m, FSDPModule)),
     }
 
