@@ -262,6 +262,9 @@ class ParallelConfig:
 
     activation_checkpointing: bool = False
     """Recompute each backbone block in backward to save memory."""
+    encoder_activation_checkpointing: bool = False
+    """Recompute each Conformer layer of the audio encoder in backward (only its input is kept): the encoder's
+    activations grow with the seconds of audio per rank and dominate at 300-600 s (salm-mtp plan)."""
     param_dtype: str | None = None
     """FSDP2 mixed precision: parameter dtype for compute (e.g. bfloat16); null = full precision."""
     reduce_dtype: str | None = None

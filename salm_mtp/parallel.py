@@ -5,8 +5,10 @@ Under Lightning's ``ModelParallelStrategy`` ``SALMModule.configure_model()`` cal
 the mesh's ``data_parallel`` dimension, bottom-up::
 
     llm.model.layers[i]   one group per backbone block (class named in llm._no_split_modules)
-    audio.encoder         the conformer (its CTC head, if any, stays in the root group); with a low
-                          param_dtype each BatchNorm first gets its own fp32 group
+    audio.encoder.layers[i]  one group per Conformer layer (with a low param_dtype each BatchNorm first gets
+                          its own fp32 group); encoder_activation_checkpointing recomputes each in backward
+    audio.encoder         the rest of the conformer (subsampling, positions; its CTC head, if any, stays in
+                          the root group)
     adapter
     llm.mtp               the MTP head, its own group (never folded into the LLM's)
     <the SALMModule>      root: what is left (embeddings, norm_f, lm_head, CTC head)
@@ -251,6 +253,16 @@ def shard_module(module, dp_mesh) -> list[str]:
         for name, m in module.audio.encoder.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 wrap(f"audio.encoder.{name} (fp32)", m, bn_policy)
+    enc_layers = list(getattr(module.audio.encoder, "layers", []))
+    if cfg.encoder_activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in enc_layers:
+            if not _already_sharded(layer):
+                checkpoint(layer)
+        _info(f"activation checkpointing on {len(enc_layers)} encoder layers")
+    for i, layer in enumerate(enc_layers):  # one unit per Conformer layer: one layer gathered at a time
+        wrap(f"audio.encoder.layers.{i}", layer)
     wrap("audio.encoder", module.audio.encoder)
     wrap("adapter", module.adapter)
     head = module.mtp_head

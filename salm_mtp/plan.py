@@ -39,7 +39,9 @@ Tt = D x ``text_tokens_per_second`` (transcript and prompt); T = A + Tt LLM posi
                   channels, M mel bins); per conformer layer and frame 44 He x b (feed-forwards 12 each: norm in/out,
                   up 4, dropout mask and output; attention 11: norm in/out, relative keys 4, q+v, q+u/k/v/out;
                   conv module 8; final norm 1; He = encoder width) + 2 x heads x Tc x b for the relative-position
-                  score bias (Tc = ``cut_seconds`` / (hop x s) frames per cut: the quadratic term); never checkpointed
+                  score bias (Tc = ``cut_seconds`` / (hop x s) frames per cut: the quadratic term); with
+                  model.parallel.encoder_activation_checkpointing each layer keeps its input (Fe x He x b) and one
+                  layer's tensors exist at a time (the one recomputed in backward)
     adapter       A x (k He + 2 Ha + H) x b
     LLM io        T x 4 H x b (merged and text embeddings, norm_f in and out)
     per block     norm 8 H + b H (RMSNorm works in fp32), plus per token:
@@ -137,6 +139,10 @@ def _build_parser():
                    help="non-root FSDP groups unsharded at once (the running one + the prefetched one)")
     p.add_argument("--max_world_size", type=int, default=1024,
                    help="largest world size tried when searching the smallest one that fits")
+    p.add_argument("--gpus_per_node", type=int, default=8,
+                   help="GPUs per node, for the HSDP layouts (nodes x GPUs; shard within a replica, replicate across)")
+    p.add_argument("--layout_gpus", type=list[int], default=[8, 16, 32, 64],
+                   help="total GPU counts for which the smallest-shard HSDP layout is printed")
     return p
 
 
@@ -379,9 +385,13 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
     # stage 1 keeps its ReLU output, later stages their depthwise and ReLU outputs; + the final linear's input
     stage_sum = sum((1 if i == 1 else 2) / 4**i for i in range(1, stages + 1)) + 1 / 4**stages
     sub = F * enc.subsampling_conv_channels * feat.n_mels * stage_sum
-    encoder = (sub + Fe * enc.num_hidden_layers * (44 * He + 2 * enc.num_attention_heads * Tc)) * b
+    layer = Fe * (44 * He + 2 * enc.num_attention_heads * Tc)  # one Conformer layer's saved tensors (elements)
+    encoder = (sub + enc.num_hidden_layers * layer) * b
+    # encoder_activation_checkpointing: each layer keeps its input; one layer is recomputed at a time in backward
+    encoder_ac = (sub + enc.num_hidden_layers * Fe * He + layer) * b
     if module.audio.ctc_head is not None:
         encoder += Fe * module.audio.ctc_head.out_channels * (b + 8)
+        encoder_ac += Fe * module.audio.ctc_head.out_channels * (b + 8)
     ha = module.adapter.proj[0].out_features
     adapter = A * (k * He + 2 * ha + H) * b
     io = T * 4 * H * b
@@ -405,7 +415,8 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
         "mel_frames": int(F), "encoder_frames": int(Fe), "audio_positions": int(A), "text_tokens": int(Tt),
         "llm_positions": int(T), "blocks": counts,
         "per_token_block_bytes": {kind: per_kind[kind] for kind in sorted(per_kind)},
-        "parts_bytes": {"encoder": int(encoder), "adapter": int(adapter), "llm_io": int(io),
+        "parts_bytes": {"encoder": int(encoder), "encoder_with_ac": int(encoder_ac), "adapter": int(adapter),
+                        "llm_io": int(io),
                         "backbone_without_ac": int(blocks_no_ac), "backbone_with_ac": int(blocks_ac),
                         "mtp_head": int(mtp), "loss": int(loss)},
         "without_ac_bytes": int(common + blocks_no_ac),
@@ -437,6 +448,24 @@ def _config_files(argv: list[str]) -> list[str]:
     return out + [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
 
 
+def hsdp_layouts(at, budget: float, gpus: list[int], gpus_per_node: int) -> list[dict]:
+    """For each total GPU count N: the HSDP layout with the smallest shard group S (S divides N) whose per-rank
+    memory fits ``budget``, as replicas x shards and nodes x GPUs. A rank of HSDP holds what a rank of FSDP2 over
+    S ranks holds (the replicas only all-reduce gradients), so its memory is ``at(S)``; None where no S fits."""
+    out = []
+    for total in gpus:
+        found = None
+        for shard in (d for d in range(1, total + 1) if total % d == 0):
+            r = at(shard)
+            if r["total_bytes"] <= budget:
+                found = {"gpus": total, "nodes": math.ceil(total / gpus_per_node), "gpus_per_node": gpus_per_node,
+                         "replicate": total // shard, "shard": shard, "total_bytes": r["total_bytes"]}
+                break
+        out.append(found or {"gpus": total, "nodes": math.ceil(total / gpus_per_node), "gpus_per_node": gpus_per_node,
+                             "replicate": None, "shard": None, "total_bytes": None})
+    return out
+
+
 def make_plan(args: list[str]) -> dict:
     """Parse ``args`` as ``salm-mtp plan`` does and plan; returns the plan (the JSON that --out writes)."""
     return plan_from_config(build_parser().parse_args(list(args)), _config_files(list(args)))
@@ -462,6 +491,8 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
                      f"refuses it (one compute dtype per group); set --model.parallel.param_dtype={par.frozen_dtype}")
     acts = activation_estimate(module, cfg.data.max_duration, cfg.text_tokens_per_second, cfg.cut_seconds)
     act = acts["with_ac_bytes"] if par.activation_checkpointing else acts["without_ac_bytes"]
+    if par.encoder_activation_checkpointing:
+        act -= acts["parts_bytes"]["encoder"] - acts["parts_bytes"]["encoder_with_ac"]
     overhead = int(cfg.overhead_gib * GIB)
     budget = cfg.gpu_memory_gib * GIB
     reduce_dtype = _dtype(par.reduce_dtype)
@@ -469,7 +500,10 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
     def at(world: int) -> dict:
         return per_rank(records, world, reduce_dtype, act, overhead, cfg.prefetch_units)
 
+    if cfg.gpus_per_node < 1:
+        raise ValueError(f"--gpus_per_node must be >= 1, got {cfg.gpus_per_node}")
     rank = at(n)
+    layouts = hsdp_layouts(at, budget, cfg.layout_gpus, cfg.gpus_per_node)
     search = [{"world_size": w, "total_bytes": at(w)["total_bytes"]} for w in candidate_world_sizes(cfg.max_world_size)]
     fitting = [s["world_size"] for s in search if s["total_bytes"] <= budget]
     by_part: dict[str, int] = {}
@@ -484,6 +518,7 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
         "params_by_part": by_part,
         "precision": {"param_dtype": par.param_dtype, "reduce_dtype": par.reduce_dtype,
                       "frozen_dtype": par.frozen_dtype, "activation_checkpointing": par.activation_checkpointing,
+                      "encoder_activation_checkpointing": par.encoder_activation_checkpointing,
                       "trainer.precision": precision},
         "per_rank": rank, "fits": rank["total_bytes"] <= budget,
         "min_world_size": fitting[0] if fitting else None,
@@ -493,6 +528,7 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
                                                 key=lambda kv: -kv[1]["gathered_bytes"])},
         "num_fsdp_groups": len(groups),
         "search": search,
+        "hsdp_layouts": layouts,
         "assumptions": {"prefetch_units": cfg.prefetch_units, "overhead_gib": cfg.overhead_gib,
                         "optimizer": "AdamW, 2 fp32 states per trainable element",
                         "rank": "rank 0 (largest dim-0 chunk; FSDP2 pads every rank's shard to it)"},
@@ -541,7 +577,8 @@ def format_plan(plan: dict) -> str:
         f"{plan['frozen_params']:,}",
         f"    {parts}",
         f"  model.parallel: param_dtype {pr['param_dtype']}, reduce_dtype {pr['reduce_dtype']}, frozen_dtype "
-        f"{pr['frozen_dtype']}, activation_checkpointing {ac}; trainer.precision {pr['trainer.precision']}",
+        f"{pr['frozen_dtype']}, activation_checkpointing {ac}, encoder_activation_checkpointing "
+        f"{pr.get('encoder_activation_checkpointing')}; trainer.precision {pr['trainer.precision']}",
         "",
         f"  {'per rank':<46}{'GiB':>9}",
     ]
@@ -562,6 +599,16 @@ def format_plan(plan: dict) -> str:
     else:
         lines.append(f"  smallest world size that fits {budget:g} GiB: {m} "
                      f"({_g(plan['min_world_size_per_rank']['total_bytes']).strip()} GiB per rank)")
+    layouts = plan.get("hsdp_layouts") or []
+    if layouts:
+        lines.append(f"  HSDP layouts (shard within a replica, replicate across; {budget:g} GiB per GPU):")
+        for lay in layouts:
+            where = f"{lay['nodes']} node{'s' if lay['nodes'] > 1 else ''} x {lay['gpus_per_node']} GPUs"
+            if lay["shard"] is None:
+                lines.append(f"    {lay['gpus']:>5} GPUs ({where}): no shard size fits")
+            else:
+                lines.append(f"    {lay['gpus']:>5} GPUs ({where}): replicate {lay['replicate']} x shard {lay['shard']}, "
+                             f"{_g(lay['total_bytes']).strip()} GiB per rank")
     lines += [f"  note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
 

@@ -56,7 +56,8 @@ CASES = [
     dict(name="fsdp2", strategy="fsdp2", checkpoint=True, validate=True),
     dict(name="guard_head", strategy="fsdp2", prewrap="head"),
     dict(name="guard_head_norm_f", strategy="fsdp2", prewrap="head+norm_f"),
-    dict(name="fsdp2_ac", strategy="fsdp2", parallel=dict(activation_checkpointing=True)),
+    dict(name="fsdp2_ac", strategy="fsdp2",
+         parallel=dict(activation_checkpointing=True, encoder_activation_checkpointing=True)),
     dict(name="fsdp2_unscaled", strategy="fsdp2", parallel=dict(scale_loss_by_dp_size=False)),
     dict(name="fsdp2_bf16", strategy="fsdp2", parallel=dict(param_dtype="bfloat16", reduce_dtype="float32")),
     dict(name="fsdp2_layerdrop", strategy="fsdp2", layerdrop=0.1),
@@ -217,7 +218,9 @@ def test_fsdp2_plan_groups(runs, tok_dir):
     module = SALMModule(**tiny.tiny_kwargs(tok_dir, pattern=PATTERN, mtp_layers=DEPTHS))
     blocks = [n for n, _ in backbone_blocks(module.llm)]
     assert len(blocks) == len(PATTERN)
-    expected = {"<root>", "adapter", "audio.encoder", "llm.mtp", *blocks}
+    enc_layers = [f"audio.encoder.layers.{i}" for i in range(len(module.audio.encoder.layers))]
+    assert len(enc_layers) >= 2
+    expected = {"<root>", "adapter", "audio.encoder", "llm.mtp", *blocks, *enc_layers}
     assert set(r["fsdp_modules"]) == expected  # llm itself is no group: its forward never runs
     wrapped = [line for line in r["plan"] if "fully_shard " in line]
     assert len(wrapped) == len(expected) and not any("skip" in line for line in r["plan"])
@@ -241,6 +244,7 @@ def test_fsdp2_activation_checkpointing(runs):
     r = results["fsdp2_ac"]
     check_equivalent(ref, r, "FSDP2 + activation checkpointing")
     assert any("activation checkpointing on 3 backbone blocks" in line for line in r["plan"])
+    assert any("activation checkpointing on 2 encoder layers" in line for line in r["plan"]), r["plan"]
 
 
 def test_fsdp2_without_dp_scaling_gradients_are_half(runs):

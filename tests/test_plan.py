@@ -184,3 +184,28 @@ def test_cli_help_lists_every_option_with_its_docstring(capsys):
                    "--data.max_duration"):
         assert option in text
     assert "Local HF directory of a Nemotron-H checkpoint" in text  # field docstrings are the help
+
+
+def test_encoder_activation_checkpointing_keeps_only_layer_inputs(demo_plan):
+    """conf/demo.yaml, 60 s per rank (max_duration), bf16 compute (b = 2): F = 6000 mel frames, Fe = 1500 encoder frames (s = 4),
+    He = 128, 4 layers, 4 heads, Tc = 20 s / 40 ms = 500: one layer saves Fe (44 He + 2 x 4 x Tc) = 14,448,000
+    elements; with AC each layer keeps Fe He = 192,000 and one layer is recomputed."""
+    parts = demo_plan["activations"]["parts_bytes"]
+    layer, inputs = 1500 * (44 * 128 + 2 * 4 * 500), 1500 * 128
+    assert layer == 14_448_000
+    assert parts["encoder"] - parts["encoder_with_ac"] == (4 * layer - (4 * inputs + layer)) * 2
+
+
+def test_hsdp_layouts_by_hand():
+    """A rank of HSDP holds what FSDP2 over its shard group holds: per-rank GiB = 40 + 320 / S here, budget 80 GiB,
+    so S >= 8 fits (80 GiB exactly), S = 4 does not (120)."""
+    gib = 2**30
+
+    def at(shard):
+        return {"total_bytes": (40 + 320 / shard) * gib}
+
+    layouts = P.hsdp_layouts(at, 80 * gib, [4, 8, 16, 64], gpus_per_node=8)
+    assert layouts[0] == {"gpus": 4, "nodes": 1, "gpus_per_node": 8, "replicate": None, "shard": None,
+                          "total_bytes": None}
+    assert [(lay["replicate"], lay["shard"], lay["nodes"]) for lay in layouts[1:]] == [(1, 8, 1), (2, 8, 2), (8, 8, 8)]
+    assert layouts[1]["total_bytes"] == 80 * gib
