@@ -1,4 +1,5 @@
-"""Callbacks every run gets (``SALMModule.configure_callbacks``): skipped-cut accounting and pre-emption.
+"""Callbacks every run gets (``SALMModule.configure_callbacks``): skipped-cut accounting, pre-emption, and the
+random generators' states across a resume (``ResumeRNG``).
 
 BadCutReport   counts the cuts the data left out (salm_mtp.data.policy): metrics ``skipped_cuts/<reason>``
                (this rank's counts), ``skipped_cuts.jsonl`` in the run dir (``.rank<r>`` suffix when
@@ -132,3 +133,70 @@ class Preemption(L.Callback):
                        f"checkpoint: {path}; exiting with code {128 + signum} (resume with --ckpt_path {path})")
         self._restore()
         raise Preempted(128 + signum)
+
+
+def rng_state() -> dict:
+    """This process's random number generator states (torch CPU and CUDA, Python, NumPy), checkpoint-safe types."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()),
+             "numpy": [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+class ResumeRNG(L.Callback):
+    """Saves every rank's RNG states in the checkpoint and restores them right before the first training step after
+    a resume, so SpecAugment masks (and anything else drawn from the global generators) continue as in an
+    uninterrupted run: restoring at load time would not do, because creating the data iterator after the load
+    draws from the generator. On another number of ranks each rank takes the state of rank ``rank % saved``."""
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        import torch.distributed as dist
+
+        mine = rng_state()
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)  # every rank builds the checkpoint dict: a collective is safe
+        else:
+            states = [mine]
+        checkpoint["salm_rng"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("salm_rng")
+        if states:
+            self._pending = states[trainer.global_rank % len(states)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            set_rng_state(self._pending)
+            self._pending = None

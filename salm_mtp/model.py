@@ -395,10 +395,10 @@ class SALMModule(L.LightningModule):
     def configure_callbacks(self):
         """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
         (salm_mtp.provenance) for every run."""
-        from salm_mtp.callbacks import BadCutReport, Preemption
+        from salm_mtp.callbacks import BadCutReport, Preemption, ResumeRNG
         from salm_mtp.provenance import RunEnvironment
 
-        return [BadCutReport(), Preemption(), RunEnvironment()]
+        return [BadCutReport(), Preemption(), RunEnvironment(), ResumeRNG()]
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it

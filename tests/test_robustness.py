@@ -363,6 +363,22 @@ def test_cli_sigterm_saves_at_the_signal_step_exits_nonzero_and_resumes_exactly(
     assert [b[s] for s in (5, 6)] == [a[s] for s in (5, 6)]  # exactly
 
 
+def test_resume_with_spec_augment_continues_the_random_masks_exactly(corpus, tok_dir, tmp_path):
+    """SpecAugment draws its masks from the global torch generator: the checkpoint carries every rank's generator
+    states (salm_mtp.callbacks.ResumeRNG) and the resumed losses equal the uninterrupted run's bit for bit."""
+    common = [f"--data.train_manifest={corpus}", "--data.val_manifest=null", "--trainer.max_steps=6",
+              "--model.spec_augment.enabled=true", "--model.spec_augment.freq_width=4",
+              "--model.spec_augment.time_masks=2", "--model.spec_augment.time_width=0.2"]
+    full = str(tmp_path / "full")
+    _cli("fit", full, tok_dir, *common, check=0)
+    (ckpt,) = glob.glob(os.path.join(full, "salm/version_*/checkpoints/step3.ckpt"))
+    resumed = str(tmp_path / "resumed")
+    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
+    a, b = logged_losses(full), logged_losses(resumed)
+    assert sorted(b) == [3, 4, 5]
+    assert [b[s] for s in (3, 4, 5)] == [a[s] for s in (3, 4, 5)]  # exactly
+
+
 def test_cli_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(corpus, tok_dir, tmp_path):
     """SLURM, `timeout` and Ctrl-C signal the whole process group, DataLoader workers included: the workers ignore
     it (no "DataLoader worker ... is killed by signal"), the main process saves at the signal step, exits 143."""
