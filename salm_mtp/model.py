@@ -175,6 +175,12 @@ class SALMModule(L.LightningModule):
         encoder, llm, adapter = (_absolute(c) for c in (encoder, llm, adapter))
         tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else tokenizer_path
         self.save_hyperparameters()
+        # LightningCLI records the parsed config as given (relative paths included): record the absolute ones
+        for key, part in (("encoder", encoder), ("llm", llm), ("adapter", adapter)):
+            if isinstance(self.hparams.get(key), dict):
+                self.hparams[key]["path"] = part.path
+        if self.hparams.get("tokenizer_path"):
+            self.hparams["tokenizer_path"] = tokenizer_path
         self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_optim = encoder, llm, mtp, optim
         self.cfg_adapter = adapter
         self.cfg_freeze, self.cfg_parallel = freeze, parallel

@@ -95,3 +95,21 @@ def test_unspecified_settings_follow_the_checkpoint(trained, tmp_path, tok_dir, 
           "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.use_distributed_sampler=false",
           "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--ckpt_path={trained}"])
     assert "resuming with changed settings" not in capsys.readouterr().out
+
+
+def test_cli_checkpoint_records_absolute_paths_and_resumes_from_the_relative_ones(tmp_path, tok_dir, corpus,
+                                                                                   monkeypatch):
+    """A run started with relative paths (cwd = its project) records them absolutely, so `salm-mtp evaluate` loads it
+    from any directory; resuming with the same relative flags is no change."""
+    import shutil
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    run = tmp_path / "run"
+    _fit(run, "tok", corpus, "--trainer.max_steps=3")
+    (ckpt,) = glob.glob(str(run / "salm/version_*/checkpoints/last.ckpt"))
+    hp = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]
+    assert hp["tokenizer_path"] == str(tmp_path / "tok")
+    _fit(tmp_path / "resumed", "tok", corpus, "--trainer.max_steps=4", f"--ckpt_path={ckpt}")  # not refused
