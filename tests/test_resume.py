@@ -113,3 +113,22 @@ def test_cli_checkpoint_records_absolute_paths_and_resumes_from_the_relative_one
     hp = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]
     assert hp["tokenizer_path"] == str(tmp_path / "tok")
     _fit(tmp_path / "resumed", "tok", corpus, "--trainer.max_steps=4", f"--ckpt_path={ckpt}")  # not refused
+
+
+def test_the_rule_holds_for_a_sharded_checkpoint_directory(trained, tmp_path, tok_dir, corpus, capsys):
+    """A sharded checkpoint records its settings in meta.pt: the same refusal, before anything is loaded."""
+    import torch
+
+    from salm_mtp.cli import main
+
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")  # what check_ckpt_path looks for; nothing else is read before the rule
+    hp = torch.load(trained, weights_only=True, map_location="cpu")["hyper_parameters"]
+    torch.save({"hyper_parameters": hp, "global_step": 3}, sharded / "meta.pt")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "conf/tiny.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+              f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={corpus}", "--data.val_manifest=null",
+              "--data.test_manifest=null", f"--ckpt_path={sharded}", "--model.mtp.num_layers=3"])
+    assert e.value.code == 2
+    assert "model.mtp.num_layers: checkpoint 2, now 3" in capsys.readouterr().err
