@@ -406,6 +406,12 @@ def main() -> None:
                    help="runs of each variant (the summary needs all four)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of the fit runs (e.g. MALLOC_MMAP_THRESHOLD_=1048576); recorded in the JSON")
+    p.add_argument("--malloc-policy", choices=("bounded", "product"), default="bounded",
+                   help="bounded (default): every run, 1 process or 2, under the same glibc policy "
+                        "(SALM_MTP_MALLOC_THRESHOLD=1048576), so the ratio compares like with like; product: each run "
+                        "as salm-mtp sets it (one CPU process keeps freed memory for speed, several are bounded)")
+    p.add_argument("--no-speed-run", dest="speed_run", action="store_false",
+                   help="skip the extra one-process run under the speed policy (what a one-process CPU fit costs)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-cuts", type=int, default=1,
                    help="clips per batch per rank (activations do not shard under data parallelism: keep them small)")
@@ -438,6 +444,8 @@ def main() -> None:
     if set(only) - {"tiny_1", "tiny_2", "big_1", "big_2"}:
         p.error(f"--only takes tiny_1, tiny_2, big_1, big_2; got {only}")
     extra_env = dict(kv.split("=", 1) for kv in a.env)
+    if a.malloc_policy == "bounded":
+        extra_env.setdefault("SALM_MTP_MALLOC_THRESHOLD", "1048576")
     arch = dict(hidden=a.hidden, pattern=a.unit * a.repeats, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
                 mamba_heads=a.mamba_heads, mamba_head_dim=a.mamba_head_dim, ssm_state=a.ssm_state, experts=a.experts,
                 moe_intermediate=a.moe_intermediate)
@@ -473,6 +481,7 @@ def main() -> None:
                       "trainable, CTC 0.3, OMP_NUM_THREADS=1, per-rank batches of max_cuts sine clips (0.10-0.33 s)",
             "arch": arch, "vocab": a.vocab, "llm": facts, "tiny_llm": {**TINY_ARCH, **tiny_facts},
             "disk_gib": round(disk / 2**30, 3), "steps": a.steps, "max_cuts": a.max_cuts, "activation_checkpointing": a.activation_checkpointing, "mallopt_mmap_threshold": a.mallopt_mmap_threshold, "write_s": round(t_write, 1), "env": extra_env,
+            "malloc_policy": a.malloc_policy,
             "summary": {}, "runs": {}, "errors": {},
         })
         for variant in variants:
@@ -494,6 +503,18 @@ def main() -> None:
                 save()
             if all(k in runs for k in ("tiny_1", "tiny_2", "big_1", "big_2")):
                 out["summary"][variant] = summarise(variant, runs, facts)
+            if a.speed_run and a.malloc_policy == "bounded" and "big_1" in only:
+                speed_env = {k: v for k, v in extra_env.items() if k != "SALM_MTP_MALLOC_THRESHOLD"}
+                try:  # the product's one-process CPU policy: freed memory kept for speed (salm_mtp/malloc.py)
+                    r = run_fit(work, f"{variant}_big_1_speed", big_dir, corpus, 1, variant, a.steps, a.timeout,
+                                speed_env, a.trace, a.max_cuts, a.mallopt_mmap_threshold, a.activation_checkpointing)
+                    runs["big_1_speed"] = r
+                    print(f"[{variant}] big_1 under the speed policy: peak {r['peak_mib']:.0f} MiB "
+                          f"({r['peak_mib'] / runs['big_1']['peak_mib']:.2f}x the bounded run), {r['wall_s']:.0f} s",
+                          flush=True)
+                except RuntimeError as e:
+                    out["errors"][f"{variant}_big_1_speed"] = str(e)[-3000:]
+                save()
         if out["summary"]:
             out["table"] = print_table(out["summary"], facts)
         save()
