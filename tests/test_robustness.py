@@ -346,57 +346,40 @@ def test_cli_nonfinite_loss_steps_are_skipped_then_the_run_stops(corpus, tok_dir
     assert [float(r["nonfinite_steps"]) for r in rows][-1] >= 2
 
 
-def test_cli_sigterm_saves_at_the_signal_step_exits_nonzero_and_resumes_exactly(corpus, tok_dir, tmp_path):
-    common = [f"--data.train_manifest={corpus}", f"--data.val_manifest={corpus}", "--trainer.max_steps=7"]
-    full = str(tmp_path / "full")
-    _cli("fit", full, tok_dir, *common, check=0)
+PREEMPT_ARGS = ["--data.val_manifest=null", "--trainer.max_steps=7", "--data.num_workers=2",
+                "--model.spec_augment.enabled=true", "--model.spec_augment.freq_width=4",
+                "--model.spec_augment.time_masks=2", "--model.spec_augment.time_width=0.2"]
+"""Pre-emption runs: DataLoader workers, and SpecAugment masks drawn from the global generator (salm_mtp.callbacks
+.ResumeRNG restores every rank's generators, so the resumed losses equal the uninterrupted run's bit for bit)."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tok_dir, tmp_path_factory):
+    full = str(tmp_path_factory.mktemp("full"))
+    _cli("fit", full, tok_dir, f"--data.train_manifest={corpus}", *PREEMPT_ARGS, check=0)
+    return logged_losses(full)
+
+
+@pytest.mark.parametrize(("target", "step"), [("main process", 4), ("process group", 3)])
+def test_cli_sigterm_saves_at_the_signal_step_exits_143_and_resumes_exactly(corpus, tok_dir, tmp_path,
+                                                                           uninterrupted, target, step):
+    """SIGTERM to the main process only, or (as SLURM, `timeout` and Ctrl-C deliver it) to the whole process group
+    from another process, DataLoader workers included: the workers ignore it (without that: "DataLoader worker ...
+    is killed by signal: Terminated"), the run saves at the signal step, exits 143, and resumes exactly."""
+    common = [f"--data.train_manifest={corpus}", *PREEMPT_ARGS]
     cut = str(tmp_path / "cut")
-    out = _cli("fit", cut, tok_dir, *common, "--trainer.callbacks+=robustness_helpers.KillAtStep",
-               env={"SALM_TEST_KILL_AT_STEP": "4"})
-    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
-    (ckpt,) = glob.glob(os.path.join(cut, "salm/version_*/checkpoints/preempted-step5.ckpt"))
-    assert "pre-empted by signal 15 after step 5" in out.stderr + out.stdout
-    resumed = str(tmp_path / "resumed")
-    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
-    a, b = logged_losses(full), logged_losses(resumed)
-    assert sorted(b) == [5, 6]
-    assert [b[s] for s in (5, 6)] == [a[s] for s in (5, 6)]  # exactly
-
-
-def test_resume_with_spec_augment_continues_the_random_masks_exactly(corpus, tok_dir, tmp_path):
-    """SpecAugment draws its masks from the global torch generator: the checkpoint carries every rank's generator
-    states (salm_mtp.callbacks.ResumeRNG) and the resumed losses equal the uninterrupted run's bit for bit."""
-    common = [f"--data.train_manifest={corpus}", "--data.val_manifest=null", "--trainer.max_steps=6",
-              "--model.spec_augment.enabled=true", "--model.spec_augment.freq_width=4",
-              "--model.spec_augment.time_masks=2", "--model.spec_augment.time_width=0.2"]
-    full = str(tmp_path / "full")
-    _cli("fit", full, tok_dir, *common, check=0)
-    (ckpt,) = glob.glob(os.path.join(full, "salm/version_*/checkpoints/step3.ckpt"))
-    resumed = str(tmp_path / "resumed")
-    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
-    a, b = logged_losses(full), logged_losses(resumed)
-    assert sorted(b) == [3, 4, 5]
-    assert [b[s] for s in (3, 4, 5)] == [a[s] for s in (3, 4, 5)]  # exactly
-
-
-def test_cli_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(corpus, tok_dir, tmp_path):
-    """SLURM, `timeout` and Ctrl-C signal the whole process group, DataLoader workers included: the workers ignore
-    it (no "DataLoader worker ... is killed by signal"), the main process saves at the signal step, exits 143."""
-    common = [f"--data.train_manifest={corpus}", "--data.val_manifest=null", "--trainer.max_steps=6",
-              "--data.num_workers=2"]
-    full = str(tmp_path / "full")
-    _cli("fit", full, tok_dir, *common, check=0)
-    cut = str(tmp_path / "cut")
-    out = _cli("fit", cut, tok_dir, *common, "--trainer.callbacks+=robustness_helpers.KillAtStep",
-               env={"SALM_TEST_KILL_AT_STEP": "3", "SALM_TEST_KILL_GROUP": "1"}, new_session=True)
+    env = {"SALM_TEST_KILL_AT_STEP": str(step), "SALM_TEST_KILL_GROUP": "1" if target == "process group" else "0"}
+    out = _cli("fit", cut, tok_dir, *common, "--trainer.callbacks+=robustness_helpers.KillAtStep", env=env,
+               new_session=True)  # its own process group: a group signal stays there
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     assert "is killed by signal" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
-    (ckpt,) = glob.glob(os.path.join(cut, "salm/version_*/checkpoints/preempted-step4.ckpt"))
+    (ckpt,) = glob.glob(os.path.join(cut, f"salm/version_*/checkpoints/preempted-step{step + 1}.ckpt"))
+    assert f"pre-empted by signal 15 after step {step + 1}" in out.stderr + out.stdout
     resumed = str(tmp_path / "resumed")
     _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
-    a, b = logged_losses(full), logged_losses(resumed)
-    assert sorted(b) == [4, 5]
-    assert [b[s] for s in (4, 5)] == [a[s] for s in (4, 5)]  # exactly
+    b = logged_losses(resumed)
+    assert sorted(b) == list(range(step + 1, 7))
+    assert [b[s] for s in sorted(b)] == [uninterrupted[s] for s in sorted(b)]  # exactly
 
 
 def test_cli_predict_all_unreadable_batch_reports_instead_of_crashing(sine_corpus, tok_dir, tmp_path):
