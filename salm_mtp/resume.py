@@ -78,7 +78,8 @@ def is_refused(key: str, old: Any, new: Any) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in REFUSED)
 
 
-def _same(a: Any, b: Any, key: str = "") -> bool:
+def same_value(a: Any, b: Any, key: str = "") -> bool:
+    """Whether two setting values are the same (lists by items, paths absolutely)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     if key.endswith("path") and isinstance(a, str) and isinstance(b, str):  # checkpoints record absolute paths
@@ -96,7 +97,7 @@ def resolve(saved: Mapping[str, Any], explicit: Mapping[str, Any]) -> tuple[dict
             merged[key] = new
             continue
         old = saved[key]
-        if _same(old, new, key):
+        if same_value(old, new, key):
             continue
         (refused if is_refused(key, old, new) else safe).append((key, old, new))
         merged[key] = new

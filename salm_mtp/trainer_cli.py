@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -57,8 +58,6 @@ class SALMCLI(LightningCLI):
     def _explicit_model_keys(self, sub: str) -> set[str] | None:
         """The model keys the user gave (in --config files or as flags), re-parsed without defaults; None when
         that cannot be told (then every value that differs from its default counts as given)."""
-        import sys
-
         from salm_mtp import resume
 
         args = getattr(self, "_raw_args", None)
@@ -90,7 +89,7 @@ class SALMCLI(LightningCLI):
         given = self._explicit_model_keys(sub)
         if given is None:
             defaults = resume.flatten(self._subcommand_parsers[sub].get_defaults().get("model"))
-            given = {k for k, v in current.items() if k not in defaults or not resume._same(defaults[k], v)}
+            given = {k for k, v in current.items() if k not in defaults or not resume.same_value(defaults[k], v)}
         explicit = {k: v for k, v in current.items() if k in given}
         merged, safe, refused = resume.resolve(resume.flatten(saved), explicit)
         if refused:
