@@ -21,6 +21,8 @@ The MTP head and the encoder are sharded on the same mesh as the backbone (salm_
 
 from __future__ import annotations
 
+import os
+
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from salm_mtp.errors import SalmError
@@ -60,6 +62,37 @@ class SALMParallelStrategy(ModelParallelStrategy):
         mesh[SHARD_DIMS]._flatten("data_parallel")
         self._device_mesh = mesh
         self.lightning_module._device_mesh = mesh
+
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Lightning's load, after the sharded checkpoint's model tensors are checked against the model's both ways
+        (Lightning's own load would drop unexpected ones silently and fail on missing ones in a long traceback)."""
+        path = str(self.broadcast(checkpoint_path))
+        if os.path.isdir(path):
+            check_sharded_keys(path, self.lightning_module.state_dict().keys())
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def check_sharded_keys(path: str, model_keys) -> None:
+    """SalmError naming the missing and unexpected model tensors of a sharded (DCP) checkpoint directory."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = "state_dict."
+    saved = {k[len(prefix):] for k in FileSystemReader(path).read_metadata().state_dict_metadata
+             if k.startswith(prefix)}
+    wanted = set(model_keys)
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+    if not missing and not unexpected:
+        return
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = ([f"{len(missing)} tensors the model has are not in it ({names(missing)})"] if missing else []) + \
+            ([f"{len(unexpected)} tensors in it are not in the model ({names(unexpected)})"] if unexpected else [])
+    raise SalmError(f"--ckpt_path {path!r} does not match the model: {'; '.join(parts)}. It was written by another "
+                    "model build (or code version); resume it with the settings it was trained with (its run's "
+                    "config.yaml), or start a new run from it through salm-mtp export")
 
 
 def data_parallel_mesh(mesh):

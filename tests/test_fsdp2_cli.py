@@ -82,3 +82,25 @@ def test_export_consolidates_sharded_checkpoint(full_run, tmp_path):
     assert len(ref) > 10 and set(ref) == set(exported)
     for k in ref:
         assert torch.equal(ref[k], exported[k]), k
+
+
+def test_sharded_checkpoint_keys_are_checked_both_ways(full_run):
+    """salm_mtp.strategy.check_sharded_keys (run by SALMParallelStrategy.load_checkpoint before Lightning's load):
+    the checkpoint's own keys pass; a model without depth 2 names the unexpected tensors, one with a depth 3 the
+    missing ones."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from salm_mtp.errors import SalmError
+    from salm_mtp.strategy import check_sharded_keys
+
+    run, _ = full_run
+    step4 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step4.ckpt"))[0]
+    keys = [k[len("state_dict."):] for k in FileSystemReader(step4).read_metadata().state_dict_metadata
+            if k.startswith("state_dict.")]
+    check_sharded_keys(step4, keys)
+    depth2 = [k for k in keys if k.startswith("llm.mtp.layers.1.")]
+    assert depth2
+    with pytest.raises(SalmError, match=rf"{len(depth2)} tensors in it are not in the model \(llm\.mtp\.layers\.1\."):
+        check_sharded_keys(step4, [k for k in keys if k not in depth2])
+    with pytest.raises(SalmError, match=r"1 tensors the model has are not in it \(llm\.mtp\.layers\.2\.x\)"):
+        check_sharded_keys(step4, keys + ["llm.mtp.layers.2.x"])
