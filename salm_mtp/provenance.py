@@ -69,9 +69,8 @@ def data_manifests(datamodule) -> list[str]:
     if cfg is None:
         return []
     paths = [p for p in (cfg.train_manifest, cfg.val_manifest) if p]
-    for source in list(cfg.inputs or []) + list(cfg.val_inputs or []):
-        get = source.get if isinstance(source, dict) else lambda k, s=source: getattr(s, k, None)
-        paths += [p for p in [get("path")] + list(get("paths") or []) if p]
+    for source in list(cfg.inputs or []) + list(cfg.val_inputs or []):  # InputConfig (DataConfig converts them)
+        paths += source.files()
     return paths
 
 
