@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from salm_mtp.checkpointing import tracker_of
 from salm_mtp.parallel import all_reduce_sum
 
 
@@ -129,6 +130,9 @@ class Preemption(L.Callback):
                                                                   "checkpoints")
         path = os.path.join(ckpt_dir, f"preempted-step{trainer.global_step}.ckpt")
         trainer.save_checkpoint(path)  # collective: every rank writes its part
+        saves = tracker_of(trainer.strategy)
+        if saves is not None:
+            saves.wait()  # an asynchronous save finishes (and is published) before the process exits
         rank_zero_info(f"salm-mtp: pre-empted by signal {signum} after step {trainer.global_step}; resumable "
                        f"checkpoint: {path}; exiting with code {128 + signum} (resume with --ckpt_path {path})")
         self._restore()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from salm_mtp.config import OptimConfig
+from salm_mtp.optim_state import register_by_name_loading
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -33,15 +35,19 @@ def adamw_kernel(implementation: str, params: list[torch.Tensor]) -> dict:
 def build_optimizer(module, o: OptimConfig) -> dict:
     """Lightning ``configure_optimizers`` result; no weight decay on norms and biases (ndim < 2)."""
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 else no_decay).append((name, p))
     if not decay and not no_decay:
         raise ValueError("model.freeze froze every parameter: nothing to train; relax --model.freeze.patterns")
+    # Named parameters: the saved state carries each group's param_names, and loading matches them by name
+    # (salm_mtp/optim_state.py), so a checkpoint resumes under another freeze list, world size or group rule.
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=tuple(o.betas), **adamw_kernel(o.implementation, decay + no_decay),
+        lr=o.lr, betas=tuple(o.betas), **adamw_kernel(o.implementation, [p for _, p in decay + no_decay]),
     )
+    register_by_name_loading(opt, lambda: {n: tuple(p.shape) for n, p in module.named_parameters()},
+                             report=rank_zero_info)
     # Not trainer.estimated_stepping_batches: it iterates the train loader before a checkpoint is
     # restored (losing the resumable loader's position) and the lhotse loader has no length anyway.
     total = o.decay_steps or module.trainer.max_steps

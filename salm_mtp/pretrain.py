@@ -199,7 +199,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
-    from salm_mtp.trainer_cli import document_data_options
+    from salm_mtp.trainer_cli import close_process_group, document_data_options
     from salm_mtp.data.datamodule import SALMDataModule
 
     class PretrainCLI(LightningCLI):
@@ -211,3 +211,4 @@ def main(args: list[str] | None = None) -> None:
     PretrainCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
                                                                    "prog": "salm-mtp pretrain-encoder"},
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
+    close_process_group()  # only after a clean run: a failed rank's peers may still be inside a collective

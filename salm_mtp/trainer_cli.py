@@ -109,6 +109,14 @@ class SALMCLI(LightningCLI):
         if root and int(os.environ.get("RANK", "0")) == 0:
             check_writable_dir(str(root), "trainer.default_root_dir")
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with a checkpoint reader that takes sharded directories in one process too."""
+        from salm_mtp import checkpoint_io
+
+        trainer = super().instantiate_trainer(**kwargs)
+        checkpoint_io.use_for(trainer)
+        return trainer
+
     def before_predict(self) -> None:
         self.trainer.callbacks.append(JsonlPredictionWriter())
 
@@ -158,3 +166,14 @@ def run_trainer_cli(args: list[str] | None) -> None:
         args=args,
         auto_configure_optimizers=False,
     )
+    close_process_group()  # only after a clean run: a failed rank's peers may still be inside a collective
+
+
+def close_process_group() -> None:
+    """Destroy the default process group when a run made one. Lightning leaves it alive; a gloo/NCCL group still
+    alive at interpreter exit can abort a rank ("terminate called without an active exception", SIGABRT) after
+    the run itself succeeded, which torchrun then reports as a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
