@@ -5,11 +5,12 @@ in ``meta.pt`` of a sharded directory). On ``--ckpt_path``, the settings the use
 ``--config`` file or as flags: every value that differs from the parser's default) are compared with them:
 
 - a setting that changes the set or the shapes of the trained tensors (``REFUSED``: the LLM, encoder, adapter,
-  feature and LoRA builds, the MTP depths and pattern, the tokenizer, the CTC head, and for now the freeze
-  lists and the head's training mode, whose optimizer state is restored by position) is refused with one
+  feature and LoRA builds, the MTP depths and pattern, the tokenizer, the CTC head) is refused with one
   paragraph naming each key, both values and the way to do it: start a new run from ``salm-mtp export``;
-- any other model setting (loss weights, learning rate and schedule, SpecAugment, expert balancing, precision
-  policy, chunk sizes) is applied, and all such changes are printed in one line at start;
+- any other model setting (loss weights, learning rate and schedule, freeze lists and the head's training mode,
+  SpecAugment, expert balancing, precision policy, chunk sizes) is applied, and all such changes are printed in
+  one line at start. Optimizer state is matched to parameters by name (salm_mtp/optim_state.py): a parameter no
+  longer trained drops its state, a newly trained one starts fresh, and one line says which;
 - a setting the user did not give takes the checkpoint's value (so ``--ckpt_path`` alone resumes the run as
   it was), and the run's ``config.yaml`` records the settings actually used.
 
@@ -26,9 +27,9 @@ from salm_mtp.errors import SalmError
 
 REFUSED: tuple[str, ...] = (
     "llm.", "encoder.", "adapter.", "features.", "lora.", "mtp.num_layers", "mtp.pattern",
-    "mtp.replace_existing_head", "mtp.training_mode", "freeze.", "tokenizer_path",
+    "mtp.replace_existing_head", "tokenizer_path",
 )
-"""Prefixes of model keys that change the trained tensors (or which of them the optimizer state belongs to)."""
+"""Prefixes of model keys that change the set or the shapes of the trained tensors."""
 SAFE_EXCEPTIONS: tuple[str, ...] = (
     "llm.attn_implementation", "encoder.dropout", "encoder.layerdrop", "llm.path", "encoder.path",
     "adapter.path",

@@ -128,8 +128,41 @@ class SALMParallelStrategy(ModelParallelStrategy):
         path = str(self.broadcast(checkpoint_path))
         if os.path.isdir(path):
             check_sharded_keys(path, self.lightning_module.state_dict().keys())
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            return self._load_sharded(path, weights_only)
         return self._load_full_file(path, weights_only)
+
+    def _load_sharded(self, path: str, weights_only) -> dict:
+        """A sharded directory (any number of ranks wrote it: DCP reshards): model tensors, then each optimizer's
+        state for the parameters it trains now, matched by name; parameters it no longer trains are skipped, newly
+        trained ones start from fresh state (a changed freeze list), both said in one line."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        from salm_mtp.optim_state import change_line, for_optimizer
+
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(model_state, checkpoint_id=path)
+        self.model.load_state_dict(model_state["state_dict"], strict=True)
+        saved_keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            saved = saved_optimizer_params(saved_keys, key)
+            current = get_optimizer_state_dict(self.model, optimizer)
+            template = {key: {"state": {n: st for n, st in current["state"].items() if n in saved},
+                              "param_groups": current["param_groups"]}}  # the saved groups replace these
+            dcp.load(template, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            state, _, fresh = for_optimizer(template[key], current)
+            dropped = sorted(saved - set(current["state"]))  # the template held only what both have
+            if dropped or fresh:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(change_line(dropped, fresh))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(os.path.join(path, "meta.pt"), weights_only=weights_only)
 
     def _load_full_file(self, path: str, weights_only) -> dict:
         """A one-process checkpoint into this rank's shards: model tensors by name, optimizer state by name (Lightning's
@@ -148,6 +181,13 @@ class SALMParallelStrategy(ModelParallelStrategy):
         for optimizer, saved in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=fqn_form(saved), options=options)
         return checkpoint
+
+
+def saved_optimizer_params(metadata_keys, key: str = "optimizer_0") -> set[str]:
+    """The parameter names a sharded checkpoint holds optimizer state for (its DCP keys are
+    ``<key>.state.<parameter name>.<moment>``)."""
+    prefix = f"{key}.state."
+    return {k[len(prefix):].rsplit(".", 1)[0] for k in metadata_keys if k.startswith(prefix)}
 
 
 def check_sharded_keys(path: str, model_keys) -> None:

@@ -250,3 +250,27 @@ def test_a_save_killed_mid_write_leaves_last_on_the_previous_checkpoint(full_run
     resumed = tmp_path / "resumed"
     _launch(str(resumed), corpus, tok_dir, f"--ckpt_path={last}", "--trainer.max_steps=3")
     assert logged_losses(str(resumed))[2] == pytest.approx(logged_losses(full_run[0])[2], rel=1e-5)
+
+
+def test_sharded_resume_with_a_changed_freeze_list_matches_optimizer_state_by_name(full_run, corpus, tok_dir,
+                                                                                   tmp_path):
+    """Freezing the MTP head on resume (a safe setting): every model tensor is restored, the head's optimizer state
+    is dropped and said so, every other parameter's state equals the saved one, and training goes on."""
+    run, _ = full_run
+    step2 = glob.glob(os.path.join(run, "salm/version_*/checkpoints/step2.ckpt"))[0]
+    out, _ = _launch(str(tmp_path), corpus, tok_dir, f"--ckpt_path={step2}", DUMP,
+                     "--model.freeze.patterns=[^llm\\.mtp\\.]",
+                     env_extra={"SALM_TEST_DUMP": str(tmp_path / "restored.pt")})
+    log = out.stdout + out.stderr
+    assert "resuming with changed settings: model.freeze.patterns" in log
+    model, optim, _ = _saved_by_name(step2)
+    head = sorted(n for n in optim if n.startswith("llm.mtp."))
+    assert head and f"optimizer state matched by parameter name: {len(head)} no longer trained" in log
+    dump = torch.load(tmp_path / "restored.pt", weights_only=False)
+    for k, v in model.items():
+        assert torch.equal(dump["model"][k], v), k
+    assert set(dump["optim"]) == set(optim) - set(head)
+    for name in dump["optim"]:
+        for key, v in optim[name].items():
+            assert torch.equal(torch.as_tensor(dump["optim"][name][key]), torch.as_tensor(v)), (name, key)
+    _resumed_losses_finite(str(tmp_path), [2, 3])
