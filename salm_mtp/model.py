@@ -406,6 +406,14 @@ class SALMModule(L.LightningModule):
 
         return [BadCutReport(), Preemption(), RunEnvironment(), ResumeRNG()]
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A one-file checkpoint's tensors checked against the model both ways before they load (one paragraph
+        naming the missing and unexpected ones; SALMParallelStrategy does the same for its own loads)."""
+        if "state_dict" in checkpoint and self._trainer is not None and self._trainer.ckpt_path:
+            from salm_mtp.strategy import check_keys
+
+            check_keys(self._trainer.ckpt_path, checkpoint["state_dict"].keys(), self.state_dict().keys())
+
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it
         if self.trainer.is_global_zero and log_dir:

@@ -132,3 +132,27 @@ def test_the_rule_holds_for_a_sharded_checkpoint_directory(trained, tmp_path, to
               "--data.test_manifest=null", f"--ckpt_path={sharded}", "--model.mtp.num_layers=3"])
     assert e.value.code == 2
     assert "model.mtp.num_layers: checkpoint 2, now 3" in capsys.readouterr().err
+
+
+def test_a_one_file_checkpoint_is_checked_against_the_model_both_ways(trained, tmp_path, tok_dir, corpus, capsys):
+    """A .ckpt whose tensors differ from the model's (written by another build or code version) is refused in one
+    paragraph naming both sides, before any tensor loads; freezing the head on resume is a safe change."""
+    import torch
+
+    from salm_mtp.cli import main
+
+    ckpt = torch.load(trained, map_location="cpu", weights_only=False)
+    head = next(k for k in ckpt["state_dict"] if k.startswith("llm.mtp."))
+    ckpt["state_dict"]["llm.bogus.weight"] = torch.zeros(1)
+    del ckpt["state_dict"][head]
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "conf/tiny.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+              f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={corpus}", "--data.val_manifest=null",
+              "--data.test_manifest=null", "--trainer.max_steps=5", f"--ckpt_path={bad}",
+              "--model.freeze.patterns=[^llm\\.mtp\\.]"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"1 tensors the model has are not in it ({head})" in err
+    assert "1 tensors in it are not in the model (llm.bogus.weight)" in err and "Traceback" not in err
