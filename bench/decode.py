@@ -5,6 +5,7 @@ acceptance, wall time, and whether the outputs are identical.
     python bench/decode.py --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt \\
         --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/bench_decode [--limit 64] [--batch-sizes 1,16]
     python bench/decode.py          # the floor: an untrained model of conf/demo.yaml's sizes, same utterances
+    python bench/decode.py --device cuda --ckpt ...      # on a GPU (bench/gpu_check.sh)
 
 Per batch size: the utterances are batched in manifest order (as `salm-mtp evaluate` does), their prompts
 encoded once (not timed: both decoders share it), one untimed warm-up pass, then ``--repeats``
@@ -16,8 +17,12 @@ the summed decode time; speedup = greedy wall / MTP wall, the median over repeti
 "mtp oracle" row, in the same rotation, whose drafts are the greedy tokens themselves (the head still
 runs): the ceiling of the decoder on this model and data, every draft accepted.
 
+``--device cuda`` (default cpu): the model on the GPU, every decode timed between torch.cuda.synchronize() calls.
+
 Writes DIR/decode.json: the headline (first batch size, first D) as tokens_per_forward, speedup,
-identical, chained_acceptance, mean_accepted_length, plus every row under "runs"; prints a table.
+identical, chained_acceptance, mean_accepted_length, plus every row under "runs", and ``device``, ``peak_mib``
+(the process's peak: ``memory`` names it, ``rss_hwm`` = VmHWM on cpu, ``cuda_max_allocated`` on cuda); prints a
+table.
 Rows: tokens = answer tokens decoded; fwd/utt = backbone forwards per utterance, prefill included
 (greedy: one per token); tok/fwd = tokens per verification forward (accepted drafts + the backbone's own).
 """
@@ -34,7 +39,9 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+
+from common import MEMORY_MEASURES, add_device_arg, check_device, process_peak, sync  # noqa: E402
 
 from salm_mtp.decoding.speculative import SpecStats, decode_row_groups, mtp_decode  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
@@ -45,10 +52,11 @@ DEMO_CONF = "conf/demo.yaml"
 DEMO_MANIFEST = "data/demo/test_cuts.jsonl.gz"
 
 
-def untrained_demo_model(llm_pattern: str | None = None):
+def untrained_demo_model(llm_pattern: str | None = None, tokenizer: str | None = None):
     """The model conf/demo.yaml trains, freshly initialised (seed 0): the floor of the benchmark.
     ``llm_pattern``: another backbone block pattern (same sizes), e.g. a deeper one whose backbone-to-head cost
-    ratio is that of a real model (the head keeps its own pattern)."""
+    ratio is that of a real model (the head keeps its own pattern). ``tokenizer``: another tokenizer directory
+    (default: the config's model.tokenizer_path)."""
     import yaml
 
     from salm_mtp.io import build_module
@@ -56,6 +64,8 @@ def untrained_demo_model(llm_pattern: str | None = None):
     with open(DEMO_CONF) as f:
         cfg = yaml.safe_load(f)["model"]
     cfg["encoder"]["path"] = None
+    if tokenizer:
+        cfg["tokenizer_path"] = tokenizer
     if llm_pattern:
         cfg["llm"]["pattern"] = llm_pattern
     if not os.path.isfile(os.path.join(cfg["tokenizer_path"], "tokenizer.json")):
@@ -111,9 +121,11 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
     times = {k: [] for k in deciders}
     stats: dict = {}
     identical = dict.fromkeys(deciders, True)
+    device = module.device.type
 
     def run(name, i):
         b, p = data[i], prompts[i]
+        sync(device)
         t0 = time.perf_counter()
         if name == "greedy":
             tokens, lengths = greedy_decode(module, b, max_new_tokens=max_new_tokens, prompt=p)
@@ -123,6 +135,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
         else:
             tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1], oracle_acceptance, seed=i)
             tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
+        sync(device)
         return time.perf_counter() - t0, tokens, lengths, s
 
     for i in range(len(data)):  # warm-up, and the reference tokens
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="Lightning checkpoint (default: an untrained conf/demo.yaml model)")
     src.add_argument("--model", help="export directory (salm-mtp export)")
+    p.add_argument("--tokenizer", default=None,
+                   help="untrained model only: its tokenizer directory (default conf/demo.yaml's model.tokenizer_path)")
     p.add_argument("--manifest", default=DEMO_MANIFEST, help=f"lhotse manifest (default {DEMO_MANIFEST})")
     p.add_argument("--out", default="runs/bench_decode", help="output directory for decode.json")
     p.add_argument("--limit", type=int, default=64, help="first N utterances of the manifest (default 64)")
@@ -198,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-pattern", default=None,
                    help="untrained model only: the backbone's block pattern (default conf/demo.yaml's). A deeper one "
                         "(e.g. 8 x 'M*EM-*') gives the backbone-to-head cost ratio of a real model")
+    add_device_arg(p)
     a = p.parse_args(argv)
+    try:
+        check_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     logging_quiet()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -208,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         module, source = load_model(a.ckpt or a.model), a.ckpt or a.model
     else:
         if a.llm_pattern:
-            module = untrained_demo_model(a.llm_pattern)
+            module = untrained_demo_model(a.llm_pattern, a.tokenizer)
             source = f"untrained {DEMO_CONF} model (seed 0), backbone pattern {a.llm_pattern!r}"
         else:
-            module, source = untrained_demo_model(), f"untrained {DEMO_CONF} model (seed 0)"
+            module, source = untrained_demo_model(tokenizer=a.tokenizer), f"untrained {DEMO_CONF} model (seed 0)"
+    module = module.to(a.device)
     module.eval()
     if not module.num_mtp_depths:
         raise SystemExit(f"{source} has no MTP head: nothing to draft with")
@@ -223,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     head = next(r for r in rows if r["decoder"] == "mtp")
     result = {
         "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
-        "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(),
+        "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(), "device": a.device,
+        "memory": MEMORY_MEASURES[a.device], "peak_mib": round(process_peak(a.device), 1),
         "oracle_acceptance": a.oracle_acceptance if a.oracle else None,
         "headline": {"batch_size": head["batch_size"], "num_drafts": head["num_drafts"]},
         "tokens_per_forward": head["tokens_per_forward"], "speedup": head["speedup"], "identical": head["identical"],
@@ -235,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"model: {source}\nmanifest: {a.manifest} (first {a.limit}), {torch.get_num_threads()} threads, "
-          f"median of {a.repeats} repetitions\n")
+          f"device {a.device}, median of {a.repeats} repetitions\n")
     print(format_table(rows))
     print(f"\nwrote {path}")
     return 0 if all(r["identical"] for r in rows) else 1

@@ -3,6 +3,7 @@
 
     python bench/mtp_overhead.py                  # demo model + a larger CPU model (about 3 min on 2 cores)
     python bench/mtp_overhead.py --sizes demo --repeats 20
+    python bench/mtp_overhead.py --device cuda --precision bf16-mixed     # on a GPU (bench/gpu_check.sh)
 
 For each size, one SALMModule per head setting (MTP off, D=1, D=2; the same seed, so backbone, encoder and
 adapter start from identical weights) trains on one fixed batch of the demo corpus (the first batch of the
@@ -16,7 +17,15 @@ FLOPs are counted from the operators' shapes (``torch.utils.flop_counter.FlopCou
 forward + backward: matmuls, attention, convolutions; the lm_head recompute of the chunked loss included)
 on the same batch, so ``flops_head_over_rest`` = (FLOPs_D - FLOPs_off) / FLOPs_off is the overhead the
 maths predicts, and ``overhead_vs_flops_ratio`` = measured overhead / that prediction (goal <= 1.25: the
-head costs what its maths costs). Sizes:
+head costs what its maths costs). ``peak_step_mib``: what the last warm-up step of a setting adds to memory at
+its peak (the untimed step; ``memory`` names the measure: ``rss_hwm``, the resident set's high-water mark, on cpu).
+
+``--device cuda`` (default cpu): models, optimizer state and the batch on the GPU, each timed step between
+torch.cuda.synchronize() calls, ``peak_step_mib`` from torch.cuda.max_memory_allocated (``cuda_max_allocated``);
+the result names the device, the memory measure and the Mamba kernels a CUDA run lacks (transformers' slow
+pure-torch scan then). ``--precision bf16-mixed``: the forward under torch.autocast(bfloat16), as Lightning's
+bf16-mixed runs it (default 32: fp32 throughout). ``--tokenizer``: another tokenizer for the demo model and batch
+(default conf/demo.yaml's). Sizes:
 
 - ``demo``: conf/demo.yaml's model (hidden 128, 6 blocks "M*EM-*", demo tokenizer).
 - ``cpu_large``: the demo encoder and adapter with a Nemotron-H of hidden 512, 8 blocks "M*EM-M*E", 8 experts,
@@ -36,14 +45,18 @@ import sys
 import tempfile
 import time
 
+import contextlib
+
 import torch
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-from common import write_result  # noqa: E402
+from common import (MEMORY_MEASURES, add_device_arg, check_device, peak_since, peak_start, sync,  # noqa: E402
+                    write_result)
 
 OUT = "bench/results/mtp_overhead.json"
 DEMO_CONF = "conf/demo.yaml"
 DEMO_TRAIN = "data/demo/train_cuts.jsonl.gz"
+PRECISIONS = ("32", "bf16-mixed")
 
 CPU_LARGE_LLM = dict(pattern="M*EM-M*E", hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                      intermediate_size=1024, mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64,
@@ -51,13 +64,16 @@ CPU_LARGE_LLM = dict(pattern="M*EM-M*E", hidden_size=512, num_attention_heads=8,
                      moe_shared_expert_intermediate_size=512)
 
 
-def demo_model_kwargs(conf: str = DEMO_CONF) -> dict:
-    """conf/demo.yaml's model section (plain data), the encoder built from config (no pretrained path)."""
+def demo_model_kwargs(conf: str = DEMO_CONF, tokenizer: str | None = None) -> dict:
+    """conf/demo.yaml's model section (plain data), the encoder built from config (no pretrained path);
+    ``tokenizer``: another tokenizer directory (default: the config's)."""
     import yaml
 
     with open(conf) as f:
         cfg = yaml.safe_load(f)["model"]
     cfg["encoder"]["path"] = None
+    if tokenizer:
+        cfg["tokenizer_path"] = tokenizer
     return cfg
 
 
@@ -74,9 +90,9 @@ def padded_tokenizer(src: str, vocab: int, out_dir: str) -> str:
     return out_dir
 
 
-def size_kwargs(size: str, tmp: str) -> dict:
-    """SALMModule kwargs (plain data, MTP left to the caller) of a named size."""
-    kw = demo_model_kwargs()
+def size_kwargs(size: str, tmp: str, tokenizer: str | None = None) -> dict:
+    """SALMModule kwargs (plain data, MTP left to the caller) of a named size (``tokenizer``: demo_model_kwargs)."""
+    kw = demo_model_kwargs(tokenizer=tokenizer)
     if size == "demo":
         return kw
     if size == "cpu_large":
@@ -97,8 +113,24 @@ def demo_batch(manifest: str = DEMO_TRAIN, tokenizer_path: str = "data/demo/toke
     return next(iter(dm.train_dataloader()))
 
 
-def build(kwargs: dict, depths: int):
-    """A materialised SALMModule (seed 0) with ``depths`` MTP depths, in train mode, and its AdamW."""
+def to_device(batch: dict, device: str) -> dict:
+    """``batch`` with every tensor moved to ``device`` (the batch itself on cpu)."""
+    if device == "cpu":
+        return batch
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def autocast(device: str, precision: str):
+    """The forward's precision context: torch.autocast(bfloat16) for ``bf16-mixed``, nothing for ``32``."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def build(kwargs: dict, depths: int, device: str = "cpu"):
+    """A materialised SALMModule (seed 0) with ``depths`` MTP depths on ``device``, in train mode, and its AdamW."""
     from salm_mtp.io import build_module
     from salm_mtp.optim import build_optimizer
 
@@ -106,15 +138,17 @@ def build(kwargs: dict, depths: int):
     kw["mtp"] = {**kw.get("mtp", {}), "num_layers": depths}
     kw["optim"] = {**kw.get("optim", {}), "decay_steps": 1000}  # no trainer: the schedule length is given
     torch.manual_seed(0)
-    module = build_module(**kw)
+    module = build_module(**kw).to(device)
     module.train()
     opt = build_optimizer(module, module.cfg_optim)["optimizer"]
     return module, opt
 
 
-def train_step(module, opt, batch: dict) -> float:
-    """One step as Lightning's fit runs it (loss, backward, clip 1.0, AdamW, MoE bias update); returns the loss."""
-    loss, _, _ = module.compute_losses(batch)
+def train_step(module, opt, batch: dict, precision: str = "32") -> float:
+    """One step as Lightning's fit runs it (loss under ``precision``'s autocast, backward, clip 1.0, AdamW, MoE
+    bias update); returns the loss."""
+    with autocast(module.device.type, precision):
+        loss, _, _ = module.compute_losses(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
     opt.step()
@@ -124,34 +158,57 @@ def train_step(module, opt, batch: dict) -> float:
     return float(loss)
 
 
-def step_flops(module, batch: dict) -> int:
+def step_flops(module, batch: dict, precision: str = "32") -> int:
     """FLOPs of one forward + backward (operator-shape count; no optimizer step is taken)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _, _ = module.compute_losses(batch)
+        with autocast(module.device.type, precision):
+            loss, _, _ = module.compute_losses(batch)
         loss.backward()
     module.zero_grad(set_to_none=True)
     module.balancer.loads = {}
     return int(counter.get_total_flops())
 
 
-def measure(kwargs: dict, batch: dict, depths=(0, 1, 2), repeats: int = 10, warmup: int = 2) -> dict:
-    """Median step seconds and FLOPs of each head setting on ``batch``; overheads relative to MTP off."""
-    models = {d: build(kwargs, d) for d in depths}
-    flops = {d: step_flops(models[d][0], batch) for d in depths}
-    for d in depths:
-        for _ in range(warmup):
-            train_step(*models[d], batch)
+def warm_up(module, opt, batch: dict, steps: int, device: str, precision: str) -> float | None:
+    """``steps`` untimed train steps; MiB the last one adds at its peak (None when ``steps`` is 0)."""
+    peak = None
+    for i in range(steps):
+        if i == steps - 1:
+            before, _ = peak_start(device)
+        train_step(module, opt, batch, precision)
+        if i == steps - 1:
+            peak = round(peak_since(device, before), 1)
+    return peak
+
+
+def timed_step(module, opt, batch: dict, device: str, precision: str) -> float:
+    """Seconds of one train step (the device's queue drained before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    train_step(module, opt, batch, precision)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(kwargs: dict, batch: dict, depths=(0, 1, 2), repeats: int = 10, warmup: int = 2, device: str = "cpu",
+            precision: str = "32") -> dict:
+    """Median step seconds, FLOPs and the warm-up step's peak memory of each head setting on ``batch`` (moved to
+    ``device``); overheads relative to MTP off."""
+    from salm_mtp.modules.llm import missing_mamba_kernels
+
+    batch = to_device(batch, device)
+    models = {d: build(kwargs, d, device) for d in depths}
+    flops = {d: step_flops(models[d][0], batch, precision) for d in depths}
+    peaks = {d: warm_up(*models[d], batch, warmup, device, precision) for d in depths}
     times: dict[int, list[float]] = {d: [] for d in depths}
     order = list(depths)
     for r in range(repeats):
         rot = order[r % len(order):] + order[: r % len(order)]
         for d in rot:
-            t0 = time.perf_counter()
-            train_step(*models[d], batch)
-            times[d].append(time.perf_counter() - t0)
+            times[d].append(timed_step(*models[d], batch, device, precision))
     base = 0 if 0 in depths else depths[0]
     t_base, f_base = statistics.median(times[base]), flops[base]
     rows = {}
@@ -167,9 +224,14 @@ def measure(kwargs: dict, batch: dict, depths=(0, 1, 2), repeats: int = 10, warm
             "measured_overhead": round(measured, 4),
             "flops_head_over_rest": round(predicted, 4),
             "overhead_vs_flops_ratio": round(measured / predicted, 3) if d and predicted > 0 else None,
+            "peak_step_mib": peaks[d],
         }
     m = models[depths[-1]][0]
     return {
+        "device": device,
+        "precision": precision,
+        "memory": MEMORY_MEASURES[device],
+        "mamba_kernels_missing": missing_mamba_kernels(m.llm, device),
         "params": sum(p.numel() for p in m.parameters()),
         "llm_hidden": m.llm.config.hidden_size,
         "llm_blocks": m.llm.config.num_hidden_layers,
@@ -194,23 +256,34 @@ def print_table(res: dict) -> None:
           "ratio = measured / FLOPs (goal <= 1.25)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="demo,cpu_large")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-duration", type=float, default=20.0, help="seconds of audio in the batch")
     p.add_argument("--manifest", default=DEMO_TRAIN)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory of the model and the batch "
+                                                      f"(default: {DEMO_CONF}'s model.tokenizer_path)")
+    p.add_argument("--precision", default="32", choices=PRECISIONS,
+                   help="32: fp32 throughout (default); bf16-mixed: the forward under torch.autocast(bfloat16)")
     p.add_argument("--out", default=OUT)
-    a = p.parse_args()
+    add_device_arg(p)
+    a = p.parse_args(argv)
+    try:
+        check_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     if not os.path.isfile(a.manifest):
-        sys.exit(f"{a.manifest} is missing: run `salm-mtp make-demo-data --out data/demo` first")
-    batch = demo_batch(a.manifest, max_duration=a.max_duration)
-    res = {"sizes": {}}
+        sys.exit(f"--manifest {a.manifest} is missing: run `salm-mtp make-demo-data --out data/demo` first")
+    tokenizer = a.tokenizer or demo_model_kwargs()["tokenizer_path"]
+    batch = demo_batch(a.manifest, tokenizer_path=tokenizer, max_duration=a.max_duration)
+    res = {"device": a.device, "precision": a.precision, "memory": MEMORY_MEASURES[a.device], "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             t0 = time.perf_counter()
-            res["sizes"][size] = measure(size_kwargs(size, tmp), batch, repeats=a.repeats, warmup=a.warmup)
+            res["sizes"][size] = measure(size_kwargs(size, tmp, a.tokenizer), batch, repeats=a.repeats,
+                                         warmup=a.warmup, device=a.device, precision=a.precision)
             res["sizes"][size]["wall_s"] = round(time.perf_counter() - t0, 1)
     res["goal"] = {"overhead_vs_flops_ratio_max": 1.25}
     print_table(res)
