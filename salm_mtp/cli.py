@@ -8,7 +8,7 @@
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan.py)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
     salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
-    salm-mtp make-demo-data --out data/demo                                (salm_mtp/data/demo_corpus.py)
+    salm-mtp make-demo-data --out data/demo                                (salm_mtp/demo/cli.py)   
 
 ``salm-mtp --help`` lists them (SUBCOMMANDS); ``salm-mtp SUB --help`` shows every option of one.
 
@@ -66,9 +66,9 @@ def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
 
         return export_main(argv[1:])
     if sub == "make-demo-data":
-        from salm_mtp.data import demo_corpus
+        from salm_mtp.demo import cli as demo_cli
 
-        return demo_corpus.main(argv[1:])
+        return demo_cli.main(argv[1:])
     if sub == "pretrain-encoder":
         from salm_mtp import pretrain
         from salm_mtp.malloc import bound_malloc_caching

@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 
 import lightning as L
 import torch
-from transformers import AutoTokenizer
 
 from salm_mtp import weights as W
 from salm_mtp.config import (
@@ -35,8 +34,8 @@ from salm_mtp.config import (
     OptimConfig,
     ParallelConfig,
 )
-from salm_mtp.data.tokenizer import ensure_audio_placeholder
-from salm_mtp.errors import MissingInputError, NonFiniteError
+from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer  # noqa: F401  (load_tokenizer: re-exported)
+from salm_mtp.errors import NonFiniteError
 from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, summarise_stats
 from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
@@ -63,21 +62,6 @@ from salm_mtp.parallel import (
     check_precision,
     data_parallel,
 )
-
-
-def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
-    """The HF tokenizer of a local directory, with the audio placeholder added if missing."""
-    if path is None:
-        raise ValueError(
-            f"{key} is null and model.llm.path is null: no tokenizer to read. Set --{key}=data/demo/tokenizer "
-            "(made by `salm-mtp make-demo-data`) or point --model.llm.path at a HF directory with a tokenizer"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise MissingInputError(
-            f"{key}={path!r}: no loadable tokenizer there ({str(e)[:200]}); set --{key} to a HF tokenizer directory "
-            "(the demo one is made by `salm-mtp make-demo-data`)") from None
 
 
 PART_TYPES = {

@@ -50,7 +50,7 @@ def data_parallel(trainer) -> tuple[int, object | None]:
         mesh = getattr(trainer.strategy, "device_mesh", None)
     except RuntimeError:  # ModelParallelStrategy before setup_environment() built the mesh
         mesh = None
-    from salm_mtp.strategy import data_parallel_mesh
+    from salm_mtp.mesh import data_parallel_mesh
 
     sub = data_parallel_mesh(mesh)
     if sub is not None:
@@ -290,7 +290,7 @@ def apply_parallelism(module) -> None:
     if not isinstance(strategy, ModelParallelStrategy):
         check_parallel_config(module)
         return
-    from salm_mtp.strategy import shard_mesh
+    from salm_mtp.mesh import shard_mesh
 
     mesh = strategy.device_mesh
     check_parallel_config(module, mesh["tensor_parallel"].size() if "tensor_parallel" in mesh.mesh_dim_names else 1)

@@ -28,7 +28,7 @@ from salm_mtp.data.tokenizer import ensure_audio_placeholder
 from salm_mtp.loss import ctc_sum
 from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.metrics import wer
-from salm_mtp.model import load_tokenizer
+from salm_mtp.data.tokenizer import load_tokenizer
 from salm_mtp.modules.encoder import AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.optim import build_optimizer

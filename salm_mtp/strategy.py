@@ -29,9 +29,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from salm_mtp.checkpointing import (SaveTracker, done_future, failed_future, inprogress_path,
                                    remove_path)
 from salm_mtp.errors import SalmError
+from salm_mtp.mesh import SHARD_DIMS
 
-SHARD_DIMS = ("dp_replicate", "dp_shard")
-"""Mesh dims FSDP2 shards over under HSDP (replicate, shard)."""
 
 
 class SALMParallelStrategy(ModelParallelStrategy):
@@ -215,21 +214,3 @@ def check_keys(path: str, saved_keys, model_keys) -> None:
     raise SalmError(f"--ckpt_path {path!r} does not match the model: {'; '.join(parts)}. It was written by another "
                     "model build (or code version); resume it with the settings it was trained with (its run's "
                     "config.yaml), or start a new run from it through salm-mtp export")
-
-
-def data_parallel_mesh(mesh):
-    """The mesh's data-parallel dimension (flattened replicate x shard under HSDP); None without one."""
-    if mesh is None:
-        return None
-    try:
-        return mesh["data_parallel"]
-    except (KeyError, RuntimeError, ValueError):
-        return None
-
-
-def shard_mesh(mesh):
-    """What FSDP2 shards over: the 2-D (replicate, shard) mesh under HSDP, else the data-parallel dimension."""
-    names = getattr(mesh, "mesh_dim_names", None) or ()
-    if all(d in names for d in SHARD_DIMS):
-        return mesh[SHARD_DIMS]
-    return mesh["data_parallel"]

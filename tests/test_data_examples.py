@@ -14,7 +14,7 @@ import yaml
 from salm_mtp.data.conversation import ConversationCuts, parse_conversation
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.manifest import load_cuts
-from salm_mtp.data.policy import CutChecker
+from salm_mtp.data.checks import CutChecker
 from salm_mtp.data.prompt import PromptFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_each_example_line_parses_as_documented(name):
         assert all(os.path.isfile(c.path) for c in conv.clips)
 
 
-# ---- the demo's mix (salm_mtp/data/demo_mix.py, conf/demo_mix.yaml) -----------------------------------
+# ---- the demo's mix (salm_mtp/demo/mix.py, conf/demo_mix.yaml) -----------------------------------
 @pytest.fixture
 def demo_like(tmp_path):
     """A sine corpus laid out like the demo's: {train,dev,test}_cuts.jsonl.gz and audio/ under one directory."""
@@ -121,7 +121,7 @@ def demo_like(tmp_path):
 
 
 def test_demo_mix_files_are_deterministic_and_read_without_a_bad_line(demo_like, tmp_path_factory):
-    from salm_mtp.data.demo_mix import make_mix_data
+    from salm_mtp.demo.mix import make_mix_data
 
     counts = {"train": 30, "dev": 5, "test": 5}
     written = make_mix_data(demo_like, talk_counts=counts, text_counts=counts)
@@ -141,7 +141,7 @@ def test_demo_mix_files_are_deterministic_and_read_without_a_bad_line(demo_like,
 
 
 def test_conf_demo_mix_trains_on_all_three_sources(demo_like, tok_dir, monkeypatch):
-    from salm_mtp.data.demo_mix import make_mix_data
+    from salm_mtp.demo.mix import make_mix_data
 
     make_mix_data(demo_like, talk_counts={"train": 20}, text_counts={"train": 20})
     raw = open(os.path.join(ROOT, "conf", "demo_mix.yaml")).read().replace("data/demo/", f"{demo_like}/")

@@ -1,4 +1,4 @@
-"""Tests for salm_mtp/data/demo_corpus.py and `salm-mtp make-demo-data` (tiny corpora)."""
+"""Tests for salm_mtp/demo/corpus.py and `salm-mtp make-demo-data` (tiny corpora)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lhotse import CutSet
 from transformers import AutoTokenizer
 
 from salm_mtp.data.datamodule import SALMDataModule
-from salm_mtp.data.demo_corpus import (
+from salm_mtp.demo.corpus import (
     HELD_OUT_BASE_VOICE,
     HELD_OUT_SPLITS,
     HELD_OUT_VARIANT,
@@ -220,7 +220,7 @@ def test_every_cut_carries_its_groups_against_train(tmp_path):
 
 
 def test_audio_hash_follows_the_audio(tmp_path):
-    from salm_mtp.data.demo_corpus import audio_hash
+    from salm_mtp.demo.corpus import audio_hash
 
     for name, data in (("a.flac", b"one"), ("b.flac", b"two")):
         (tmp_path / name).write_bytes(data)

@@ -256,7 +256,7 @@ def test_unwritable_output_dir_names_the_key(tmp_path):
 
 def test_missing_tokenizer_is_one_clear_error(tmp_path):
     from salm_mtp.errors import SalmError
-    from salm_mtp.model import load_tokenizer
+    from salm_mtp.data.tokenizer import load_tokenizer
 
     with pytest.raises(SalmError, match="model.tokenizer_path=.*no loadable tokenizer.*set --model.tokenizer_path") as e:
         load_tokenizer(str(tmp_path / "none"))

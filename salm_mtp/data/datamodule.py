@@ -51,7 +51,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prepared, as_inputs, mix, source_cuts
-from salm_mtp.data.policy import POLICIES, BadCut, CutChecker, SkipLog, handle
+from salm_mtp.data.checks import CutChecker
+from salm_mtp.data.policy import POLICIES, BadCut, SkipLog, handle
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
 from salm_mtp.errors import check_ckpt_path, check_writable_dir
 
@@ -536,7 +537,7 @@ class SALMDataModule(pl.LightningDataModule):
             mesh = trainer.strategy.device_mesh
         except (AttributeError, RuntimeError):
             mesh = None
-        from salm_mtp.strategy import data_parallel_mesh  # HSDP: replicate x shard, flattened
+        from salm_mtp.mesh import data_parallel_mesh  # HSDP: replicate x shard, flattened
 
         dp = data_parallel_mesh(mesh)
         if dp is not None:

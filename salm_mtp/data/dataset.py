@@ -49,7 +49,8 @@ from lhotse.cut import Cut
 from transformers import PreTrainedTokenizerBase
 
 from salm_mtp.data.conversation import conversation_of, is_conversation
-from salm_mtp.data.policy import BadCut, CutChecker, source_of
+from salm_mtp.data.checks import CutChecker, reference_answer  # noqa: F401  (reference_answer: re-exported)
+from salm_mtp.data.policy import BadCut, source_of
 from salm_mtp.data.prompt import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,6 @@ CTC_PAD_ID = -100
 """Padding value of ``ctc_ids`` (never a real token id)."""
 
 
-def reference_answer(cut: Cut) -> tuple[str, str]:
-    """(task, reference answer) of a cut: the transcript for asr, ``target_text`` for ast."""
-    sup = cut.supervisions[0]
-    custom = sup.custom or {}
-    task = custom.get("task", "asr")
-    if task == "ast":
-        if "target_text" not in custom:
-            raise ValueError(f"cut {cut.id!r} has task 'ast' but no supervision.custom['target_text']")
-        return task, custom["target_text"]
-    return task, sup.text or ""
 
 
 class SALMDataset(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Demo tokenizer training and the audio placeholder token.
+"""Loading a tokenizer (``load_tokenizer``), demo tokenizer training and the audio placeholder token.
 
 The demo LLM is trained from scratch, so it gets a tiny BPE tokenizer trained on the demo
 corpus (``salm-mtp make-demo-data`` saves one to ``data/demo/tokenizer/``). Real LLMs bring
@@ -22,7 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from salm_mtp.errors import MissingInputError
 
 AUDIO_PLACEHOLDER = "<|audio|>"
 """Marks where a clip's audio embeddings go in the prompt (exactly one per clip)."""
@@ -105,3 +107,18 @@ def ensure_audio_placeholder(tokenizer: PreTrainedTokenizerBase) -> int:
             "the tokenizer splits it, so the prompt would carry no placeholder"
         )
     return token_id
+
+
+def load_tokenizer(path: str | None, key: str = "model.tokenizer_path"):
+    """The HF tokenizer of a local directory, with the audio placeholder added if missing."""
+    if path is None:
+        raise ValueError(
+            f"{key} is null and model.llm.path is null: no tokenizer to read. Set --{key}=data/demo/tokenizer "
+            "(made by `salm-mtp make-demo-data`) or point --model.llm.path at a HF directory with a tokenizer"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MissingInputError(
+            f"{key}={path!r}: no loadable tokenizer there ({str(e)[:200]}); set --{key} to a HF tokenizer directory "
+            "(the demo one is made by `salm-mtp make-demo-data`)") from None

@@ -22,7 +22,8 @@ from collections import Counter
 import numpy as np
 
 from salm_mtp.data.mix import SOURCE_TYPES
-from salm_mtp.data.policy import BadCut, CutChecker
+from salm_mtp.data.checks import CutChecker
+from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
 
 
@@ -79,7 +80,7 @@ def _validate(args) -> int:
     if not tok_path:
         raise MissingInputError("no tokenizer: pass --config with data.tokenizer_path / model.tokenizer_path, or "
                                 "--tokenizer DIR")
-    from salm_mtp.model import load_tokenizer
+    from salm_mtp.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path, "data.tokenizer_path")
     prompt = data.get("prompt") or {}

@@ -1,7 +1,7 @@
 """Spoken multi-turn conversations and text-only chats for the demo (``data.inputs`` types conversations / text).
 
     make_mix_data("data/demo")          # after make_demo_data("data/demo"): reuses its clips, no new audio
-    python -m salm_mtp.data.demo_mix --out data/demo
+    python -m salm_mtp.demo.mix --out data/demo
 
 Writes, next to the demo corpus (formats: data/README.md)::
 
@@ -27,7 +27,7 @@ import os
 import random
 from pathlib import Path
 
-from salm_mtp.data.demo_corpus import NUMBER_WORDS, plan_split, words_to_digits
+from salm_mtp.demo.corpus import NUMBER_WORDS, plan_split, words_to_digits
 from salm_mtp.data.manifest import load_cuts
 
 TALK_COUNTS = {"train": 800, "dev": 40, "test": 60}
