@@ -298,9 +298,10 @@ def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: 
     ``model.parallel.scale_loss_by_dp_size`` (the default) the mean over ranks of the per-rank optimised
     losses: the value whose gradient DDP / FSDP2's averaged gradients are.
 
-    Per source (``sources``, when the vector holds their entries): ``loss/<name>`` = the main head's CE per target
-    token of that source's rows, ``mtp_loss/<name>`` = the MTP term as ``mtp_loss`` defines it, over those rows
-    and ``target_tokens/<name>``; a source with no target in the summed batches gets no entries.
+    Per source (``sources``, when the vector holds their entries), under ``source/<name>/`` (``source_metric``: a
+    namespace of its own, apart from the per-depth ``mtp_loss/depth_k``): ``main_loss`` = the main head's CE per
+    target token of that source's rows, ``mtp_loss`` = the MTP term as ``mtp_loss`` defines it, over those rows, and
+    ``target_tokens``; a source with no target in the summed batches gets no entries.
     """
     s = dict(zip(stat_names(num_depths, sources), summed.tolist()))
     n = max(s["main.count"], 1.0)
@@ -329,8 +330,17 @@ def summarise_stats(summed: torch.Tensor, num_depths: int, loss_scaling_factor: 
         n_src = s[f"src/{name}.count"]
         if n_src <= 0:  # no row of this source in the batch(es): nothing to report
             continue
-        out[f"loss/{name}"] = s[f"src/{name}.main"] / n_src
+        out[source_metric(name, "main_loss")] = s[f"src/{name}.main"] / n_src
         if num_depths:
-            out[f"mtp_loss/{name}"] = loss_scaling_factor / num_depths * s[f"src/{name}.mtp"] / n_src
-        out[f"target_tokens/{name}"] = s[f"src/{name}.count"]
+            out[source_metric(name, "mtp_loss")] = loss_scaling_factor / num_depths * s[f"src/{name}.mtp"] / n_src
+        out[source_metric(name, "target_tokens")] = s[f"src/{name}.count"]
     return out
+
+
+SOURCE_METRICS = ("main_loss", "mtp_loss", "target_tokens")
+"""What is logged per training source (``source_metric``)."""
+
+
+def source_metric(source: str, what: str) -> str:
+    """The logged name of one per-source metric: ``source/<source>/<what>``, ``what`` one of SOURCE_METRICS."""
+    return f"source/{source}/{what}"

@@ -36,7 +36,8 @@ from salm_mtp.config import (
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer  # noqa: F401  (load_tokenizer: re-exported)
 from salm_mtp.errors import NonFiniteError
-from salm_mtp.loss import combine_losses, ctc_sum, head_stats, stats_vector, summarise_stats
+from salm_mtp.loss import (SOURCE_METRICS, combine_losses, ctc_sum, head_stats, source_metric, stats_vector,
+                           summarise_stats)
 from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
@@ -220,7 +221,7 @@ class SALMModule(L.LightningModule):
         self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
         self._eval_sets: dict[int, torch.Tensor] = {}  # ... per validation set (dataloader index)
         self.source_names: tuple[str, ...] = ()
-        """Training data sources (data.inputs names, from the data module): per-source metrics loss/<name>."""
+        """Training data sources (data.inputs names, from the data module): per-source metrics source/<name>/main_loss, ..."""
         self.val_names: tuple[str, ...] = ()
         """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
         self._t_last: float | None = None
@@ -543,7 +544,7 @@ class SALMModule(L.LightningModule):
         return bool(all_reduce_sum(empty, self._trainer) > 0)
 
     def _log_per_source(self, summed: torch.Tensor, keys: set[str]) -> None:
-        """``loss/<name>``, ``mtp_loss/<name>``, ``target_tokens/<name>`` over the steps since the last log row,
+        """``source/<name>/{main_loss,mtp_loss,target_tokens}`` over the steps since the last log row,
         written to the loggers directly: a source with no rows in that window gets no entry (``self.log`` would
         repeat its last value in every row, and length-bucketed batches often hold one source only)."""
         if not self.source_names or self._trainer is None:
@@ -569,7 +570,7 @@ class SALMModule(L.LightningModule):
                 buf.copy_(saved)
         metrics = self.summarise(summed, self.source_names)
         bar = {"loss", "mtp_loss", "ctc_loss"}
-        per_source = {f"{m}/{n}" for m in ("loss", "mtp_loss", "target_tokens") for n in self.source_names}
+        per_source = {source_metric(n, m) for m in SOURCE_METRICS for n in self.source_names}
         for name, value in metrics.items():
             if name not in per_source:
                 self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)

@@ -324,9 +324,9 @@ def test_per_source_losses_are_each_sources_own_mean(tok_dir, data):
             count[s] += float((t != IGNORE_INDEX).sum())
     lam = model.cfg_mtp.loss_scaling_factor
     for s, name in enumerate(model.source_names):
-        assert metrics[f"loss/{name}"] == pytest.approx(float(ce[s] / count[s]), rel=1e-5)
-        assert metrics[f"mtp_loss/{name}"] == pytest.approx(float(lam * ce1[s] / count[s]), rel=1e-5)
-        assert metrics[f"target_tokens/{name}"] == float(count[s])
+        assert metrics[f"source/{name}/main_loss"] == pytest.approx(float(ce[s] / count[s]), rel=1e-5)
+        assert metrics[f"source/{name}/mtp_loss"] == pytest.approx(float(lam * ce1[s] / count[s]), rel=1e-5)
+        assert metrics[f"source/{name}/target_tokens"] == float(count[s])
     model.eval()
     _, summed_eval, _ = model.compute_losses(batch)  # validation carries no per-source entries
     assert summed_eval.shape == summed_plain.shape
@@ -346,7 +346,8 @@ def test_fit_logs_per_source_losses_and_named_val_sets(tok_dir, data, tmp_path):
     (path,) = glob.glob(os.path.join(tmp_path, "salm/version_*/metrics.csv"))
     rows = list(csv.DictReader(open(path)))
     keys = {k for r in rows for k, v in r.items() if v}
-    assert {"loss/asr", "loss/chat", "mtp_loss/asr", "target_tokens/chat"} <= keys
+    assert {"source/asr/main_loss", "source/chat/main_loss", "source/asr/mtp_loss", "source/chat/target_tokens"} <= keys
+    assert not any(k.startswith(("loss/", "mtp_loss/asr", "target_tokens/")) for k in keys)  # the old, shared names
     assert {"val_loss", "val_loss/asr_dev", "val_loss/chat_dev", "val_main_loss/chat_dev"} <= keys
     (last,) = [r for r in rows if r.get("val_loss")]
     assert float(last["val_loss/chat_dev"]) > 0 and float(last["val_loss/asr_dev"]) > 0
@@ -375,10 +376,10 @@ def test_per_source_rows_hold_only_the_sources_of_their_steps(tok_dir, data, tmp
     assert sorted(by_step) == list(range(8))
     assert any(len(s) < len(model.source_names) for s in seen)  # the case that matters happened
     for step, row in by_step.items():
-        logged = {n for n in model.source_names if f"target_tokens/{n}" in row}
+        logged = {n for n in model.source_names if f"source/{n}/target_tokens" in row}
         assert logged == {model.source_names[i] for i in seen[step]}, step
-        assert sum(row[f"target_tokens/{n}"] for n in logged) == row["target_tokens"]
-        assert {n for n in model.source_names if f"loss/{n}" in row} == logged
+        assert sum(row[f"source/{n}/target_tokens"] for n in logged) == row["target_tokens"]
+        assert {n for n in model.source_names if f"source/{n}/main_loss" in row} == logged
 
 
 def test_lightning_resume_of_a_mixed_stream_sees_the_remaining_batches(tok_dir, data, tmp_path):
