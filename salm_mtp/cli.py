@@ -124,14 +124,5 @@ def _check_ckpt_arg(argv: list[str]) -> None:
             check_ckpt_path(argv[i + 1])
 
 
-def __getattr__(name: str):
-    """``salm_mtp.cli.SALMCLI`` etc. still resolve (from salm_mtp.trainer_cli, imported on first use)."""
-    if name in ("SALMCLI", "JsonlPredictionWriter", "document_data_options"):
-        from salm_mtp import trainer_cli
-
-        return getattr(trainer_cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     main()  # args=None: LightningCLI reads sys.argv itself

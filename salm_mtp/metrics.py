@@ -219,26 +219,6 @@ def mtp_acceptance(main_tokens: torch.Tensor, draft_tokens: torch.Tensor, valid:
     return out
 
 
-def top1_accuracy(logits_or_pred: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Fraction of non-ignored targets whose top-1 prediction is right.
-
-    Args:
-        logits_or_pred: (..., V) logits (argmax taken over the last dim) or (...) predicted ids,
-            told apart by having one more dim than targets.
-        targets: (...) long ids; entries equal to ignore_index are skipped.
-    Returns:
-        0-dim float32 tensor on the inputs' device (no host sync, loggable as is); nan when every
-        target is ignored.
-    """
-    pred = logits_or_pred.argmax(dim=-1) if logits_or_pred.dim() == targets.dim() + 1 else logits_or_pred
-    if pred.shape != targets.shape:
-        raise ValueError(
-            f"predictions {tuple(pred.shape)} and targets {tuple(targets.shape)} differ; pass (..., V) logits "
-            "or (...) ids shaped like targets"
-        )
-    keep = targets != ignore_index
-    return ((pred == targets) & keep).sum().float() / keep.sum().float()
-
 
 def chained_acceptance_counts(main_tokens: torch.Tensor, draft_tokens: torch.Tensor,
                               valid: torch.Tensor) -> list[tuple[int, int]]:

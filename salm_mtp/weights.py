@@ -255,12 +255,6 @@ def encoder_sources(files: dict[str, str], with_ctc_head: bool) -> dict[str, Sou
     return sources
 
 
-def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack per-expert ``X.experts.{e}.P.weight`` of an in-memory state dict into ``X.experts.P`` (E, out, in)."""
-    sources = group_sources(list(state))
-    return {k: torch.stack([state[x] for x in s.keys]) if s.stacked else state[s.keys[0]] for k, s in sources.items()}
-
-
 # ------------------------------------------------------------------------------- writing
 def save_tensors(module_state: dict[str, torch.Tensor], file: str) -> None:
     """Write a state dict as safetensors (contiguous CPU copies)."""

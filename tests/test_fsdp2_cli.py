@@ -15,9 +15,7 @@ import time
 import pytest
 import torch
 
-from salm_mtp.weights import fuse_experts
-
-from tiny import logged_losses
+from tiny import fuse_experts, logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600

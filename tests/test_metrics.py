@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from salm_mtp.metrics import bleu, cer, mtp_acceptance, normalize_text, top1_accuracy, wer
+from salm_mtp.metrics import bleu, cer, mtp_acceptance, normalize_text, wer
 
 
 def test_normalize_text():
@@ -79,14 +79,6 @@ def test_mtp_acceptance_hand_built():
 def test_mtp_acceptance_no_positions_is_nan():
     acc = mtp_acceptance(torch.tensor([[1, 2]]), torch.tensor([[[2, 0], [0, 0]]]), torch.tensor([[True, True]]))
     assert acc[0] == 1.0 and math.isnan(acc[1])  # depth 2 has no t with t + 2 < 2
-
-
-def test_top1_accuracy():
-    logits = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])  # argmax 1, 0, 2
-    targets = torch.tensor([[1, 2, -100]])
-    assert top1_accuracy(logits, targets).item() == 0.5  # right, wrong, ignored
-    assert top1_accuracy(torch.tensor([1, 0, 2]), torch.tensor([1, 0, 0])).item() == pytest.approx(2 / 3)
-    assert math.isnan(top1_accuracy(logits, torch.full((1, 3), -100)).item())
 
 
 def test_chained_acceptance_counts_only_unbroken_chains():

@@ -36,7 +36,7 @@ def _cwd(monkeypatch):
 
 def trainer_module(args: list[str], tmp_path, monkeypatch, extra: list[str] = ()):
     """The SALMModule that ``salm-mtp fit`` would build (on meta), through the real CLI without fitting."""
-    from salm_mtp.cli import SALMCLI
+    from salm_mtp.trainer_cli import SALMCLI
     from salm_mtp.data.datamodule import SALMDataModule
     from salm_mtp.model import SALMModule
 

@@ -120,3 +120,12 @@ class BatchRecorder(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fuse_experts(state: dict) -> dict:
+    """Stack per-expert ``X.experts.{e}.P.weight`` of an in-memory state dict into ``X.experts.P`` (E, out, in): an
+    exported (per-expert) file in the model's fused layout, for comparing the two."""
+    from salm_mtp.weights import group_sources
+
+    sources = group_sources(list(state))
+    return {k: torch.stack([state[x] for x in s.keys]) if s.stacked else state[s.keys[0]] for k, s in sources.items()}
