@@ -111,7 +111,7 @@ def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_
 def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
                      max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0) -> list[dict]:
     """Rows of the table for one batch size (see the module docstring)."""
-    from salm_mtp.evaluate import batches
+    from salm_mtp.evaluation.data import batches
 
     it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
     data = [b for b in it if b["input_ids"].shape[0]]

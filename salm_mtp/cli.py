@@ -3,7 +3,7 @@
     salm-mtp fit --config conf/demo.yaml --model.mtp.num_layers=2 --trainer.max_steps=100
     salm-mtp validate|test --config conf/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
-    salm-mtp evaluate --ckpt runs/demo/.../last.ckpt --out runs/demo/eval   (salm_mtp/evaluate.py)
+    salm-mtp evaluate --ckpt runs/demo/.../last.ckpt --out runs/demo/eval   (salm_mtp/evaluation/)
     salm-mtp export --ckpt runs/demo/.../last.ckpt --out exports/demo      (salm_mtp/io.py)
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan.py)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
@@ -58,9 +58,9 @@ def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
 
         return validate.main(argv[1:])
     if sub == "evaluate":
-        from salm_mtp import evaluate
+        from salm_mtp.evaluation import cli as evaluation_cli
 
-        return evaluate.main(argv[1:])
+        return evaluation_cli.main(argv[1:])
     if sub == "export":
         from salm_mtp.io import export_main
 

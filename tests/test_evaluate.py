@@ -20,9 +20,12 @@ from lightning.pytorch.loggers import CSVLogger
 import tiny
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.errors import SalmError
-from salm_mtp.evaluate import _Totals, default_metrics_csv, format_table, summarise
+from salm_mtp.evaluation.data import default_metrics_csv
+from salm_mtp.evaluation.decode import Totals
+from salm_mtp.evaluation.report import format_table
+from salm_mtp.evaluation.score import summarise
 from salm_mtp.io import export_hf, load_lightning_checkpoint
-from salm_mtp.evaluate import main as evaluate_main
+from salm_mtp.evaluation.cli import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"num_utterances", "num_failed", "skipped_cuts", "wer", "cer", "num_empty_refs", "num_empty_hyps",
@@ -96,7 +99,7 @@ def test_evaluate_cli_on_trained_checkpoint(tmp_path, tok_dir, sine_corpus):
 
 
 def test_summarise_without_ast_or_head():
-    t = _Totals(rows=[{"id": "a", "task": "asr", "ref": "one two", "hyp": "one"},
+    t = Totals(rows=[{"id": "a", "task": "asr", "ref": "one two", "hyp": "one"},
                       {"id": "b", "task": "asr", "ref": "x", "hyp": None, "error": "unreadable audio"}],
                 num_failed=1, tokens=3, seconds=0.5, main_correct=1, main_count=4)
     m = summarise(t, num_depths=0, max_new_tokens=8, normalizer="basic")
@@ -108,7 +111,7 @@ def test_summarise_without_ast_or_head():
     json.dumps(m, allow_nan=False)  # valid JSON: no NaN literals
     assert "n/a" in format_table(m)
 
-    empty = summarise(_Totals(), num_depths=2, max_new_tokens=8)
+    empty = summarise(Totals(), num_depths=2, max_new_tokens=8)
     assert empty["wer"] is None and empty["main_acc"] is None and empty["mtp_teacher_forced_agreement"] == [None, None]
     json.dumps(empty, allow_nan=False)
     assert not math.isnan(summarise(t, 0, 8, "basic")["cer"])
@@ -218,7 +221,7 @@ def _assistant_turns(path: Path) -> list[tuple[str, str]]:
 def _whole_conversation_loss(module, path: Path, input_type: str) -> tuple[int, int, float]:
     """Teacher-forced (correct, count, nll) of the main head over every assistant turn of every conversation,
     each conversation one row with loss on all its assistant turns (the training encoding)."""
-    from salm_mtp.evaluate import teacher_forced_hits
+    from salm_mtp.evaluation.decode import teacher_forced_hits
 
     dm = SALMDataModule(max_cuts=2)
     dm.set_tokenizer(module.tokenizer)
@@ -232,7 +235,7 @@ def _whole_conversation_loss(module, path: Path, input_type: str) -> tuple[int, 
 @pytest.mark.parametrize("name, input_type", [("conversations.jsonl", "conversations"), ("text.jsonl", "text")])
 def test_evaluate_scores_every_assistant_turn_given_the_reference_history(tmp_path, tok_dir, name, input_type):
     from salm_mtp.data.mix import detect_source_type
-    from salm_mtp.evaluate import evaluate
+    from salm_mtp.evaluation.run import evaluate
 
     torch.manual_seed(0)
     module = tiny.build(tok_dir, mtp_layers=1)
@@ -259,7 +262,7 @@ def test_evaluate_scores_every_assistant_turn_given_the_reference_history(tmp_pa
 def test_evaluate_conversation_set_bad_line_is_counted_and_named(tmp_path, tok_dir):
     from salm_mtp.data.datamodule import DataConfig
     from salm_mtp.data.mix import detect_source_type
-    from salm_mtp.evaluate import evaluate
+    from salm_mtp.evaluation.run import evaluate
 
     bad = tmp_path / "chat.jsonl"
     lines = (EXAMPLES / "text.jsonl").read_text().splitlines()
@@ -284,7 +287,7 @@ def test_evaluate_reports_wer_per_group_with_the_normaliser_named(tmp_path, tok_
     errors are known per cut, so every figure of metrics.json's wer_by_group is worked out by hand."""
     from lhotse import CutSet
 
-    import salm_mtp.evaluate as E
+    import salm_mtp.evaluation.run as E
 
     manifest = sine_corpus(n=6)  # c000..c005; c002, c005 are ast; refs "zero zero", "zero one", ...
     groups = {"c000": {"text": "seen", "voice": "seen"}, "c001": {"text": "unseen", "voice": "seen"},

@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "demo": ("salm_mtp.demo",),
     "training": ("salm_mtp.model", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
                  "salm_mtp.provenance", "salm_mtp.checkpoint_io"),
-    "apps": ("salm_mtp.io", "salm_mtp.evaluate", "salm_mtp.plan", "salm_mtp.pretrain", "salm_mtp.trainer_cli",
+    "apps": ("salm_mtp.io", "salm_mtp.evaluation", "salm_mtp.plan", "salm_mtp.pretrain", "salm_mtp.trainer_cli",
              "salm_mtp.cli", "salm_mtp.report", "salm_mtp.run_config", "salm_mtp.sweep"),
 }
 """Each module's layer: the longest prefix that names it."""

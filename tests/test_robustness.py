@@ -398,7 +398,7 @@ def test_cli_predict_all_unreadable_batch_reports_instead_of_crashing(sine_corpu
 
 def test_evaluate_all_unreadable_batch_counts_failures(sine_corpus, tok_dir, tmp_path):
     import tiny
-    from salm_mtp.evaluate import evaluate
+    from salm_mtp.evaluation.run import evaluate
 
     manifest = sine_corpus(n=3)
     for f in (tmp_path / "audio").glob("*.flac"):

@@ -303,7 +303,8 @@ def test_num_drafts_checked(module, tok_dir):
 
 def test_evaluate_decode_mtp(tok_dir, sine_corpus, tmp_path):
     """evaluate(decode="mtp") writes the MTP hypotheses (== greedy's) and the live figures."""
-    from salm_mtp.evaluate import evaluate, format_table
+    from salm_mtp.evaluation.report import format_table
+    from salm_mtp.evaluation.run import evaluate
 
     module = _module(tok_dir)
     manifest = str(sine_corpus(n=5))
