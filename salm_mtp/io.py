@@ -33,7 +33,8 @@ import warnings
 import torch
 
 from salm_mtp import weights as W
-from salm_mtp.model import PART_TYPES, SALMModule, config_from_dict
+from salm_mtp.model import SALMModule
+from salm_mtp.salm import PART_TYPES, config_from_dict
 from salm_mtp.modules.lora import ADAPTER_DIR, base_view, has_lora, save_adapter
 from salm_mtp.modules.mtp import SYMBOL_OF, record_mtp_in_config
 

@@ -1,29 +1,24 @@
-"""SALMModule: the LightningModule that wires audio features -> Parakeet encoder -> adapter ->
-Nemotron-H (+ MTP head) and computes the token-normalised losses.
+"""SALMModule: the training recipe of a SALM (salm_mtp/salm.py, the model itself, which it extends: same
+parameter names, so checkpoints hold the SALM's tensors as they are).
 
-Lifecycle (one path for 1 process or N, CPU or GPU; salm_mtp/materialize.py):
-  __init__          builds every part from configs with parameters on the meta device (reads local
-                    config.json / tokenizer files only; no weight memory, seconds even at 120B)
-  configure_model   freezing -> dtype policy (frozen weights may be stored in bf16) -> FSDP2 plan on meta ->
-                    materialise local shards -> each rank reads its slice of the pretrained tensors ->
-                    new tensors initialised identically for any world size (materialize_weights)
-  prepare_inputs    features -> encoder -> adapter -> embed -> merge   (batch layout: salm_mtp.data.dataset)
-  forward           backbone over the merged embeddings -> h0 (B, T', H) after norm_f
-  training_step     main + MTP (+ CTC) losses, global-token normalised and scaled by dp_size
+  __init__          the SALM's parts on meta (SALM.__init__), the recipe's settings, hyperparameters recorded
+  configure_model   precision check -> freezing -> dtype policy (frozen weights may be stored in bf16) -> FSDP2
+                    plan on meta -> materialise local shards and fill them (SALM.materialize_weights)
+  training_step     main + MTP (+ CTC) losses, global-token normalised and scaled by dp_size; logging
+  validation/test   the same statistics summed over the epoch; predict: greedy hypotheses
+  configure_optimizers  AdamW over the trainable parameters (salm_mtp/optim.py)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import lightning as L
 import torch
 
-from salm_mtp import weights as W
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -34,73 +29,21 @@ from salm_mtp.config import (
     OptimConfig,
     ParallelConfig,
 )
-from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer  # noqa: F401  (load_tokenizer: re-exported)
 from salm_mtp.errors import NonFiniteError
-from salm_mtp.loss import (SOURCE_METRICS, combine_losses, ctc_sum, head_stats, source_metric, stats_vector,
-                           summarise_stats)
+from salm_mtp.loss import SOURCE_METRICS, combine_losses, head_stats, source_metric, stats_vector, summarise_stats
 from salm_mtp.malloc import keep_freed_memory_if_alone
-from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
-from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
-from salm_mtp.modules.llm import build_llm, missing_mamba_kernels
-from salm_mtp.modules.lora import adapter_inits, apply_lora, base_name, base_view, is_adapter_param
+from salm_mtp.materialize import is_materialized
+from salm_mtp.modules.features import FeatureConfig, SpecAugmentConfig
+from salm_mtp.modules.llm import missing_mamba_kernels
+from salm_mtp.modules.merge import IGNORE_INDEX
 from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer
-from salm_mtp.modules.merge import IGNORE_INDEX, MergedInputs, merge_audio_into_prompt
-from salm_mtp.modules.mtp import backbone_pairs, build_mtp_head, record_mtp_in_config, shipped_mtp
-from salm_mtp.materialize import (
-    copy_parameters,
-    fill_from_checkpoint,
-    init_parameters,
-    is_materialized,
-    materialize,
-    meta_parameters,
-)
 from salm_mtp.optim import build_optimizer
-from salm_mtp.parallel import (
-    all_reduce_sum,
-    apply_parallelism,
-    apply_param_dtypes,
-    broadcast_seed,
-    check_precision,
-    data_parallel,
-)
+from salm_mtp.parallel import all_reduce_sum, apply_parallelism, apply_param_dtypes, check_precision, data_parallel
+from salm_mtp.salm import SALM, absolute_paths, config_from_dict
 
 
-PART_TYPES = {
-    "encoder": EncoderConfig,
-    "adapter": AdapterConfig,
-    "llm": LLMConfig,
-    "mtp": MTPConfig,
-    "optim": OptimConfig,
-    "features": FeatureConfig,
-    "spec_augment": SpecAugmentConfig,
-    "freeze": FreezeConfig,
-    "parallel": ParallelConfig,
-    "moe_balance": MoEBalanceConfig,
-    "lora": LoRAConfig,
-}
-
-
-def config_from_dict(raw: dict) -> dict:
-    """SALMModule keyword arguments from plain data (e.g. salm_config.json): dicts become their dataclasses."""
-    out = {}
-    for k, v in raw.items():
-        if k in PART_TYPES and isinstance(v, dict):
-            if k == "optim" and "betas" in v:
-                v = {**v, "betas": tuple(v["betas"])}
-            out[k] = PART_TYPES[k](**v)
-        else:
-            out[k] = v
-    return out
-
-
-def _absolute(cfg):
-    """``cfg`` with its ``path`` (a local directory or file, or None) made absolute."""
-    path = getattr(cfg, "path", None)
-    return replace(cfg, path=os.path.abspath(path)) if path else cfg
-
-
-class SALMModule(L.LightningModule):
-    """Speech-aware LLM with a Multi-Token Prediction head."""
+class SALMModule(SALM, L.LightningModule):
+    """The training recipe of a SALM (salm_mtp/salm.py): losses, steps, logging, optimiser, sharding and filling."""
 
     def __init__(
         self,
@@ -146,19 +89,19 @@ class SALMModule(L.LightningModule):
             max_nonfinite_steps: a step whose loss is nan/inf (on any rank) is skipped: no update; after this
                 many consecutive ones the run stops with an error (non-zero exit).
         """
-        super().__init__()
         # Checkpoints written through LightningCLI store the parts as plain dicts: accept both.
         parts = config_from_dict(dict(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, optim=optim,
                                       features=features, spec_augment=spec_augment, freeze=freeze,
                                       parallel=parallel, moe_balance=moe_balance, lora=lora))
-        encoder, adapter, llm, mtp, optim = (parts[k] for k in ("encoder", "adapter", "llm", "mtp", "optim"))
-        features, spec_augment, freeze, parallel = (parts[k] for k in ("features", "spec_augment", "freeze",
-                                                                       "parallel"))
-        if ctc_weight < 0:
-            raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
         # the checkpoint's hyperparameters name the directories absolutely: it loads from any working directory
-        encoder, llm, adapter = (_absolute(c) for c in (encoder, llm, adapter))
+        encoder, llm, adapter = (absolute_paths(parts[k]) for k in ("encoder", "llm", "adapter"))
+        mtp, optim, features, spec_augment, freeze, parallel = (
+            parts[k] for k in ("mtp", "optim", "features", "spec_augment", "freeze", "parallel"))  # recorded as such
         tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else tokenizer_path
+        super().__init__(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, features=features,
+                         spec_augment=spec_augment, freeze=freeze, parallel=parallel,
+                         lora=parts["lora"], tokenizer_path=tokenizer_path, ctc_weight=ctc_weight,
+                         init_seed=init_seed)  # SALM: every part, on meta
         self.save_hyperparameters()
         # LightningCLI records the parsed config as given (relative paths included): record the absolute ones
         for key, part in (("encoder", encoder), ("llm", llm), ("adapter", adapter)):
@@ -166,12 +109,8 @@ class SALMModule(L.LightningModule):
                 self.hparams[key]["path"] = part.path
         if self.hparams.get("tokenizer_path"):
             self.hparams["tokenizer_path"] = tokenizer_path
-        self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_optim = encoder, llm, mtp, optim
-        self.cfg_adapter = adapter
-        self.cfg_freeze, self.cfg_parallel = freeze, parallel
-        self.ctc_weight = ctc_weight
+        self.cfg_optim = optim
         self.lm_head_chunk_size = lm_head_chunk_size
-        self.init_seed = init_seed
         if max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}; set "
                              "--model.max_nonfinite_steps")
@@ -180,42 +119,6 @@ class SALMModule(L.LightningModule):
         """Training steps skipped for a non-finite loss in this process's run (not restored on resume)."""
         self._nonfinite_run = 0
 
-        self.tokenizer = load_tokenizer(tokenizer_path or llm.path)
-        self.placeholder_id = ensure_audio_placeholder(self.tokenizer)
-
-        self.features = LogMelFeatures(features)
-        self.spec_augment = SpecAugment(spec_augment)
-        enc_cfg, ctc_cfg = encoder_config_from(encoder)
-        ctc_classes = None
-        if ctc_weight > 0:
-            ctc_classes = ctc_cfg.vocab_size if ctc_cfg is not None else len(self.tokenizer) + 1
-            if ctc_classes != len(self.tokenizer) + 1:
-                raise ValueError(
-                    f"model.ctc_weight > 0 but the encoder's CTC head has {ctc_classes} classes while the tokenizer "
-                    f"has {len(self.tokenizer)} tokens (+1 blank expected): pretrain the encoder with this tokenizer "
-                    "or set --model.ctc_weight=0"
-                )
-        with meta_parameters():  # weights come in configure_model: loaded, or initialised per shard
-            self.audio = AudioEncoder(enc_cfg, ctc_classes)
-            self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
-            self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
-            self.mtp_shipped = shipped_mtp(self.llm.config) is not None and not mtp.replace_existing_head
-            head = build_mtp_head(self.llm, mtp)
-        if head is not None:
-            self.llm.mtp = head
-        self.cfg_lora = parts["lora"]
-        if self.cfg_lora.enabled:
-            if self.cfg_lora.mtp_head and not (head is not None and self.mtp_shipped):
-                raise ValueError("model.lora.mtp_head=true but no shipped MTP head is loaded (none in model.llm.path, "
-                                 "model.mtp.num_layers=0 or replace_existing_head): a new head trains in full; set "
-                                 "--model.lora.mtp_head=false")
-            with meta_parameters():  # adapters on meta too: materialised and initialised with everything else
-                apply_lora(self.llm, self.cfg_lora, include_head=self.cfg_lora.mtp_head)
-        record_mtp_in_config(self.llm.config, head)
-        self.num_mtp_depths = head.num_depths if head is not None else 0
-        if mtp.training_mode == "head_only" and head is None:
-            raise ValueError("model.mtp.training_mode=head_only but no MTP head is built (model.mtp.num_layers=0 or "
-                             "the checkpoint ships none): set --model.mtp.num_layers to at least 1")
         self.balancer = MoEBalancer(parts["moe_balance"])
         self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
         self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
@@ -226,56 +129,6 @@ class SALMModule(L.LightningModule):
         """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
         self._t_last: float | None = None
         self._source_window: torch.Tensor | None = None  # summed statistics since the last per-source log row
-
-    # ------------------------------------------------------------------ building blocks
-    @property
-    def mtp_enabled(self) -> bool:
-        """Whether an MTP head is attached and trained."""
-        return self.num_mtp_depths > 0
-
-    @property
-    def head_only(self) -> bool:
-        """model.mtp.training_mode == head_only: only llm.mtp trains, everything else frozen and in eval mode."""
-        return self.cfg_mtp.training_mode == "head_only"
-
-    def train(self, mode: bool = True):
-        """Lightning's train(); under head_only every module but the head stays in eval mode (no dropout,
-        no SpecAugment, BatchNorm statistics untouched)."""
-        super().train(mode)
-        if mode and self.head_only:
-            for m in (self.features, self.spec_augment, self.audio, self.adapter, self.llm):
-                m.eval()
-            self.llm.mtp.train()
-        return self
-
-    @property
-    def mtp_head(self):
-        return getattr(self.llm, "mtp", None)
-
-    def apply_freeze(self) -> list[str]:
-        """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names.
-
-        Patterns see checkpoint names (``x.weight``, also for LoRA-wrapped layers). With model.lora.r > 0 the LLM's
-        base weights are frozen too (the MTP head's only with model.lora.mtp_head), unless model.freeze.unfreeze
-        matches them; the adapters themselves train unless head_only (model.freeze.patterns never match them).
-        """
-        frozen = []
-        lora_on, lora_head = self.cfg_lora.enabled, self.cfg_lora.mtp_head
-        for name, p in self.named_parameters():
-            if self.head_only and not name.startswith("llm.mtp."):  # head_only: the head alone trains
-                p.requires_grad_(False)
-                frozen.append(name)
-                continue
-            if is_adapter_param(name):
-                continue
-            name = base_name(name)
-            unfrozen = any(re.search(pat, name) for pat in self.cfg_freeze.unfreeze)
-            lora_base = lora_on and name.startswith("llm.") and (lora_head or not name.startswith("llm.mtp."))
-            hit = lora_base or any(re.search(pat, name) for pat in self.cfg_freeze.patterns)
-            if hit and not unfrozen:
-                p.requires_grad_(False)
-                frozen.append(name)
-        return frozen
 
     def configure_model(self) -> None:
         """Freeze, set dtypes, shard (FSDP2) and fill the weights; runs once (Lightning calls it again on resume).
@@ -297,76 +150,6 @@ class SALMModule(L.LightningModule):
         load = trainer is not None and getattr(trainer, "ckpt_path", None) is None
         self.materialize_weights(device, load_pretrained=load)
 
-    def materialize_weights(self, device: torch.device | str = "cpu", load_pretrained: bool = True,
-                            init_new: bool = True) -> dict:
-        """Allocate this rank's shards on ``device`` and fill them; returns {"loaded": names, "initialised": names}.
-
-        Pretrained tensors (``load_pretrained``): the encoder from model.encoder.path, the LLM and a shipped
-        MTP head (1:1) from model.llm.path, each rank reading only its slices. Every other parameter is
-        initialised by its module's own init under a seed derived from ``init_seed`` and its name.
-        ``mtp.init_from_backbone`` then copies the backbone's (loaded) last blocks into a new head.
-        ``init_new=False`` leaves the other tensors uninitialised: only for callers that load a complete
-        state dict strictly right after (salm_mtp.io's sharded-checkpoint loader).
-        LoRA: the base weights are read and initialised under their checkpoint names and modules
-        (``lora.base_view``: a LoRA model's base equals the plain model's for the same seed), then each adapter's
-        A by kaiming-uniform under its own seed and B = 0. Names returned are the module's own.
-        """
-        if is_materialized(self):
-            raise RuntimeError("SALMModule weights are already materialised")
-        materialize(self, device)
-        own = {id(p): n for n, p in self.named_parameters()}
-        seed = broadcast_seed(self.init_seed) if init_new else 0
-        initialised: set[str] = set()
-        with base_view(self):  # LoRA layers unwrapped: checkpoint names, transformers' init code
-            plain = {n: own[id(p)] for n, p in self.named_parameters()}
-            loaded = self._load_pretrained() if load_pretrained else set()
-            if init_new:
-                initialised = init_parameters(self, set(plain) - loaded, seed)
-                head = self.mtp_head
-                if (head is not None and self.cfg_mtp.init_from_backbone
-                        and not any(n.startswith("llm.mtp.") for n in loaded)):
-                    copy_parameters(backbone_pairs(head, self.llm))
-        loaded = {plain.get(n, n) for n in loaded}  # buffers keep their names
-        if not init_new:
-            return {"loaded": loaded, "initialised": set()}
-        adapters = {n for n in own.values() if is_adapter_param(n)}
-        initialised = {plain[n] for n in initialised} | init_parameters(self, adapters, seed, adapter_inits(self))
-        return {"loaded": loaded, "initialised": initialised}
-
-    def _load_pretrained(self) -> set[str]:
-        """Read the configured pretrained parts into the materialised module; returns the names filled."""
-        loaded: set[str] = set()
-        if self.cfg_adapter.path is not None:
-            path = self.cfg_adapter.path
-            files = W.checkpoint_files_of(path)
-            loaded |= _fill(self, "adapter", files, {k: W.Source((k,)) for k in files}, f"model.adapter.path={path!r}",
-                            prefix="adapter.")
-        if self.cfg_encoder.path is not None:
-            path = self.cfg_encoder.path
-            files = W.checkpoint_files(path)
-            sources = W.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
-            loaded |= _fill(self, "audio", files, sources, f"encoder checkpoint {path!r}")
-        if self.cfg_llm.path is not None:
-            path = self.cfg_llm.path
-            files = W.checkpoint_files(path)
-            load_mtp = self.mtp_enabled and self.mtp_shipped
-            if load_mtp and not any(k.startswith("mtp.") for k in files):
-                raise W.CheckpointError(
-                    f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
-                    "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
-                    " to train without it"
-                )
-            tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
-            sources = W.llm_sources(files, load_mtp, getattr(self.llm.config, "n_routed_experts", None))
-            if tied:
-                sources.pop("lm_head.weight", None)
-
-            def skip(k: str) -> bool:
-                return (k.startswith("mtp.") and not load_mtp) or (tied and k == "lm_head.weight")
-
-            loaded |= _fill(self, "llm", files, sources, f"LLM checkpoint {path!r}", skip=skip)
-        return loaded
-
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "set_tokenizer"):
@@ -376,12 +159,6 @@ class SALMModule(L.LightningModule):
         if dm is not None and hasattr(dm, "source_names"):
             self.source_names = tuple(dm.source_names())  # per-source training metrics
             self.val_names = tuple(dm.val_names())
-
-    def audio_positions_per_second(self) -> float:
-        """LLM positions per second of audio: feature frames / encoder subsampling / adapter stacking."""
-        feats = self.features.config
-        sub = getattr(self.audio.encoder.config, "subsampling_factor", 8)
-        return feats.sample_rate / feats.hop_length / sub / self.adapter.k
 
     def configure_callbacks(self):
         """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
@@ -403,67 +180,6 @@ class SALMModule(L.LightningModule):
         log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it
         if self.trainer.is_global_zero and log_dir:
             self.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))  # saved with the run
-
-    # ------------------------------------------------------------------ forward
-    def prepare_inputs(self, batch: dict) -> tuple[MergedInputs, torch.Tensor, torch.Tensor]:
-        """Encode the batch's audio clips, embed the prompt and merge (each clip at its own placeholder).
-
-        Returns (merged inputs, encoder output (N, F', He), encoder lengths (N,)), N = clips of the batch (one per
-        ASR cut, one per audio turn of a conversation, none for text rows). A batch without clips still runs
-        the encoder and adapter once, on a short silent clip in eval mode (no BatchNorm update), joined to the
-        inputs with weight 0: every rank runs the same backward, and the result is unchanged.
-        """
-        audios, audio_lens = batch["audios"], batch["audio_lens"]
-        no_audio = audios.shape[0] == 0
-        if no_audio:
-            audios = audios.new_zeros(1, self.features.config.hop_length * 16)
-            audio_lens = torch.full((1,), audios.shape[1], dtype=torch.long, device=audios.device)
-        modes = [(m, m.training) for m in (self.features, self.spec_augment, self.audio, self.adapter)]
-        if no_audio:
-            for m, _ in modes:
-                m.eval()
-        try:
-            feats, fmask = self.features(audios, audio_lens)  # (N, F, 80), (N, F)
-            feats = self.spec_augment(feats, fmask)
-            enc, enc_lens = self.audio(feats, fmask)  # (N, F/8, He)
-            audio_emb, audio_lens = self.adapter(enc, enc_lens)  # (N, A, H)
-        finally:
-            if no_audio:
-                for m, mode in modes:
-                    m.train(mode)
-        unused = None
-        if no_audio:
-            unused = audio_emb.sum()
-            audio_emb, audio_lens, enc, enc_lens = audio_emb[:0], audio_lens[:0], enc[:0], enc_lens[:0]
-        ids = batch["input_ids"]
-        vocab = self.llm.config.vocab_size
-        safe_ids = ids.masked_fill(ids == self.placeholder_id, 0)  # placeholder may lie outside the LLM vocab
-        if ids.numel() and int(safe_ids.max()) >= vocab:
-            raise ValueError(f"input_ids hold token id {int(safe_ids.max())} >= the LLM vocab size {vocab}: "
-                             "tokenizer and LLM do not match (check model.tokenizer_path / model.llm.path)")
-        text_emb = self.llm.get_input_embeddings()(safe_ids)  # (B, T, H)
-        merged = merge_audio_into_prompt(
-            text_emb, ids, batch["input_lens"], batch["loss_mask"], audio_emb, audio_lens, self.placeholder_id
-        )
-        if unused is not None and unused.requires_grad:
-            merged.inputs_embeds = merged.inputs_embeds + 0.0 * unused
-        return merged, enc, enc_lens
-
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Backbone over right-padded merged embeddings (B, T', H) -> h0 (B, T', H) after norm_f.
-
-        No padding mask is needed: every block is causal, so padding at the end never reaches a
-        real position.
-        """
-        return self.llm.model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
-
-    def mtp_hiddens(self, h0: torch.Tensor, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
-        """The D MTP depth outputs (B, T', H); detached inputs when the MTP loss must not reach the backbone."""
-        if not self.mtp_enabled:
-            return []
-        if self.cfg_mtp.detach_backbone:
-            h0, inputs_embeds = h0.detach(), inputs_embeds.detach()
-        return self.mtp_head(h0, inputs_embeds)
 
     # ------------------------------------------------------------------ losses
     def compute_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -510,23 +226,6 @@ class SALMModule(L.LightningModule):
             loss = loss + self.ctc_weight * ctc[0] / ctc_global * scale
         summed = all_reduce_sum(stats_vector(stats, ctc, aux), self._trainer)
         return loss, summed, int(batch["input_ids"].shape[0])
-
-    def ctc_stats(self, enc: torch.Tensor, enc_lens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed CTC loss of the encoder's CTC head on the transcript tokens, and the target-token count.
-
-        Only clips with a transcript count (conversation clips have none); with none the head still joins the
-        graph with weight 0."""
-        ctc_ids, ctc_lens = batch["ctc_ids"], batch["ctc_lens"]
-        keep = ctc_lens > 0
-        if bool(keep.all()) and enc.shape[0] > 0:
-            return ctc_sum(self.audio.ctc_head(enc), enc_lens, ctc_ids, ctc_lens, self.audio.blank_id)
-        if not bool(keep.any()):
-            head = self.audio.ctc_head
-            zero = sum(0.0 * p.sum() for p in head.parameters() if p.requires_grad) + 0.0 * enc.sum()
-            return torch.as_tensor(zero, dtype=torch.float32, device=enc.device), ctc_lens.sum().float()
-        keep = keep.to(enc.device)
-        return ctc_sum(self.audio.ctc_head(enc[keep]), enc_lens[keep], ctc_ids[keep], ctc_lens[keep],
-                       self.audio.blank_id)
 
     def summarise(self, summed: torch.Tensor, sources: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
         """Global metrics from a summed statistics vector (what is logged; ``salm_mtp.loss.summarise_stats``);
@@ -713,10 +412,3 @@ class SALMModule(L.LightningModule):
         return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in self.hparams.items()}
 
 
-def _fill(module, part: str, files: dict[str, str], sources: dict, what: str, skip=lambda k: False,
-          prefix: str = "") -> set[str]:
-    """Fill ``module.<part>`` from ``sources`` (this rank's slices only); returns the root-level names filled.
-    ``prefix`` goes before tensor names in errors."""
-    with W.TensorReader(files) as reader:
-        names = fill_from_checkpoint(getattr(module, part), reader, sources, what, prefix=prefix, skip=skip)
-    return {f"{part}.{n}" for n in names}

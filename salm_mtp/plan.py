@@ -158,7 +158,7 @@ def model_kwargs(cfg, tokenizer: str | None = None) -> tuple[dict, str | None]:
     comes from config.json, so a stand-in tokenizer changes no parameter count (unless an inline encoder gets a
     CTC head sized by it).
     """
-    from salm_mtp.model import config_from_dict
+    from salm_mtp.salm import config_from_dict
 
     kw = config_from_dict(cfg.model.as_dict())
     tok = kw.get("tokenizer_path") or kw["llm"].path

@@ -23,7 +23,8 @@ from test_parallel import grad_error
 from salm_mtp.config import FreezeConfig, LLMConfig, LoRAConfig, MTPConfig
 from salm_mtp.io import build_module, export_hf, load_export, load_sharded_checkpoint
 from salm_mtp.materialize import seed_for
-from salm_mtp.model import SALMModule, config_from_dict
+from salm_mtp.model import SALMModule
+from salm_mtp.salm import config_from_dict
 from salm_mtp.modules.lora import ADAPTER_DIR, base_name, base_view, is_adapter_param, lora_layers
 
 R = 4

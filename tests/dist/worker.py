@@ -38,7 +38,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 import tiny  # noqa: E402
 from salm_mtp import weights as W  # noqa: E402
 from salm_mtp.config import EncoderConfig, ParallelConfig  # noqa: E402
-from salm_mtp.model import SALMModule, config_from_dict  # noqa: E402
+from salm_mtp.model import SALMModule  # noqa: E402
+from salm_mtp.salm import config_from_dict  # noqa: E402
 from salm_mtp.parallel import data_parallel  # noqa: E402
 from salm_mtp.modules.features import LogMelFeatures  # noqa: E402
 
