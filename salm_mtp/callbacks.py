@@ -1,5 +1,6 @@
-"""Callbacks every run gets (``SALMModule.configure_callbacks``): skipped-cut accounting, pre-emption, and the
-random generators' states across a resume (``ResumeRNG``).
+"""Callbacks every run gets (``SALMModule.configure_callbacks``): skipped-cut accounting, pre-emption, the
+random generators' states across a resume (``ResumeRNG``), and the per-step chores (``TrainMonitor``: lr and
+throughput metrics, the tokenizer saved with the run, the one-process allocator policy).
 
 BadCutReport   counts the cuts the data left out (salm_mtp.data.policy): metrics ``skipped_cuts/<reason>``
                (this rank's counts), ``skipped_cuts.jsonl`` in the run dir (``.rank<r>`` suffix when
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from salm_mtp.checkpointing import tracker_of
+from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.parallel import all_reduce_sum
 
 
@@ -204,3 +207,30 @@ class ResumeRNG(L.Callback):
         if self._pending is not None:
             set_rng_state(self._pending)
             self._pending = None
+
+
+class TrainMonitor(L.Callback):
+    """Per training step ``lr`` and ``utts_per_s``; the run's tokenizer saved in its log dir; the one-process
+    allocator policy (salm_mtp/malloc.py)."""
+
+    def __init__(self) -> None:
+        self._t_last: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        log_dir = trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
+        if trainer.is_global_zero and log_dir:
+            pl_module.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        keep_freed_memory_if_alone(pl_module.device.type, trainer.world_size)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bsz = int(batch["input_ids"].shape[0])
+        if trainer.optimizers:
+            pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                          batch_size=max(bsz, 1))
+        now = time.perf_counter()
+        if self._t_last is not None:
+            pl_module.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False,
+                          batch_size=max(bsz, 1))
+        self._t_last = now

@@ -54,8 +54,10 @@ class SALMCheckpointIO(TorchCheckpointIO):
         self.saves = SaveTracker()
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        write_file_atomically(lambda tmp: super(SALMCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options),
-                              str(path), self.saves)
+        def write(tmp: str) -> None:
+            TorchCheckpointIO.save_checkpoint(self, checkpoint, tmp, storage_options)
+
+        write_file_atomically(write, str(path), self.saves)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         if os.path.isdir(path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import asdict
 
 import lightning as L
@@ -29,9 +28,10 @@ from salm_mtp.config import (
     OptimConfig,
     ParallelConfig,
 )
-from salm_mtp.errors import NonFiniteError
+from salm_mtp.data.dataset import failed_row, hyp_rows
+from salm_mtp.guard import NonFiniteGuard
+from salm_mtp.lightning_private import logged_step, should_update_logs
 from salm_mtp.loss import SOURCE_METRICS, combine_losses, head_stats, source_metric, stats_vector, summarise_stats
-from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.materialize import is_materialized
 from salm_mtp.modules.features import FeatureConfig, SpecAugmentConfig
 from salm_mtp.modules.llm import missing_mamba_kernels
@@ -111,13 +111,7 @@ class SALMModule(SALM, L.LightningModule):
             self.hparams["tokenizer_path"] = tokenizer_path
         self.cfg_optim = optim
         self.lm_head_chunk_size = lm_head_chunk_size
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}; set "
-                             "--model.max_nonfinite_steps")
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_steps = 0
-        """Training steps skipped for a non-finite loss in this process's run (not restored on resume)."""
-        self._nonfinite_run = 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps)  # nan/inf steps skipped; a bad update stops the run
 
         self.balancer = MoEBalancer(parts["moe_balance"])
         self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
@@ -127,7 +121,6 @@ class SALMModule(SALM, L.LightningModule):
         """Training data sources (data.inputs names, from the data module): per-source metrics source/<name>/main_loss, ..."""
         self.val_names: tuple[str, ...] = ()
         """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
-        self._t_last: float | None = None
         self._source_window: torch.Tensor | None = None  # summed statistics since the last per-source log row
 
     def configure_model(self) -> None:
@@ -163,10 +156,10 @@ class SALMModule(SALM, L.LightningModule):
     def configure_callbacks(self):
         """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
         (salm_mtp.provenance) for every run."""
-        from salm_mtp.callbacks import BadCutReport, Preemption, ResumeRNG
+        from salm_mtp.callbacks import BadCutReport, Preemption, ResumeRNG, TrainMonitor
         from salm_mtp.provenance import RunEnvironment
 
-        return [BadCutReport(), Preemption(), RunEnvironment(), ResumeRNG()]
+        return [BadCutReport(), Preemption(), RunEnvironment(), ResumeRNG(), TrainMonitor()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A one-file checkpoint's tensors checked against the model both ways before they load (one paragraph
@@ -175,11 +168,6 @@ class SALMModule(SALM, L.LightningModule):
             from salm_mtp.strategy import check_keys
 
             check_keys(self._trainer.ckpt_path, checkpoint["state_dict"].keys(), self.state_dict().keys())
-
-    def on_fit_start(self) -> None:
-        log_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must call it
-        if self.trainer.is_global_zero and log_dir:
-            self.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))  # saved with the run
 
     # ------------------------------------------------------------------ losses
     def compute_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -249,24 +237,21 @@ class SALMModule(SALM, L.LightningModule):
         if not self.source_names or self._trainer is None:
             return
         self._source_window = summed if self._source_window is None else self._source_window + summed
-        if not self.trainer._logger_connector.should_update_logs:
+        if not should_update_logs(self.trainer):
             return
         window, self._source_window = self._source_window, None
         out = {k: v for k, v in self.summarise(window, self.source_names).items() if k in keys}
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own row gets
         for logger in self.loggers:
-            logger.log_metrics(out, step=step)
+            logger.log_metrics(out, step=logged_step(self.trainer))  # the row Lightning's own values get
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_empty(batch):
             return None  # no backward, no optimiser step, on every rank
-        running = self._running_stats()
+        running = self.guard.running_stats(self)
         loss, summed, bsz = self.compute_losses(batch)
-        skip = self._nonfinite(loss)
-        self._skipped_step = skip
+        skip = self.guard.skip(loss, self._reduce, self._step(), self._lr())
         if skip:  # the forward already moved BatchNorm statistics toward nan: put them back
-            for buf, saved in running:
-                buf.copy_(saved)
+            self.guard.restore(running)
         metrics = self.summarise(summed, self.source_names)
         bar = {"loss", "mtp_loss", "ctc_loss"}
         per_source = {source_metric(n, m) for m in SOURCE_METRICS for n in self.source_names}
@@ -277,75 +262,30 @@ class SALMModule(SALM, L.LightningModule):
             self._log_per_source(summed, per_source)
         self.log("padding_ratio", 1.0 - float(batch["audio_lens"].sum()) / max(batch["audios"].numel(), 1),
                  on_step=True, on_epoch=False, batch_size=bsz)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                     batch_size=bsz)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            self.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False, batch_size=bsz)
-        self._t_last = now
-        self.log("nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=bsz)
+        self.log("nonfinite_steps", float(self.guard.skipped), on_step=True, on_epoch=False, batch_size=bsz)
         return None if skip else loss
 
-    def _running_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(buffer, copy) of every BatchNorm running statistic a training forward updates (a few KiB)."""
-        out = []
-        for m in self.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-                out += [(b, b.detach().clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                        if b is not None]
-        return out
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel group (identity in one process)."""
+        return all_reduce_sum(t, self._trainer)
 
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """True (on every rank alike) when any rank's loss is nan/inf: the step is then skipped, counted and
-        logged; NonFiniteError after max_nonfinite_steps consecutive ones."""
-        bad = torch.logical_not(torch.isfinite(loss.detach())).float()
-        if not bool(all_reduce_sum(bad, self._trainer) > 0):
-            self._nonfinite_run = 0
-            return False
-        self.nonfinite_steps += 1
-        self._nonfinite_run += 1
-        step = self.trainer.global_step if self._trainer is not None else -1
-        n, limit = self._nonfinite_run, self.max_nonfinite_steps
-        from lightning.pytorch.utilities import rank_zero_warn
+    def _step(self) -> int:
+        return self.trainer.global_step if self._trainer is not None else -1
 
-        rank_zero_warn(f"step {step}: non-finite loss ({float(loss.detach()):g}): step skipped, weights untouched "
-                       f"({n} consecutive, stop at {limit})")
-        if n >= limit:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else None
-            raise NonFiniteError(
-                f"{n} consecutive training steps had a non-finite loss (last at step {step}, lr {lr:g}); stopping. "
-                "The weights stayed finite and the checkpoints hold no non-finite weights. Lower --model.optim.lr "
-                "(or check the data: `salm-mtp validate-data MANIFEST`) and resume from the last checkpoint; "
-                f"--model.max_nonfinite_steps (now {limit}) sets how many are tolerated")
-        return True
-
-    def _check_finite_weights(self) -> None:
-        """NonFiniteError when an optimizer step left a non-finite trainable weight on any rank: raised before any
-        checkpoint of this step is written, so every checkpoint holds finite weights."""
-        bad = torch.zeros((), device=self.device)
-        tensors = [p for p in self.parameters() if p.requires_grad] + [b for b in self.buffers() if b.is_floating_point()]
-        for p in tensors:
-            local = p.to_local() if hasattr(p, "to_local") else p
-            bad += torch.logical_not(torch.isfinite(local.detach())).any().float()
-        if bool(all_reduce_sum(bad, self._trainer) > 0):
-            step = self.trainer.global_step if self._trainer is not None else -1
-            raise NonFiniteError(
-                f"the optimizer step at step {step} made weights non-finite (finite loss, exploding update); "
-                "stopping before any checkpoint holds them. Lower --model.optim.lr and resume from the last "
-                "checkpoint")
+    def _lr(self) -> float:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return optimizers[0].param_groups[0]["lr"] if optimizers else float("nan")
 
     def on_train_start(self) -> None:
-        self.train()  # Lightning leaves modes as they are: apply head_only's eval modes (train() below)
-        keep_freed_memory_if_alone(self.device.type, self.trainer.world_size)  # salm_mtp/malloc.py
+        self.train()  # Lightning leaves modes as they are: apply head_only's eval modes (SALM.train)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the aux-loss-free bias update of trainable routers (before any callback, so a
         checkpoint written at the end of this step holds the updated biases: resuming is exact)."""
         super().optimizer_step(*args, **kwargs)
-        self._check_finite_weights()
-        if getattr(self, "_skipped_step", False):  # non-finite loss: no update of anything, router biases included
-            self._skipped_step = False
+        self.guard.check_weights(self, self._reduce, self._step())
+        if self.guard.last_skipped:  # non-finite loss: no update of anything, router biases included
+            self.guard.last_skipped = False
             self.balancer.loads = {}
             return
         if self.balancer.loads:
@@ -395,13 +335,10 @@ class SALMModule(SALM, L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from salm_mtp.generate import greedy_generate
 
-        failed = [{"id": b["cut_id"], "task": None, "ref": None, "hyp": None, "error": f"{b['reason']}: {b['detail']}"}
-                  for b in batch.get("skipped", ())]  # counted and written, like evaluate's failed rows
+        failed = [failed_row(b["cut_id"], b["reason"], b["detail"]) for b in batch.get("skipped", ())]
         if batch["input_ids"].shape[0] == 0:  # every cut of the batch was unreadable
             return failed
-        hyps = greedy_generate(self, batch)
-        return failed + [{"id": i, "task": t, "ref": r, "hyp": h}
-                         for i, t, r, h in zip(batch["ids"], batch["tasks"], batch["answers"], hyps)]
+        return failed + hyp_rows(batch, greedy_generate(self, batch))  # the rows salm-mtp evaluate writes
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -63,6 +63,17 @@ CTC_PAD_ID = -100
 
 
 
+def hyp_rows(batch: dict, hyps: list[str]) -> list[dict]:
+    """One hypotheses row per example of a collated batch: {"id", "task", "ref", "hyp"} (predict and evaluate)."""
+    return [{"id": i, "task": t, "ref": r, "hyp": h} for i, t, r, h in zip(batch["ids"], batch["tasks"],
+                                                                           batch["answers"], hyps)]
+
+
+def failed_row(cut_id: str, reason: str, detail: str) -> dict:
+    """The row of a cut the data code left out: no hypothesis, the reason instead (predict and evaluate)."""
+    return {"id": cut_id, "task": None, "ref": None, "hyp": None, "error": f"{reason}: {detail}"}
+
+
 class SALMDataset(torch.utils.data.Dataset):
     """Collates a CutSet into the batch documented in the module docstring.
 

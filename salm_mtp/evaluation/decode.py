@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from salm_mtp import metrics as M
+from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.data.policy import BadCut
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
 from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
@@ -87,8 +88,7 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: Totals) -> 
         totals.seconds += time.perf_counter() - t0
     totals.tokens += int(lengths.sum())
     hyps = decode_text(module.tokenizer, tokens.cpu(), lengths.cpu())
-    for cid, task, ref, hyp in zip(batch["ids"], batch["tasks"], batch["answers"], hyps):
-        totals.rows.append({"id": cid, "task": task, "ref": ref, "hyp": hyp})
+    totals.rows += hyp_rows(batch, hyps)
 
     if module.num_mtp_depths and tokens.shape[1] > 0:
         drafts = mtp_drafts(module, batch, tokens, lengths, prompt=prompt)
@@ -119,8 +119,7 @@ def add_failed(totals: Totals, skipped: list[BadCut]) -> None:
     have no id and are only counted (metrics.skipped_cuts)."""
     for bad in skipped:
         if bad.cut_id is not None:
-            totals.rows.append({"id": bad.cut_id, "task": None, "ref": None, "hyp": None,
-                                "error": f"{bad.reason}: {bad.detail}"})
+            totals.rows.append(failed_row(bad.cut_id, bad.reason, bad.detail))
             totals.num_failed += 1
 
 
