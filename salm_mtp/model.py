@@ -28,10 +28,10 @@ from salm_mtp.config import (
     OptimConfig,
     ParallelConfig,
 )
+from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.guard import NonFiniteGuard
-from salm_mtp.lightning_private import logged_step, should_update_logs
-from salm_mtp.loss import SOURCE_METRICS, combine_losses, head_stats, source_metric, stats_vector, summarise_stats
+from salm_mtp.loss import combine_losses, head_stats, stats_vector, summarise_stats
 from salm_mtp.materialize import is_materialized
 from salm_mtp.modules.features import FeatureConfig, SpecAugmentConfig
 from salm_mtp.modules.llm import missing_mamba_kernels
@@ -40,6 +40,7 @@ from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer
 from salm_mtp.optim import build_optimizer
 from salm_mtp.parallel import all_reduce_sum, apply_parallelism, apply_param_dtypes, check_precision, data_parallel
 from salm_mtp.salm import SALM, absolute_paths, config_from_dict
+from salm_mtp.step_metrics import EvalSums, TrainMetrics
 
 
 class SALMModule(SALM, L.LightningModule):
@@ -115,13 +116,11 @@ class SALMModule(SALM, L.LightningModule):
 
         self.balancer = MoEBalancer(parts["moe_balance"])
         self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
-        self._eval_sum: torch.Tensor | None = None  # summed statistics of the current val/test epoch
-        self._eval_sets: dict[int, torch.Tensor] = {}  # ... per validation set (dataloader index)
+        self.train_metrics, self.eval_sums = TrainMetrics(), EvalSums()  # what is logged (salm_mtp/step_metrics.py)
         self.source_names: tuple[str, ...] = ()
         """Training data sources (data.inputs names, from the data module): per-source metrics source/<name>/main_loss, ..."""
         self.val_names: tuple[str, ...] = ()
         """Named validation sets (data.val_inputs, from the data module): val_loss/<name>."""
-        self._source_window: torch.Tensor | None = None  # summed statistics since the last per-source log row
 
     def configure_model(self) -> None:
         """Freeze, set dtypes, shard (FSDP2) and fill the weights; runs once (Lightning calls it again on resume).
@@ -144,14 +143,10 @@ class SALMModule(SALM, L.LightningModule):
         self.materialize_weights(device, load_pretrained=load)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "set_tokenizer"):
-            dm.set_tokenizer(self.tokenizer)  # one tokenizer (with the placeholder) for model and data
-        if dm is not None and hasattr(dm, "set_audio_rate"):
-            dm.set_audio_rate(self.audio_positions_per_second())  # counted in data.max_seq_len / data.max_tokens
-        if dm is not None and hasattr(dm, "source_names"):
-            self.source_names = tuple(dm.source_names())  # per-source training metrics
-            self.val_names = tuple(dm.val_names())
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if isinstance(dm, SALMDataModule):  # the model's tokenizer and audio rate in, the data's names out
+            dm.connect(self.tokenizer, self.audio_positions_per_second())
+            self.source_names, self.val_names = tuple(dm.source_names()), tuple(dm.val_names())
 
     def configure_callbacks(self):
         """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
@@ -230,20 +225,6 @@ class SALMModule(SALM, L.LightningModule):
         empty = torch.tensor(float(batch["input_ids"].shape[0] == 0), device=batch["input_ids"].device)
         return bool(all_reduce_sum(empty, self._trainer) > 0)
 
-    def _log_per_source(self, summed: torch.Tensor, keys: set[str]) -> None:
-        """``source/<name>/{main_loss,mtp_loss,target_tokens}`` over the steps since the last log row,
-        written to the loggers directly: a source with no rows in that window gets no entry (``self.log`` would
-        repeat its last value in every row, and length-bucketed batches often hold one source only)."""
-        if not self.source_names or self._trainer is None:
-            return
-        self._source_window = summed if self._source_window is None else self._source_window + summed
-        if not should_update_logs(self.trainer):
-            return
-        window, self._source_window = self._source_window, None
-        out = {k: v for k, v in self.summarise(window, self.source_names).items() if k in keys}
-        for logger in self.loggers:
-            logger.log_metrics(out, step=logged_step(self.trainer))  # the row Lightning's own values get
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_empty(batch):
             return None  # no backward, no optimiser step, on every rank
@@ -252,16 +233,7 @@ class SALMModule(SALM, L.LightningModule):
         skip = self.guard.skip(loss, self._reduce, self._step(), self._lr())
         if skip:  # the forward already moved BatchNorm statistics toward nan: put them back
             self.guard.restore(running)
-        metrics = self.summarise(summed, self.source_names)
-        bar = {"loss", "mtp_loss", "ctc_loss"}
-        per_source = {source_metric(n, m) for m in SOURCE_METRICS for n in self.source_names}
-        for name, value in metrics.items():
-            if name not in per_source:
-                self.log(name, value, prog_bar=name in bar, on_step=True, on_epoch=False, batch_size=bsz)
-        if not skip:
-            self._log_per_source(summed, per_source)
-        self.log("padding_ratio", 1.0 - float(batch["audio_lens"].sum()) / max(batch["audios"].numel(), 1),
-                 on_step=True, on_epoch=False, batch_size=bsz)
+        self.train_metrics.log(self, summed, batch, skip)
         self.log("nonfinite_steps", float(self.guard.skipped), on_step=True, on_epoch=False, batch_size=bsz)
         return None if skip else loss
 
@@ -298,39 +270,20 @@ class SALMModule(SALM, L.LightningModule):
             self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def _eval_step(self, batch: dict, dataloader_idx: int = 0) -> None:
-        if self._skip_empty(batch):
-            return
-        _, summed, _ = self.compute_losses(batch)
-        self._eval_sum = summed if self._eval_sum is None else self._eval_sum + summed
-        prev = self._eval_sets.get(dataloader_idx)
-        self._eval_sets[dataloader_idx] = summed if prev is None else prev + summed
-
-    def _eval_epoch_end(self, prefix: str) -> None:
-        sets, self._eval_sets = self._eval_sets, {}
-        if self._eval_sum is None:
-            return
-        summed, self._eval_sum = self._eval_sum, None
-        for name, value in self.summarise(summed).items():
-            self.log(f"{prefix}_{name}", value, prog_bar=name in ("loss", "mtp_loss"), sync_dist=False)
-        if prefix == "val" and self.val_names:  # named sets: val_loss/<name> (and val_main_loss/<name>)
-            for idx, vec in sorted(sets.items()):
-                if idx < len(self.val_names):
-                    metrics = self.summarise(vec)
-                    name = self.val_names[idx]
-                    self.log(f"val_loss/{name}", metrics["loss"], sync_dist=False)
-                    self.log(f"val_main_loss/{name}", metrics["main_loss"], sync_dist=False)
+        if not self._skip_empty(batch):
+            self.eval_sums.add(self.compute_losses(batch)[1], dataloader_idx)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self.eval_sums.log(self, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self.eval_sums.log(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from salm_mtp.generate import greedy_generate

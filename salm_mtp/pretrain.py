@@ -24,11 +24,11 @@ import torch
 
 from salm_mtp.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
-from salm_mtp.data.tokenizer import ensure_audio_placeholder
+from salm_mtp.data.datamodule import SALMDataModule
+from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer
 from salm_mtp.loss import ctc_sum
 from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.metrics import wer
-from salm_mtp.data.tokenizer import load_tokenizer
 from salm_mtp.modules.encoder import AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.optim import build_optimizer
@@ -90,9 +90,9 @@ class CTCPretrainModule(L.LightningModule):
         self._val: list = []
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self._trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_tokenizer"):
-            dm.set_tokenizer(self.tokenizer)
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if isinstance(dm, SALMDataModule):
+            dm.connect(self.tokenizer)
 
     def configure_model(self) -> None:
         if self.cfg_encoder.path is not None and self._trainer is not None:
@@ -200,7 +200,6 @@ def main(args: list[str] | None = None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from salm_mtp.trainer_cli import close_process_group, document_data_options
-    from salm_mtp.data.datamodule import SALMDataModule
 
     class PretrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:

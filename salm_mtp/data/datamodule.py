@@ -371,6 +371,14 @@ class SALMDataModule(pl.LightningDataModule):
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
 
     # ---- tokenizer -------------------------------------------------------------------------
+    def connect(self, tokenizer: PreTrainedTokenizerBase, audio_positions_per_second: float | None = None) -> None:
+        """The one link from a model (training, evaluation, pretraining all call this): its tokenizer, with the
+        audio placeholder, replaces ``tokenizer_path``; its LLM positions per second of audio are counted in
+        ``max_seq_len`` / ``max_tokens``."""
+        self.set_tokenizer(tokenizer)
+        if audio_positions_per_second is not None:
+            self.set_audio_rate(audio_positions_per_second)
+
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Use ``tokenizer`` (e.g. the model's) instead of loading ``tokenizer_path``."""
         self.tokenizer = tokenizer

@@ -106,9 +106,7 @@ def eval_datamodule(tokenizer, manifest: str, data: DataConfig | None = None, ba
                            "num_workers": data.num_workers if num_workers is None else num_workers})
     dm = SALMDataModule.from_config(cfg)
     dm.skip_log = SkipRows()
-    dm.set_tokenizer(tokenizer)
-    if audio_positions_per_second is not None:
-        dm.set_audio_rate(audio_positions_per_second)  # counted in data.max_seq_len, as in training
+    dm.connect(tokenizer, audio_positions_per_second)  # as training does: data.max_seq_len counts the audio
     if limit is not None and input_type == "cuts":
         dm.use_first_cuts("test", limit)
     return dm
