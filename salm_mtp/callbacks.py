@@ -210,8 +210,8 @@ class ResumeRNG(L.Callback):
 
 
 class TrainMonitor(L.Callback):
-    """Per training step ``lr`` and ``utts_per_s``; the run's tokenizer saved in its log dir; the one-process
-    allocator policy (salm_mtp/malloc.py)."""
+    """Per training step ``lr``, ``utts_per_s`` and the MoE layers' ``moe_imbalance/<layer>``; the run's tokenizer
+    saved in its log dir; the one-process allocator policy (salm_mtp/malloc.py)."""
 
     def __init__(self) -> None:
         self._t_last: float | None = None
@@ -234,3 +234,6 @@ class TrainMonitor(L.Callback):
             pl_module.log("utts_per_s", bsz / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False,
                           batch_size=max(bsz, 1))
         self._t_last = now
+        metrics, pl_module.moe_metrics = pl_module.moe_metrics, {}
+        for name, value in metrics.items():  # each trainable MoE layer's expert-load imbalance of the step
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)

@@ -11,7 +11,6 @@ parameter names, so checkpoints hold the SALM's tensors as they are).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict
 
@@ -31,12 +30,12 @@ from salm_mtp.config import (
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.guard import NonFiniteGuard
-from salm_mtp.loss import combine_losses, head_stats, stats_vector, summarise_stats
+from salm_mtp.loss import summarise_stats
 from salm_mtp.materialize import is_materialized
 from salm_mtp.modules.features import FeatureConfig, SpecAugmentConfig
 from salm_mtp.modules.llm import missing_mamba_kernels
-from salm_mtp.modules.merge import IGNORE_INDEX
 from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer
+from salm_mtp.objective import training_objective
 from salm_mtp.optim import build_optimizer
 from salm_mtp.parallel import all_reduce_sum, apply_parallelism, apply_param_dtypes, check_precision, data_parallel
 from salm_mtp.salm import SALM, absolute_paths, config_from_dict
@@ -117,6 +116,8 @@ class SALMModule(SALM, L.LightningModule):
         self.balancer = MoEBalancer(parts["moe_balance"])
         self.balancer.attach(self)  # hooks on every router; only trainable ones are counted and updated
         self.train_metrics, self.eval_sums = TrainMetrics(), EvalSums()  # what is logged (salm_mtp/step_metrics.py)
+        self.moe_metrics: dict[str, float] = {}
+        """Each trainable MoE layer's expert-load imbalance (max / mean load) of the latest optimizer step."""
         self.source_names: tuple[str, ...] = ()
         """Training data sources (data.inputs names, from the data module): per-source metrics source/<name>/main_loss, ..."""
         self.val_names: tuple[str, ...] = ()
@@ -149,8 +150,7 @@ class SALMModule(SALM, L.LightningModule):
             self.source_names, self.val_names = tuple(dm.source_names()), tuple(dm.val_names())
 
     def configure_callbacks(self):
-        """Skipped-cut accounting and pre-emption checkpoints (salm_mtp.callbacks) and environment.json
-        (salm_mtp.provenance) for every run."""
+        """Every run's chores (salm_mtp/callbacks.py) and its environment.json (salm_mtp/provenance.py)."""
         from salm_mtp.callbacks import BadCutReport, Preemption, ResumeRNG, TrainMonitor
         from salm_mtp.provenance import RunEnvironment
 
@@ -164,51 +164,10 @@ class SALMModule(SALM, L.LightningModule):
 
             check_keys(self._trainer.ckpt_path, checkpoint["state_dict"].keys(), self.state_dict().keys())
 
-    # ------------------------------------------------------------------ losses
     def compute_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(optimised loss, globally summed statistics vector, batch size).
-
-        The statistics vector is laid out by ``salm_mtp.loss.stat_names`` (summed CE, hits, counts and
-        divergences of the main head and each depth, CTC sum and count, MoE aux loss), all-reduced over the
-        dp group; ``summarise`` turns it into the logged metrics, whose ``loss`` is the one optimised here.
-        """
-        head_only = self.head_only
-        with self.balancer.collecting(self.training):  # expert loads of this step's forward only
-            with torch.no_grad() if head_only else contextlib.nullcontext():  # head_only: no graph before the head
-                merged, enc, enc_lens = self.prepare_inputs(batch)
-                h0 = self(merged.inputs_embeds)
-            hiddens = self.mtp_hiddens(h0, merged.inputs_embeds)
-        dp_size, _ = data_parallel(self._trainer)
-        n_global = all_reduce_sum((merged.targets != IGNORE_INDEX).sum().float(), self._trainer)
-        weight = self.llm.lm_head.weight
-        sources = self.source_names if self.training else ()
-        groups = batch.get("source_ids") if sources else None
-        if sources and groups is None:  # every rank must lay out the same statistics vector
-            groups = torch.full((int(batch["input_ids"].shape[0]),), -1, dtype=torch.long)
-        stats = head_stats(
-            h0,
-            hiddens,
-            weight,
-            merged.targets,
-            mtp_weight=weight.detach() if (self.cfg_mtp.detach_backbone or head_only) else None,
-            chunk_size=self.lm_head_chunk_size,
-            mtp_loss=self.cfg_mtp.loss,
-            lk_lambda=self.cfg_mtp.lk_lambda,
-            groups=groups,
-            num_groups=len(sources),
-            mtp_coef=self.cfg_mtp.loss_scaling_factor / max(len(hiddens), 1),  # combine_losses' weight per depth
-        )
-        scale = dp_size if self.cfg_parallel.scale_loss_by_dp_size else 1
-        loss, _, _ = combine_losses(stats, n_global, self.cfg_mtp.loss_scaling_factor, scale)
-        aux = self.balancer.aux_loss() if self.training else 0.0
-        loss = loss + aux * scale
-        ctc = None
-        if self.ctc_weight > 0 and not head_only:
-            ctc = self.ctc_stats(enc, enc_lens, batch)
-            ctc_global = all_reduce_sum(ctc[1], self._trainer).clamp(min=1.0)
-            loss = loss + self.ctc_weight * ctc[0] / ctc_global * scale
-        summed = all_reduce_sum(stats_vector(stats, ctc, aux), self._trainer)
-        return loss, summed, int(batch["input_ids"].shape[0])
+        """(optimised loss, globally summed statistics vector, batch size): salm_mtp/objective.py."""
+        return training_objective(self, batch, self.source_names if self.training else (), self._reduce,
+                                  data_parallel(self._trainer)[0])
 
     def summarise(self, summed: torch.Tensor, sources: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
         """Global metrics from a summed statistics vector (what is logged; ``salm_mtp.loss.summarise_stats``);
@@ -216,12 +175,9 @@ class SALMModule(SALM, L.LightningModule):
         return summarise_stats(summed, self.num_mtp_depths, self.cfg_mtp.loss_scaling_factor, self.cfg_mtp.loss,
                                self.ctc_weight, sources)
 
-    # ------------------------------------------------------------------ steps
     def _skip_empty(self, batch: dict) -> bool:
-        """True when this rank's or any other data-parallel rank's batch lost every clip (unreadable audio).
-
-        Decided together over the dp group, so all ranks skip the step and no collective waits forever.
-        """
+        """True when any data-parallel rank's batch lost every clip (unreadable audio): decided together, so all
+        ranks skip the step and no collective waits forever."""
         empty = torch.tensor(float(batch["input_ids"].shape[0] == 0), device=batch["input_ids"].device)
         return bool(all_reduce_sum(empty, self._trainer) > 0)
 
@@ -230,7 +186,7 @@ class SALMModule(SALM, L.LightningModule):
             return None  # no backward, no optimiser step, on every rank
         running = self.guard.running_stats(self)
         loss, summed, bsz = self.compute_losses(batch)
-        skip = self.guard.skip(loss, self._reduce, self._step(), self._lr())
+        skip = self.guard.skip(loss, self._reduce, self.global_step, self._lr())
         if skip:  # the forward already moved BatchNorm statistics toward nan: put them back
             self.guard.restore(running)
         self.train_metrics.log(self, summed, batch, skip)
@@ -240,9 +196,6 @@ class SALMModule(SALM, L.LightningModule):
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel group (identity in one process)."""
         return all_reduce_sum(t, self._trainer)
-
-    def _step(self) -> int:
-        return self.trainer.global_step if self._trainer is not None else -1
 
     def _lr(self) -> float:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
@@ -255,19 +208,13 @@ class SALMModule(SALM, L.LightningModule):
         """The optimizer step, then the aux-loss-free bias update of trainable routers (before any callback, so a
         checkpoint written at the end of this step holds the updated biases: resuming is exact)."""
         super().optimizer_step(*args, **kwargs)
-        self.guard.check_weights(self, self._reduce, self._step())
+        self.guard.check_weights(self, self._reduce, self.global_step)
         if self.guard.last_skipped:  # non-finite loss: no update of anything, router biases included
             self.guard.last_skipped = False
             self.balancer.loads = {}
             return
         if self.balancer.loads:
-            self._moe_metrics = self.balancer.step(lambda t: all_reduce_sum(t, self._trainer))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Log each trainable MoE layer's expert-load imbalance of the step (max / mean load)."""
-        metrics, self._moe_metrics = getattr(self, "_moe_metrics", {}), {}
-        for name, value in metrics.items():
-            self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+            self.moe_metrics = self.balancer.step(self._reduce)  # logged by TrainMonitor
 
     def _eval_step(self, batch: dict, dataloader_idx: int = 0) -> None:
         if not self._skip_empty(batch):
@@ -293,7 +240,6 @@ class SALMModule(SALM, L.LightningModule):
             return failed
         return failed + hyp_rows(batch, greedy_generate(self, batch))  # the rows salm-mtp evaluate writes
 
-    # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg_optim)
 
