@@ -5,7 +5,7 @@
     salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
     salm-mtp evaluate --ckpt runs/demo/.../last.ckpt --out runs/demo/eval   (salm_mtp/evaluation/)
     salm-mtp export --ckpt runs/demo/.../last.ckpt --out exports/demo      (salm_mtp/io.py)
-    salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan.py)
+    salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan/)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
     salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
     salm-mtp make-demo-data --out data/demo                                (salm_mtp/demo/cli.py)   
@@ -49,9 +49,9 @@ def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
     """Run one subcommand; returns its exit status (None: 0)."""
     sub = argv[0]
     if sub == "plan":  # not a Trainer subcommand: the memory planner builds no Trainer
-        from salm_mtp import plan
+        from salm_mtp.plan.cli import main as plan_main
 
-        plan.main(argv[1:])  # returns the plan, not a status
+        plan_main(argv[1:])  # returns the plan, not a status
         return None
     if sub == "validate-data":  # reads manifests only: no model, no Trainer
         from salm_mtp.data import validate

@@ -294,18 +294,18 @@ def test_adapter_export_without_lora_is_refused_before_writing(tok_dir, tmp_path
 
 # ------------------------------------------------------------------------------------------------ planner
 def test_planner_counts_adapters_as_the_trainable_llm_part(tok_dir):
-    from salm_mtp import plan as P
+    from salm_mtp.plan import build, planner, shards
 
-    module = P.build_module(tiny.tiny_kwargs(tok_dir, lora=LoRAConfig(r=R)))
-    records, _ = P.shard_records(module, 2)
+    module = build.build_module(tiny.tiny_kwargs(tok_dir, lora=LoRAConfig(r=R)))
+    records, _ = shards.shard_records(module, 2)
     parts: dict[tuple[str, bool], int] = {}
     for r in records:
-        key = (P._part(r.name), r.trainable)
+        key = (planner.part_of(r.name), r.trainable)
         parts[key] = parts.get(key, 0) + math.prod(r.shape)
     lora_n = sum(p.numel() for n, p in module.named_parameters() if is_adapter_param(n))
     assert parts[("llm.lora", True)] == lora_n > 0
     assert ("llm", True) not in parts  # the LLM's base: frozen only
-    per_rank = P.per_rank(records, 2, None, 0, 0, 1)
+    per_rank = shards.per_rank(records, 2, None, 0, 0, 1)
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert per_rank["optimizer_bytes"] == sum(torch.empty(p.shape, device="meta").chunk(2)[0].numel() * 8
                                               for p in trainable)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from salm_mtp import plan as P
+from salm_mtp.plan import build, planner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "data", "configs")
@@ -55,12 +55,12 @@ def shard_numel(p: torch.Tensor, n: int) -> int:
 
 @pytest.fixture(scope="module")
 def demo_plan():
-    return P.make_plan([*DEMO, "--world_size", "2"])
+    return planner.make_plan([*DEMO, "--world_size", "2"])
 
 
 @pytest.fixture(scope="module")
 def super_plan():
-    return P.make_plan([*SUPER, "--world_size", "8"])
+    return planner.make_plan([*SUPER, "--world_size", "8"])
 
 
 def test_demo_counts_equal_the_trainers_module(demo_plan, tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_demo_counts_equal_the_trainers_module(demo_plan, tmp_path, monkeypatch)
 
 
 def test_world_size_changes_only_the_sharded_parts(demo_plan):
-    one = P.make_plan([*DEMO, "--world_size", "1"])
+    one = planner.make_plan([*DEMO, "--world_size", "1"])
     r1, r2 = one["per_rank"], demo_plan["per_rank"]
     assert one["total_params"] == demo_plan["total_params"]
     assert r1["params_bytes"] == sum(r1["params_by_kind"].values())
@@ -93,14 +93,14 @@ def test_world_size_changes_only_the_sharded_parts(demo_plan):
     assert r1["activation_bytes"] == r2["activation_bytes"]
     # the search's entry for 2 ranks is the plan for 2 ranks; the minimum is the first that fits
     assert next(s for s in demo_plan["search"] if s["world_size"] == 2)["total_bytes"] == r2["total_bytes"]
-    budget = demo_plan["gpu_memory_gib"] * P.GIB
+    budget = demo_plan["gpu_memory_gib"] * build.GIB
     fits = [s["world_size"] for s in demo_plan["search"] if s["total_bytes"] <= budget]
     assert demo_plan["min_world_size"] == fits[0] == 1
 
 
 def test_planner_leaves_no_distributed_state():
     hook = sys.excepthook
-    P.make_plan([*DEMO, "--world_size", "3"])  # non-dividing world size: padded last shards
+    planner.make_plan([*DEMO, "--world_size", "3"])  # non-dividing world size: padded last shards
     assert not dist.is_initialized()
     assert sys.excepthook is hook
 
@@ -204,7 +204,7 @@ def test_hsdp_layouts_by_hand():
     def at(shard):
         return {"total_bytes": (40 + 320 / shard) * gib}
 
-    layouts = P.hsdp_layouts(at, 80 * gib, [4, 8, 16, 64], gpus_per_node=8)
+    layouts = planner.hsdp_layouts(at, 80 * gib, [4, 8, 16, 64], gpus_per_node=8)
     assert layouts[0] == {"gpus": 4, "nodes": 1, "gpus_per_node": 8, "replicate": None, "shard": None,
                           "total_bytes": None}
     assert [(lay["replicate"], lay["shard"], lay["nodes"]) for lay in layouts[1:]] == [(1, 8, 1), (2, 8, 2), (8, 8, 8)]
