@@ -33,260 +33,27 @@
 from __future__ import annotations
 
 import logging
-import signal
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from itertools import islice
-from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
-from lhotse.dataset.sampling.base import CutSampler
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prepared, as_inputs, mix, source_cuts
 from salm_mtp.data.checks import CutChecker
-from salm_mtp.data.policy import POLICIES, BadCut, SkipLog, handle
+from salm_mtp.data.config import MAKE_DEMO, DataConfig
+from salm_mtp.data.loader import ResumableDataLoader, ResumableSampler, ignore_stop_signals
+from salm_mtp.data.policy import BadCut, SkipLog, handle
 from salm_mtp.data.prompt import PromptConfig, PromptFormatter
 from salm_mtp.errors import check_ckpt_path, check_writable_dir
 
 log = logging.getLogger(__name__)
-
-_MAKE_DEMO = "salm-mtp make-demo-data"
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how it is batched (``--data.*``)."""
-
-    train_manifest: str | None = None
-    """lhotse CutSet (jsonl.gz) for training (shorthand for one data.inputs source of type cuts); None: no
-    training data, or data.inputs."""
-    val_manifest: str | None = None
-    """CutSet for validation; None: no validation."""
-    test_manifest: str | None = None
-    """CutSet for testing; None: no test set."""
-    tokenizer_path: str | None = None
-    """HF tokenizer directory (``AutoTokenizer.from_pretrained``); None: the model must call
-    ``SALMDataModule.set_tokenizer`` before the loaders are built."""
-    max_duration: float = 60.0
-    """Seconds of audio per batch (the batch size is dynamic); not used when data.max_tokens is set."""
-    num_buckets: int = 8
-    """Duration buckets of the train sampler (cuts of similar length are batched together)."""
-    shuffle: bool = True
-    """Shuffle the training cuts (differently each epoch, reproducibly from ``seed``)."""
-    seed: int = 0
-    """Seed of the train sampler's shuffling."""
-    num_workers: int = 0
-    """DataLoader worker processes (0: load audio in the training process)."""
-    max_cuts: int | None = None
-    """Upper bound on cuts per batch (None: only ``max_duration`` limits it)."""
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    """Prompt wording and template."""
-    on_bad_cut: str = "skip"
-    """What a bad cut (unreadable/empty/mis-declared/too long audio, empty or too long text, a manifest line that is
-    not a cut) does: skip (left out, logged, counted as skipped_cuts/<reason>, listed in skipped_cuts.jsonl of the run
-    dir) or raise (the run stops before training, naming cut, file and reason)."""
-    max_cut_duration: float | None = None
-    """Longest usable cut in seconds; null: only max_duration bounds it (a longer cut can never be batched)."""
-    max_target_tokens: int | None = 2048
-    """Most answer tokens per cut (eos excluded); longer answers are bad cuts. null: no bound."""
-    max_seq_len: int | None = None
-    """Most LLM positions per cut (prompt + audio embeddings + answer); null: no bound."""
-    precheck: bool = True
-    """Check every train and val cut (manifest lines, durations, text, audio headers) before the first training step;
-    false: cuts are only checked when loaded (a bad val cut then shows at the first validation)."""
-    inputs: list[InputConfig] | None = None
-    """Named training sources {name, type: cuts|conversations|text, path or paths, weight, system_prompt,
-    loss_turns} (formats: data/README.md); two or more are mixed by weight into an endless stream (bound the run
-    with trainer.max_steps). null: data.train_manifest is the one source."""
-    val_inputs: list[InputConfig] | None = None
-    """Named validation sets (same fields, weight unused), each logged as val_loss/<name>; val_loss is over all
-    of them. null: data.val_manifest."""
-    max_tokens: int | None = None
-    """Batch budget in LLM positions: b examples whose longest has L positions (text tokens + audio seconds x
-    positions per second) fit when b * L <= max_tokens; replaces max_duration when set. Required with text or
-    conversations sources. null: max_duration bounds batches."""
-    bucket_window: int = 1000
-    """With max_tokens, in training: this many consecutive examples of the (shuffled) stream are sorted by length
-    and cut into budgeted batches, served in a seeded random order, so a batch holds examples of similar length
-    (less padding; the source mix is unchanged over a window). 0: batches follow the stream order."""
-    mix_in_batch: bool = True
-    """With several training sources and bucket_window: every batch of a window carries each source in proportion to
-    its share of the window (each source sorted by length and dealt across the window's batches, so a batch's rows
-    of one source have similar lengths). false: the window is sorted as one, and sources of different lengths fall
-    into different batches (on the demo mix 46% of the batches held no ASR row)."""
-
-    def __post_init__(self) -> None:
-        if self.prompt is None:
-            self.prompt = PromptConfig()
-        self.inputs = as_inputs(self.inputs, "data.inputs") or None
-        self.val_inputs = as_inputs(self.val_inputs, "data.val_inputs") or None
-        if self.inputs and self.train_manifest is not None:
-            raise ValueError("data.inputs and data.train_manifest are both set: list the manifest in data.inputs "
-                             "(type: cuts) and set --data.train_manifest=null")
-        if self.val_inputs and self.val_manifest is not None:
-            raise ValueError("data.val_inputs and data.val_manifest are both set: list the manifest in "
-                             "data.val_inputs (type: cuts) and set --data.val_manifest=null")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"data.max_tokens must be >= 1 or null, got {self.max_tokens}; set --data.max_tokens")
-        if self.bucket_window < 0:
-            raise ValueError(f"data.bucket_window must be >= 0, got {self.bucket_window}; set --data.bucket_window")
-        text_like = [i.name for i in (self.inputs or []) + (self.val_inputs or []) if i.type != "cuts"]
-        if text_like and self.max_tokens is None:
-            raise ValueError(f"sources {text_like} are conversations / text: their batches need a token budget; set "
-                             "--data.max_tokens (LLM positions per batch, e.g. 4096)")
-        if self.on_bad_cut not in POLICIES:
-            raise ValueError(f"data.on_bad_cut must be 'skip' or 'raise', got {self.on_bad_cut!r}; set --data.on_bad_cut")
-        for key in ("max_cut_duration", "max_target_tokens", "max_seq_len"):
-            val = getattr(self, key)
-            if val is not None and not val > 0:
-                raise ValueError(f"data.{key} must be > 0 or null, got {val}; set --data.{key}")
-        if not self.max_duration > 0:
-            raise ValueError(
-                f"data.max_duration must be > 0, got {self.max_duration}; set --data.max_duration"
-            )
-        if self.num_buckets < 2:  # lhotse's DynamicBucketingSampler asserts num_buckets > 1
-            raise ValueError(f"data.num_buckets must be >= 2, got {self.num_buckets}; set --data.num_buckets")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}; set --data.num_workers")
-        if self.max_cuts is not None and self.max_cuts < 1:
-            raise ValueError(
-                f"data.max_cuts must be >= 1 or null, got {self.max_cuts}; set --data.max_cuts"
-            )
-        for key in ("train_manifest", "val_manifest", "test_manifest"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"data.{key}: no such file {path!r}; set --data.{key}, or make the demo "
-                    f"corpus with `{_MAKE_DEMO}`"
-                )
-        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
-            raise FileNotFoundError(
-                f"data.tokenizer_path: no such directory {self.tokenizer_path!r}; set "
-                f"--data.tokenizer_path (the demo tokenizer is made by `{_MAKE_DEMO}`)"
-            )
-
-
-class ResumableSampler(Sampler):
-    """Wraps a lhotse sampler: forwards ``set_epoch``; the next iteration skips ``skip`` batches.
-
-    Skipped batches are drawn from the lhotse sampler (cheap: cut metadata only) and never
-    reach the dataset, so no audio is read for them. ``skip`` applies once, to the current
-    epoch; changing the epoch clears it. When ``skip`` covers the whole epoch (a checkpoint
-    taken after its last batch) the iteration goes on with the next epoch, ``skipped`` = 0.
-    """
-
-    def __init__(self, sampler: CutSampler) -> None:
-        self.sampler = sampler
-        self.skip = 0
-        self.skipped = 0
-        """Batches skipped at the start of the running iteration (0 after a rollover)."""
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.skip = 0
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[CutSet]:
-        skip, self.skip, self.skipped = self.skip, 0, 0
-        batches = iter(self.sampler)
-        while self.skipped < skip and next(batches, None) is not None:
-            self.skipped += 1
-        # explicit next(), not `yield from batches`: iter() again would restart a lhotse sampler
-        batch = next(batches, None)
-        if batch is None and skip > 0:  # the resumed epoch was complete: start the next one
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-            batches, self.skipped = iter(self.sampler), 0
-            batch = next(batches, None)
-        while batch is not None:
-            yield batch
-            batch = next(batches, None)
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
-"""Signals that ask a run to stop (schedulers, ``timeout``, Ctrl-C, SLURM's pre-emption warning)."""
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore the stop signals.
-
-    SLURM, ``timeout`` and a terminal's Ctrl-C signal the whole process group. A worker killed by SIGTERM makes the
-    main process raise "DataLoader worker ... is killed by signal" before the pre-emption checkpoint is written;
-    ignoring it leaves the decision to the main process (salm_mtp.callbacks.Preemption), which shuts the workers
-    down itself (they also exit when the main process dies)."""
-    for name in STOP_SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over a ``ResumableSampler`` with ``state_dict``/``load_state_dict``.
-
-    ``state_dict() == {"epoch": e, "batches_done": n}``: the first n batches of epoch e were
-    consumed; after ``load_state_dict`` the next iteration starts with batch n + 1 of epoch e.
-    ``pending`` (optional) returns how many yielded batches the consumer has not used yet
-    (Lightning's prefetch buffer); they are not counted as done.
-    """
-
-    def __init__(self, dataset: SALMDataset, sampler: ResumableSampler, num_workers: int = 0, **kwargs: Any):
-        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, **kwargs)
-        self.batches_done = 0
-        """Batches of the current epoch yielded (including those skipped on resume)."""
-        self.pending: Callable[[], int] | None = None
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.batches_done = self.sampler.skip
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for i, batch in enumerate(batches):
-            if i == 0:  # the sampler has now applied the skip (or rolled over to a new epoch)
-                self.batches_done = self.sampler.skipped
-            self.batches_done += 1
-            yield batch
-
-    stream: dict | None = None
-    """What the training stream is made of (``SALMDataModule.stream_signature``), saved with the position."""
-    dp_size: int = 1
-    """Data-parallel ranks reading the stream (each takes its own batches)."""
-
-    def state_dict(self) -> dict:
-        pending = self.pending() if self.pending is not None else 0
-        return {"epoch": self.sampler.epoch, "batches_done": max(0, self.batches_done - pending),
-                "stream": self.stream, "dp_size": self.dp_size}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
-        saved_stream, saved_dp = state_dict.get("stream"), int(state_dict.get("dp_size") or self.dp_size)
-        if saved_stream is not None and self.stream is not None and saved_stream != self.stream:
-            changed = sorted(k for k in set(saved_stream) | set(self.stream) if saved_stream.get(k) != self.stream.get(k))
-            rank_zero_warn(f"the training data differ from the checkpoint's ({', '.join(f'data.{k}' for k in changed)}"
-                           f"): the checkpoint's position (epoch {epoch}, batch {done}) belongs to the old stream, so "
-                           "the new one starts from its beginning")
-            epoch, done = 0, 0
-        elif saved_dp != self.dp_size:
-            # each rank read every dp_size-th batch of one stream: keep the global number of batches consumed
-            total = done * saved_dp
-            new = total // self.dp_size
-            rank_zero_warn(f"resuming on {self.dp_size} data-parallel ranks from a checkpoint of {saved_dp}: the "
-                           f"{total} batches the old ranks consumed (epoch {epoch}) are skipped as {new} per rank"
-                           + ("" if total % self.dp_size == 0 else f" ({total - new * self.dp_size} more are read again)"))
-            done = new
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = done
-        self.batches_done = self.sampler.skip
 
 
 class SALMDataModule(pl.LightningDataModule):
@@ -436,7 +203,7 @@ class SALMDataModule(pl.LightningDataModule):
             key = f"{split}_manifest"
             path = getattr(self.cfg, key)
             if path is None:
-                raise ValueError(f"data.{key} is not set; set --data.{key} (e.g. `{_MAKE_DEMO}`)")
+                raise ValueError(f"data.{key} is not set; set --data.{key} (e.g. `{MAKE_DEMO}`)")
             self._cuts[split] = load_cuts(path, self._on_bad)
         return self._cuts[split]
 
