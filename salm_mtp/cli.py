@@ -8,7 +8,7 @@
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan/)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
     salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
-    salm-mtp make-demo-data --out data/demo                                (salm_mtp/demo/cli.py)   
+    salm-mtp make-demo-data --out data/demo                                (salm_mtp/demo/cli.py)
 
 ``salm-mtp --help`` lists them (SUBCOMMANDS); ``salm-mtp SUB --help`` shows every option of one.
 
@@ -21,69 +21,74 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
-SUBCOMMANDS: dict[str, str] = {
-    "fit": "train SALM + MTP (LightningCLI: --config YAML, --model.* / --data.* / --trainer.* overrides)",
-    "validate": "validation loss and metrics of a checkpoint on data.val_manifest (--ckpt_path)",
-    "test": "test loss and metrics of a checkpoint on data.test_manifest (--ckpt_path)",
-    "predict": "greedy hypotheses of data.test_manifest -> <log_dir>/predictions.jsonl (--ckpt_path)",
-    "evaluate": "score a checkpoint on a manifest (--decode greedy|mtp) with the run's own data and prompt config",
-    "export": "checkpoint -> HF directories for serving and reloading (llm/ with mtp.*, encoder/, adapter)",
-    "plan": "per-rank GPU memory of a training config under the real FSDP2 plan (no GPU, no weights)",
-    "validate-data": "check manifests (lines, text, durations, audio headers) and list every bad cut",
-    "pretrain-encoder": "CTC-pretrain the Parakeet encoder (LightningCLI, conf/encoder_ctc.yaml) -> HF directory",
-    "make-demo-data": "make the spoken demo corpus (espeak-ng + sox) and its tokenizer",
-}
-"""Every subcommand with its one line of ``salm-mtp --help``."""
-
-def usage() -> str:
-    """The top-level ``salm-mtp --help`` text."""
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: salm-mtp SUBCOMMAND [options]   (salm-mtp SUBCOMMAND --help: every option)", "",
-             "Speech-aware LLMs with a Multi-Token Prediction head.", "", "subcommands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
-def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
-    """Run one subcommand; returns its exit status (None: 0)."""
-    sub = argv[0]
-    if sub == "plan":  # not a Trainer subcommand: the memory planner builds no Trainer
-        from salm_mtp.plan.cli import main as plan_main
-
-        plan_main(argv[1:])  # returns the plan, not a status
-        return None
-    if sub == "validate-data":  # reads manifests only: no model, no Trainer
-        from salm_mtp.data import validate
-
-        return validate.main(argv[1:])
-    if sub == "evaluate":
-        from salm_mtp.evaluation import cli as evaluation_cli
-
-        return evaluation_cli.main(argv[1:])
-    if sub == "export":
-        from salm_mtp.io import export_main
-
-        return export_main(argv[1:])
-    if sub == "make-demo-data":
-        from salm_mtp.demo import cli as demo_cli
-
-        return demo_cli.main(argv[1:])
-    if sub == "pretrain-encoder":
-        from salm_mtp import pretrain
-        from salm_mtp.malloc import bound_malloc_caching
-
-        bound_malloc_caching()
-        _quiet_args_warning()
-        pretrain.main(argv[1:])
-        return None
+def _lightning(argv: list[str], args: list[str] | None) -> None:
+    """fit | validate | test | predict: LightningCLI (salm_mtp/trainer_cli.py) reads the whole command line."""
     _check_ckpt_arg(argv)  # LightningCLI itself reads --ckpt_path's hyperparameters before any Trainer hook
     from salm_mtp.trainer_cli import run_trainer_cli
 
     if args is not None:
         _quiet_args_warning()
     run_trainer_cli(args)
-    return None
+
+
+def _pretrain(argv: list[str], args: list[str] | None) -> None:
+    from salm_mtp import pretrain
+    from salm_mtp.malloc import bound_malloc_caching
+
+    bound_malloc_caching()
+    _quiet_args_warning()
+    pretrain.main(argv[1:])
+
+
+def _call(target: str):
+    """A subcommand that takes the rest of the command line: ``"module:function"``, imported when chosen."""
+
+    def run(argv: list[str], args: list[str] | None):
+        import importlib
+
+        module, function = target.split(":")
+        result = getattr(importlib.import_module(module), function)(argv[1:])
+        return result if isinstance(result, int) else None  # the planner returns its plan
+
+    return run
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable]] = {
+    "fit": ("train SALM + MTP (LightningCLI: --config YAML, --model.* / --data.* / --trainer.* overrides)", _lightning),
+    "validate": ("validation loss and metrics of a checkpoint on data.val_manifest (--ckpt_path)", _lightning),
+    "test": ("test loss and metrics of a checkpoint on data.test_manifest (--ckpt_path)", _lightning),
+    "predict": ("greedy hypotheses of data.test_manifest -> <log_dir>/predictions.jsonl (--ckpt_path)", _lightning),
+    "evaluate": ("score a checkpoint on a manifest (--decode greedy|mtp) with the run's own data and prompt config",
+                 _call("salm_mtp.evaluation.cli:main")),
+    "export": ("checkpoint -> HF directories for serving and reloading (llm/ with mtp.*, encoder/, adapter)",
+               _call("salm_mtp.io:export_main")),
+    "plan": ("per-rank GPU memory of a training config under the real FSDP2 plan (no GPU, no weights)",
+             _call("salm_mtp.plan.cli:main")),
+    "validate-data": ("check manifests (lines, text, durations, audio headers) and list every bad cut",
+                      _call("salm_mtp.data.validate:main")),
+    "pretrain-encoder": ("CTC-pretrain the Parakeet encoder (LightningCLI, conf/encoder_ctc.yaml) -> HF directory",
+                         _pretrain),
+    "make-demo-data": ("make the spoken demo corpus (espeak-ng + sox) and its tokenizer",
+                       _call("salm_mtp.demo.cli:main")),
+}
+"""The one CLI table: subcommand -> (its line of ``salm-mtp --help``, what runs it). Nothing heavy is imported
+before a subcommand is chosen."""
+
+
+def usage() -> str:
+    """The top-level ``salm-mtp --help`` text."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: salm-mtp SUBCOMMAND [options]   (salm-mtp SUBCOMMAND --help: every option)", "",
+             "Speech-aware LLMs with a Multi-Token Prediction head.", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (text, _) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _dispatch(argv: list[str], args: list[str] | None) -> int | None:
+    """Run one subcommand; returns its exit status (None: 0)."""
+    return SUBCOMMANDS[argv[0]][1](argv, args)
 
 
 def _quiet_args_warning() -> None:

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from salm_mtp import weights as W
+from salm_mtp import weights
 from salm_mtp.model import SALMModule
 from salm_mtp.salm import PART_TYPES, config_from_dict
 from salm_mtp.modules.lora import ADAPTER_DIR, base_view, has_lora, save_adapter
@@ -192,8 +192,8 @@ def export_hf(module: SALMModule, out_dir: str, mtp_depths: int | None = None, l
     module.tokenizer.save_pretrained(llm_dir)
     write_legacy_llm_fields(llm_dir)
 
-    W.save_encoder_hf(module.audio, enc_dir)
-    W.save_tensors(module.adapter.state_dict(), os.path.join(out_dir, "adapter.safetensors"))
+    weights.save_encoder_hf(module.audio, enc_dir)
+    weights.save_tensors(module.adapter.state_dict(), os.path.join(out_dir, "adapter.safetensors"))
 
     salm = module.salm_config()
     salm["llm"]["path"], salm["encoder"]["path"], salm["tokenizer_path"] = "llm", "encoder", None

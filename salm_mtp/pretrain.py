@@ -96,13 +96,13 @@ class CTCPretrainModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.cfg_encoder.path is not None and self._trainer is not None:
-            from salm_mtp import weights as W
+            from salm_mtp import weights
             from salm_mtp.materialize import fill_from_checkpoint
 
             path = self.cfg_encoder.path
-            files = W.checkpoint_files(path)
-            with W.TensorReader(files) as reader:
-                fill_from_checkpoint(self.audio, reader, W.encoder_sources(files, with_ctc_head=True),
+            files = weights.checkpoint_files(path)
+            with weights.TensorReader(files) as reader:
+                fill_from_checkpoint(self.audio, reader, weights.encoder_sources(files, with_ctc_head=True),
                                      f"encoder checkpoint {path!r}")
 
     def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from salm_mtp import weights as W
+from salm_mtp import weights
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -232,26 +232,26 @@ class SALM(torch.nn.Module):
         loaded: set[str] = set()
         if self.cfg_adapter.path is not None:
             path = self.cfg_adapter.path
-            files = W.checkpoint_files_of(path)
-            loaded |= _fill(self, "adapter", files, {k: W.Source((k,)) for k in files}, f"model.adapter.path={path!r}",
+            files = weights.checkpoint_files_of(path)
+            loaded |= _fill(self, "adapter", files, {k: weights.Source((k,)) for k in files}, f"model.adapter.path={path!r}",
                             prefix="adapter.")
         if self.cfg_encoder.path is not None:
             path = self.cfg_encoder.path
-            files = W.checkpoint_files(path)
-            sources = W.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
+            files = weights.checkpoint_files(path)
+            sources = weights.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
             loaded |= _fill(self, "audio", files, sources, f"encoder checkpoint {path!r}")
         if self.cfg_llm.path is not None:
             path = self.cfg_llm.path
-            files = W.checkpoint_files(path)
+            files = weights.checkpoint_files(path)
             load_mtp = self.mtp_enabled and self.mtp_shipped
             if load_mtp and not any(k.startswith("mtp.") for k in files):
-                raise W.CheckpointError(
+                raise weights.CheckpointError(
                     f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
                     "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
                     " to train without it"
                 )
             tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
-            sources = W.llm_sources(files, load_mtp, getattr(self.llm.config, "n_routed_experts", None))
+            sources = weights.llm_sources(files, load_mtp, getattr(self.llm.config, "n_routed_experts", None))
             if tied:
                 sources.pop("lm_head.weight", None)
 
@@ -351,6 +351,6 @@ def _fill(module, part: str, files: dict[str, str], sources: dict, what: str, sk
           prefix: str = "") -> set[str]:
     """Fill ``module.<part>`` from ``sources`` (this rank's slices only); returns the root-level names filled.
     ``prefix`` goes before tensor names in errors."""
-    with W.TensorReader(files) as reader:
+    with weights.TensorReader(files) as reader:
         names = fill_from_checkpoint(getattr(module, part), reader, sources, what, prefix=prefix, skip=skip)
     return {f"{part}.{n}" for n in names}

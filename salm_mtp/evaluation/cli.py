@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from salm_mtp import metrics as M
+from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
 from salm_mtp.evaluation.data import DEFAULT_BATCH_SIZE, INPUT_TYPES, check_model_path, default_metrics_csv, load_model, not_evaluated
 from salm_mtp.evaluation.run import evaluate
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers reading audio, data.num_workers (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--normalizer", choices=M.NORMALIZERS, default="whisper_english",
+    p.add_argument("--normalizer", choices=metrics.NORMALIZERS, default="whisper_english",
                    help="text normaliser applied to references and hypotheses before WER/CER: whisper_english "
                         "(default; Whisper's English normaliser, as the Open ASR Leaderboard: spoken numbers become "
                         "digits), basic (lowercase, no punctuation) or none (raw text); metrics.json names it and "

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from salm_mtp import metrics as M
+from salm_mtp import metrics
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.data.policy import BadCut
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
@@ -93,7 +93,7 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: Totals) -> 
     if module.num_mtp_depths and tokens.shape[1] > 0:
         drafts = mtp_drafts(module, batch, tokens, lengths, prompt=prompt)
         valid = torch.arange(tokens.shape[1], device=dev)[None, :] < lengths[:, None]
-        fractions = M.mtp_acceptance(tokens.cpu(), drafts.cpu(), valid.cpu())
+        fractions = metrics.mtp_acceptance(tokens.cpu(), drafts.cpu(), valid.cpu())
         if not totals.acc_hits:
             totals.acc_hits, totals.acc_count = [0.0] * len(fractions), [0] * len(fractions)
         for k, frac in enumerate(fractions, start=1):
@@ -101,7 +101,7 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: Totals) -> 
             if n:
                 totals.acc_hits[k - 1] += round(frac * n)
                 totals.acc_count[k - 1] += n
-        chained = M.chained_acceptance_counts(tokens.cpu(), drafts.cpu(), valid.cpu())
+        chained = metrics.chained_acceptance_counts(tokens.cpu(), drafts.cpu(), valid.cpu())
         if not totals.chain_hits:
             totals.chain_hits, totals.chain_count = [0] * len(chained), [0] * len(chained)
         for k, (hits, n) in enumerate(chained):

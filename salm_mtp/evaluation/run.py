@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 
 from tqdm import tqdm
 
-from salm_mtp import metrics as M
+from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
 from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
@@ -48,7 +48,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    M.get_normalizer(normalizer)  # an unknown name fails before any decoding
+    metrics.get_normalizer(normalizer)  # an unknown name fails before any decoding
     if decode not in ("greedy", "mtp"):
         raise ValueError(f"--decode must be greedy or mtp, got {decode!r}")
     if decode == "mtp" and not module.num_mtp_depths:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-from salm_mtp import metrics as M
+from salm_mtp import metrics
 from salm_mtp.decoding.speculative import SpecStats
 from salm_mtp.evaluation.data import TURN_TASKS
 from salm_mtp.evaluation.decode import Totals
@@ -23,12 +23,12 @@ def summarise(totals: Totals, num_depths: int, max_new_tokens: int, normalizer: 
     ok = [r for r in totals.rows if r["hyp"] is not None]
     asr = [r for r in ok if r["task"] == "asr"]
     ast = [r for r in ok if r["task"] == "ast"]
-    w = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
-    w_raw = M.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], "none")
-    c = M.cer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
-    b = M.bleu([r["ref"] for r in ast], [r["hyp"] for r in ast]) if ast else None
+    w = metrics.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
+    w_raw = metrics.wer([r["ref"] for r in asr], [r["hyp"] for r in asr], "none")
+    c = metrics.cer([r["ref"] for r in asr], [r["hyp"] for r in asr], normalizer)
+    b = metrics.bleu([r["ref"] for r in ast], [r["hyp"] for r in ast]) if ast else None
     turns = [r for r in ok if r["task"] in TURN_TASKS]
-    tw = M.wer([r["ref"] for r in turns], [r["hyp"] for r in turns], normalizer) if turns else None
+    tw = metrics.wer([r["ref"] for r in turns], [r["hyp"] for r in turns], normalizer) if turns else None
     if num_depths:
         acceptance = [h / n if n else math.nan for h, n in zip(totals.acc_hits, totals.acc_count)]
         acceptance += [math.nan] * (num_depths - len(acceptance))  # no tokens decoded at all
@@ -45,7 +45,7 @@ def summarise(totals: Totals, num_depths: int, max_new_tokens: int, normalizer: 
         "normalizer": normalizer,
         "wer": w["wer"],
         "wer_raw": w_raw["wer"],
-        "wer_by_group": {k: {kk: finite(vv) for kk, vv in g.items()} for k, g in M.wer_by_group(asr, normalizer).items()},
+        "wer_by_group": {k: {kk: finite(vv) for kk, vv in g.items()} for k, g in metrics.wer_by_group(asr, normalizer).items()},
         "cer": c["cer"],
         "wer_errors": w["errors"],
         "ref_words": w["ref_words"],
@@ -56,12 +56,12 @@ def summarise(totals: Totals, num_depths: int, max_new_tokens: int, normalizer: 
         "bleu": b["bleu"] if b is not None else None,
         "mtp_teacher_forced_agreement": [finite(a) for a in acceptance],
         "mtp_teacher_forced_chained_acceptance": [finite(a) for a in chained],
-        "teacher_forced_mean_accepted_length": M.mean_accepted_length(chained) if num_depths else None,
+        "teacher_forced_mean_accepted_length": metrics.mean_accepted_length(chained) if num_depths else None,
         "main_acc": totals.main_correct / totals.main_count if totals.main_count else math.nan,
         "main_loss": totals.main_nll / totals.main_count if totals.main_count else math.nan,
         "num_turns": len(turns),
         "turn_wer": tw["wer"] if tw is not None else None,
-        "turn_exact_match": (sum(M.normalize_text(r["ref"]) == M.normalize_text(r["hyp"]) for r in turns) / len(turns)
+        "turn_exact_match": (sum(metrics.normalize_text(r["ref"]) == metrics.normalize_text(r["hyp"]) for r in turns) / len(turns)
                              if turns else None),
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
