@@ -40,18 +40,21 @@ class NonFiniteError(SalmError):
     """Training produced non-finite losses or weights and stopped (no checkpoint holds such weights)."""
 
 
-def check_ckpt_path(path: str | None) -> None:
-    """Raise CheckpointReadError unless ``path`` is None, a complete torch zip checkpoint or a sharded
-    (torch.distributed.checkpoint) directory with its ``.metadata``. Reads only the zip directory."""
+def check_ckpt_path(path: str | None, key: str = "--ckpt_path") -> None:
+    """Raise CheckpointReadError (naming ``key``, the option that gave it) unless ``path`` is None, a complete
+    torch zip checkpoint or a sharded (torch.distributed.checkpoint) directory with its ``.metadata``. Reads only
+    the zip directory. The one check of every command that takes a checkpoint (fit/validate/test/predict,
+    evaluate, export)."""
     if path is None or path in ("last", "best", "hpc", "registry"):  # Lightning's symbolic names
         return
-    fix = "pass another checkpoint, e.g. an earlier step*.ckpt of the run"
+    fix = ("pass a .ckpt file or sharded checkpoint directory that `salm-mtp fit` wrote under <log_dir>/checkpoints/ "
+           "(e.g. an earlier step*.ckpt of the run)")
     if not os.path.exists(path):
-        raise CheckpointReadError(f"--ckpt_path {path!r} does not exist; {fix}")
+        raise CheckpointReadError(f"{key} {path!r} does not exist; {fix}")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointReadError(
-                f"--ckpt_path {path!r} is a directory without .metadata: not a complete sharded checkpoint "
+                f"{key} {path!r} is a directory without .metadata: not a complete sharded checkpoint "
                 f"(its save was interrupted?); {fix}")
         return
     try:
@@ -59,10 +62,10 @@ def check_ckpt_path(path: str | None) -> None:
             names = z.namelist()
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointReadError(
-            f"--ckpt_path {path!r} is not a readable checkpoint (truncated or not a torch checkpoint: {e}); "
+            f"{key} {path!r} is not a readable checkpoint (truncated or not a torch checkpoint: {e}); "
             f"{fix}") from None
     if not any(n.endswith("data.pkl") for n in names):
-        raise CheckpointReadError(f"--ckpt_path {path!r} is a zip file but not a torch checkpoint; {fix}")
+        raise CheckpointReadError(f"{key} {path!r} is a zip file but not a torch checkpoint; {fix}")
 
 
 def check_writable_dir(path: str, key: str) -> None:

@@ -239,11 +239,9 @@ def export_main(argv: list[str] | None = None) -> int:
                    help="merge (default): LoRA adapters merged into OUT/llm; adapter: merged, and the backbone's "
                         "adapters alone in peft's format under OUT/lora_adapter")
     args = p.parse_args(argv)
-    if not os.path.exists(args.ckpt):
-        from salm_mtp.errors import MissingInputError
+    from salm_mtp.errors import check_ckpt_path
 
-        raise MissingInputError(f"--ckpt {args.ckpt!r} does not exist; pass a .ckpt file or sharded checkpoint "
-                                "directory that `salm-mtp fit` wrote under <log_dir>/checkpoints/")
+    check_ckpt_path(args.ckpt, "--ckpt")
     paths = export_checkpoint(args.ckpt, args.out, mtp_depths=args.mtp_depths, lora=args.lora)
     run_config = find_run_config(args.ckpt)
     if run_config is not None:

@@ -26,3 +26,15 @@ def shard_mesh(mesh):
     if all(d in names for d in SHARD_DIMS):
         return mesh[SHARD_DIMS]
     return mesh["data_parallel"]
+
+
+def trainer_dp_mesh(trainer):
+    """The data-parallel dimension of a trainer's device mesh; None without a trainer, a mesh, or before the
+    strategy has built it (the one lookup behind the data's rank and the loss's dp size)."""
+    if trainer is None:
+        return None
+    try:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+    except (AttributeError, RuntimeError):  # ModelParallelStrategy before setup_environment() built the mesh
+        mesh = None
+    return data_parallel_mesh(mesh)

@@ -46,13 +46,9 @@ def data_parallel(trainer) -> tuple[int, object | None]:
     """
     if trainer is None or not (dist.is_available() and dist.is_initialized()):
         return 1, None
-    try:
-        mesh = getattr(trainer.strategy, "device_mesh", None)
-    except RuntimeError:  # ModelParallelStrategy before setup_environment() built the mesh
-        mesh = None
-    from salm_mtp.mesh import data_parallel_mesh
+    from salm_mtp.mesh import trainer_dp_mesh
 
-    sub = data_parallel_mesh(mesh)
+    sub = trainer_dp_mesh(trainer)
     if sub is not None:
         return sub.size(), sub.get_group()
     return dist.get_world_size(), None

@@ -186,7 +186,10 @@ def test_missing_inputs_are_one_paragraph_errors(tmp_path):
     out = ["--out", str(tmp_path / "eval")]
     with pytest.raises(SalmError, match=r"--ckpt '.*nope.ckpt' does not exist; pass a \.ckpt file"):
         evaluate_main(["--ckpt", str(tmp_path / "nope.ckpt"), *out])
-    ckpt.write_bytes(b"")  # found; never loaded: the settings are checked first
+    ckpt.write_bytes(b"")  # the same check as --ckpt_path: a truncated file is named before anything is built
+    with pytest.raises(SalmError, match=r"--ckpt '.*last.ckpt' is not a readable checkpoint"):
+        evaluate_main(["--ckpt", str(ckpt), *out])
+    torch.save({}, ckpt)  # a readable checkpoint file, never loaded: the settings are checked first
     with pytest.raises(SalmError, match=r"--config '.*other.yaml': no such file"):
         evaluate_main(["--ckpt", str(ckpt), "--config", str(tmp_path / "other.yaml"), *out])
     with pytest.raises(SalmError, match=r"no manifest to evaluate: pass --manifest"):

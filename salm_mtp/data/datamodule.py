@@ -308,13 +308,9 @@ class SALMDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 1
-        try:
-            mesh = trainer.strategy.device_mesh
-        except (AttributeError, RuntimeError):
-            mesh = None
-        from salm_mtp.mesh import data_parallel_mesh  # HSDP: replicate x shard, flattened
+        from salm_mtp.mesh import trainer_dp_mesh  # HSDP: replicate x shard, flattened
 
-        dp = data_parallel_mesh(mesh)
+        dp = trainer_dp_mesh(trainer)
         if dp is not None:
             return dp.get_local_rank(), dp.size()
         return trainer.global_rank, trainer.world_size

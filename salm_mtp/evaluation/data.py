@@ -16,7 +16,7 @@ from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import SOURCE_TYPES, PerTurn, source_cuts
 from salm_mtp.data.policy import BadCut, SkipLog
 from salm_mtp.data.prompt import PromptConfig
-from salm_mtp.errors import MissingInputError
+from salm_mtp.errors import MissingInputError, check_ckpt_path
 
 
 def load_model(ckpt: str | None = None, model: str | None = None):
@@ -34,9 +34,7 @@ def check_model_path(ckpt: str | None, model: str | None) -> None:
         raise ValueError("pass exactly one of --ckpt (Lightning checkpoint) or --model (export directory)")
     if model is not None and not os.path.isdir(model):
         raise MissingInputError(f"--model {model!r} is not a directory; pass one written by `salm-mtp export`")
-    if ckpt is not None and not os.path.exists(ckpt):
-        raise MissingInputError(f"--ckpt {ckpt!r} does not exist; pass a .ckpt file (or sharded checkpoint "
-                                "directory) that `salm-mtp fit` wrote under <log_dir>/checkpoints/")
+    check_ckpt_path(ckpt, "--ckpt")
 
 
 def default_metrics_csv(ckpt: str | None) -> str | None:
