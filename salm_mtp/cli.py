@@ -116,6 +116,24 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     if status:
         sys.exit(status)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args is None:
+        _leave_distributed_run()
+
+
+def _leave_distributed_run() -> None:
+    """End a finished multi-process run's process without interpreter finalisation. Gloo's C++ worker threads
+    can still own tensors with Python references (FSDP2's collectives); freeing them while the interpreter is being
+    torn down aborts the process (SIGABRT, "terminate called without an active exception") after the run succeeded,
+    and torchrun then reports the job as failed (pytorch/pytorch#179291). The exit handlers still run first (loggers,
+    thread pools), with the interpreter alive; then the process leaves with status 0."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check_ckpt_arg(argv: list[str]) -> None:
