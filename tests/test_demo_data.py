@@ -15,7 +15,8 @@ from lhotse import CutSet
 from transformers import AutoTokenizer
 
 from salm_mtp.data.datamodule import SALMDataModule
-from salm_mtp.demo.corpus import (
+from salm_mtp.demo.corpus import make_demo_data
+from salm_mtp.demo.texts import (
     HELD_OUT_BASE_VOICE,
     HELD_OUT_SPLITS,
     HELD_OUT_VARIANT,
@@ -25,7 +26,6 @@ from salm_mtp.demo.corpus import (
     SPLITS,
     UNSEEN_VOICES,
     VOCABULARY,
-    make_demo_data,
     plan_corpus,
     plan_split,
     words_to_digits,

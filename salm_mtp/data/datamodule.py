@@ -57,24 +57,8 @@ log = logging.getLogger(__name__)
 
 
 class SALMDataModule(pl.LightningDataModule):
-    """Loads manifests and the tokenizer; builds the samplers and loaders.
-
-    Args are the fields of ``DataConfig`` (same names, defaults and checks):
-        train_manifest, val_manifest, test_manifest: CutSet manifests (None: stage unused).
-        tokenizer_path: HF tokenizer directory, or None and ``set_tokenizer`` from the model.
-        max_duration: seconds of audio per batch.
-        num_buckets: duration buckets of the train sampler.
-        shuffle: shuffle training cuts per epoch.
-        seed: seed of the train shuffling.
-        num_workers: DataLoader worker processes.
-        max_cuts: cap on cuts per batch (None: no cap).
-        prompt: prompt wording and template.
-        on_bad_cut, max_cut_duration, max_target_tokens, max_seq_len, precheck: the bad-cut policy.
-        inputs, val_inputs: named training sources (mixed by weight) and validation sets (salm_mtp.data.mix).
-        max_tokens: batch budget in LLM positions.
-        bucket_window: examples sorted by length together before they are cut into budgeted batches (training).
-        mix_in_batch: every bucketed batch carries each source in proportion.
-    """
+    """Loads manifests and the tokenizer; builds the samplers and loaders. Its arguments are ``DataConfig``'s fields
+    (salm_mtp/data/config.py documents each one; those docstrings are the ``--data.*`` help)."""
 
     def __init__(
         self,
@@ -101,29 +85,8 @@ class SALMDataModule(pl.LightningDataModule):
         mix_in_batch: bool = True,
     ) -> None:
         super().__init__()
-        self.cfg = DataConfig(
-            train_manifest=train_manifest,
-            val_manifest=val_manifest,
-            test_manifest=test_manifest,
-            tokenizer_path=tokenizer_path,
-            max_duration=max_duration,
-            num_buckets=num_buckets,
-            shuffle=shuffle,
-            seed=seed,
-            num_workers=num_workers,
-            max_cuts=max_cuts,
-            prompt=prompt if prompt is not None else PromptConfig(),
-            on_bad_cut=on_bad_cut,
-            max_cut_duration=max_cut_duration,
-            max_target_tokens=max_target_tokens,
-            max_seq_len=max_seq_len,
-            precheck=precheck,
-            inputs=inputs,
-            val_inputs=val_inputs,
-            max_tokens=max_tokens,
-            bucket_window=bucket_window,
-            mix_in_batch=mix_in_batch,
-        )
+        given = locals()  # exactly DataConfig's fields (tests/test_datamodule.py checks the two stay equal)
+        self.cfg = DataConfig(**{f.name: given[f.name] for f in fields(DataConfig)})
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
         self._cuts: dict[str, CutSet] = {}

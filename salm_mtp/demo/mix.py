@@ -27,7 +27,7 @@ import os
 import random
 from pathlib import Path
 
-from salm_mtp.demo.corpus import NUMBER_WORDS, plan_split, words_to_digits
+from salm_mtp.demo.texts import NUMBER_WORDS, plan_split, words_to_digits
 from salm_mtp.data.manifest import load_cuts
 
 TALK_COUNTS = {"train": 800, "dev": 40, "test": 60}
