@@ -45,6 +45,17 @@ def add_device_arg(parser) -> None:
                              "resident-set peak on cpu, torch.cuda's max_memory_allocated on cuda")
 
 
+def parse_device_args(parser, argv=None):
+    """``parser.parse_args(argv)``, its ``--device`` checked: argparse's own error (naming ``--device``) when this
+    process cannot use it."""
+    args = parser.parse_args(argv)
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
 def check_device(device: str) -> str:
     """``device`` itself when this process can use it; ValueError naming ``--device`` otherwise."""
     if device not in DEVICES:

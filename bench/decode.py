@@ -41,7 +41,7 @@ import torch
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
-from common import MEMORY_MEASURES, add_device_arg, check_device, process_peak, sync  # noqa: E402
+from common import MEMORY_MEASURES, add_device_arg, parse_device_args, process_peak, sync  # noqa: E402
 
 from salm_mtp.decoding.speculative import SpecStats, decode_row_groups, mtp_decode  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
@@ -214,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="untrained model only: the backbone's block pattern (default conf/demo.yaml's). A deeper one "
                         "(e.g. 8 x 'M*EM-*') gives the backbone-to-head cost ratio of a real model")
     add_device_arg(p)
-    a = p.parse_args(argv)
-    try:
-        check_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    a = parse_device_args(p, argv)
     logging_quiet()
     if a.threads:
         torch.set_num_threads(a.threads)

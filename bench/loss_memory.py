@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
-from common import (MEMORY_MEASURES, add_device_arg, check_device, peak_since, peak_start, sync,  # noqa: E402
+from common import (MEMORY_MEASURES, add_device_arg, parse_device_args, peak_since, peak_start, sync,  # noqa: E402
                     write_result)
 from salm_mtp.loss import combine_losses, head_stats, mtp_targets  # noqa: E402
 
@@ -243,11 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     add_device_arg(p)
     p.add_argument("--case", help=argparse.SUPPRESS)  # child mode: one case, one JSON line on stdout
     p.add_argument("--grads-file", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    try:
-        check_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    a = parse_device_args(p, argv)
     if a.case:
         gf = None if a.grads_file in (None, os.devnull) else a.grads_file
         print(json.dumps(run_case(a.case, a.vocab, a.hidden, a.tokens, a.depths, gf, a.device)))

@@ -50,7 +50,7 @@ import contextlib
 import torch
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-from common import (MEMORY_MEASURES, add_device_arg, check_device, peak_since, peak_start, sync,  # noqa: E402
+from common import (MEMORY_MEASURES, add_device_arg, parse_device_args, peak_since, peak_start, sync,  # noqa: E402
                     write_result)
 
 OUT = "bench/results/mtp_overhead.json"
@@ -269,11 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="32: fp32 throughout (default); bf16-mixed: the forward under torch.autocast(bfloat16)")
     p.add_argument("--out", default=OUT)
     add_device_arg(p)
-    a = p.parse_args(argv)
-    try:
-        check_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
+    a = parse_device_args(p, argv)
     if not os.path.isfile(a.manifest):
         sys.exit(f"--manifest {a.manifest} is missing: run `salm-mtp make-demo-data --out data/demo` first")
     tokenizer = a.tokenizer or demo_model_kwargs()["tokenizer_path"]
