@@ -20,6 +20,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ (cli_run, tiny) when run as a script
+from cli_run import run_cli  # noqa: E402
+
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "behaviour")
 STEPS = 20
 COMMON = ["--trainer.max_steps=%d" % STEPS, "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
@@ -32,7 +35,11 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str]) -> None:
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    """``salm-mtp`` (``cmd[0] == "salm-mtp"``: in this process, one thread) or a launcher command (a subprocess)."""
+    if cmd[0] == "salm-mtp":
+        out = run_cli(cmd[1:], env={"PYTHONPATH": _env()["PYTHONPATH"]}, threads=1)
+    else:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
@@ -48,7 +55,7 @@ def losses(run_dir: str) -> list[float]:
 def fit(run_dir: str, corpus: str, tok_dir: str, nproc: int) -> list[float]:
     """``salm-mtp fit`` of the demo config (nproc 1) or its FSDP2 variant (nproc 2); its first STEPS losses."""
     conf = "conf/demo.yaml" if nproc == 1 else "conf/demo_fsdp2.yaml"
-    launcher = [sys.executable, "-m", "salm_mtp.cli"] if nproc == 1 else [
+    launcher = ["salm-mtp"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "-m", "salm_mtp.cli"]
     _run([*launcher, "fit", "--config", os.path.join(ROOT, conf), f"--trainer.default_root_dir={run_dir}",
@@ -59,7 +66,7 @@ def fit(run_dir: str, corpus: str, tok_dir: str, nproc: int) -> list[float]:
 def evaluate_hyps(run_dir: str, corpus: str, out_dir: str) -> list[dict]:
     """``salm-mtp evaluate`` of the run's last checkpoint on ``corpus``: its hyps.jsonl rows (id, hyp)."""
     (ckpt,) = glob.glob(os.path.join(run_dir, "salm/version_*/checkpoints/last.ckpt"))
-    _run([sys.executable, "-m", "salm_mtp.cli", "evaluate", "--ckpt", ckpt, "--manifest", corpus, "--out", out_dir,
+    _run(["salm-mtp", "evaluate", "--ckpt", ckpt, "--manifest", corpus, "--out", out_dir,
           "--max-new-tokens", "12"])
     with open(os.path.join(out_dir, "hyps.jsonl")) as f:
         return [{"id": r["id"], "hyp": r["hyp"]} for r in map(json.loads, f)]
@@ -111,7 +118,7 @@ def record(work: str) -> None:
     result["evaluate_hyps"] = evaluate_hyps(os.path.join(work, "demo"), corpus, os.path.join(work, "eval"))
     # the old-format checkpoint: a tiny model trained 2 steps, saved weights-only, and its logits
     tiny_run = os.path.join(work, "tiny")
-    _run([sys.executable, "-m", "salm_mtp.cli", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+    _run(["salm-mtp", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
           f"--trainer.default_root_dir={tiny_run}", f"--model.tokenizer_path={tok_dir}",
           f"--data.train_manifest={corpus}", "--trainer.max_steps=2", "--data.val_manifest=null",
           "--data.test_manifest=null", "--trainer.enable_progress_bar=false"])

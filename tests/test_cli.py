@@ -1,4 +1,5 @@
-"""End-to-end CLI runs in subprocesses: fit writes checkpoints and metrics; resume continues exactly."""
+"""End-to-end CLI runs (in this process: tests/cli_run.py): fit writes checkpoints and metrics; resume continues
+exactly; every subcommand's --help. The top-level --help runs as a subprocess: the console entry point's smoke test."""
 
 import csv
 import glob
@@ -9,18 +10,17 @@ import sys
 import pytest
 import yaml
 
+from cli_run import run_cli
 from tiny import logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fit(run_dir, manifest, tok_dir, *extra):
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
-           f"--trainer.default_root_dir={run_dir}", f"--model.tokenizer_path={tok_dir}",
-           f"--data.train_manifest={manifest}", f"--data.val_manifest={manifest}", "--data.test_manifest=null",
-           "--trainer.enable_progress_bar=false", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = run_cli(["fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+                   f"--trainer.default_root_dir={run_dir}", f"--model.tokenizer_path={tok_dir}",
+                   f"--data.train_manifest={manifest}", f"--data.val_manifest={manifest}", "--data.test_manifest=null",
+                   "--trainer.enable_progress_bar=false", *extra])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
@@ -72,9 +72,8 @@ def test_resume_continues_with_same_next_batch_loss(full_run, corpus, tok_dir, t
 
 
 def test_bad_override_names_the_key(corpus, tok_dir, tmp_path):
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
-           f"--model.tokenizer_path={tok_dir}", f"--data.train_manifest={corpus}", "--model.mtp.num_layers=-1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    out = run_cli(["fit", "--config", os.path.join(ROOT, "conf/tiny.yaml"), f"--model.tokenizer_path={tok_dir}",
+                   f"--data.train_manifest={corpus}", "--model.mtp.num_layers=-1"])
     assert out.returncode != 0
     assert "model.mtp.num_layers must be >= 0, got -1" in out.stderr
 
@@ -84,12 +83,10 @@ def test_predict_writes_hypotheses(full_run, corpus, tok_dir, tmp_path):
 
     run, _ = full_run
     last = glob.glob(os.path.join(run, "salm/version_*/checkpoints/last.ckpt"))[0]
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "predict", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
-           f"--trainer.default_root_dir={tmp_path}", f"--model.tokenizer_path={tok_dir}",
-           f"--data.train_manifest={corpus}", "--data.val_manifest=null", f"--data.test_manifest={corpus}",
-           f"--ckpt_path={last}",
-           "--trainer.enable_progress_bar=false"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    out = run_cli(["predict", "--config", os.path.join(ROOT, "conf/tiny.yaml"),
+                   f"--trainer.default_root_dir={tmp_path}", f"--model.tokenizer_path={tok_dir}",
+                   f"--data.train_manifest={corpus}", "--data.val_manifest=null", f"--data.test_manifest={corpus}",
+                   f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
     assert out.returncode == 0, out.stderr[-4000:]
     (path,) = glob.glob(os.path.join(str(tmp_path), "salm/version_*/predictions.jsonl"))
     rows = [json.loads(line) for line in open(path)]
@@ -98,11 +95,7 @@ def test_predict_writes_hypotheses(full_run, corpus, tok_dir, tmp_path):
 
 
 def test_fit_help_shows_config_field_docstrings():
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "salm_mtp.cli", "fit", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = run_cli(["fit", "--help"])
     assert out.returncode == 0, out.stderr[-2000:]
     text = " ".join(out.stdout.split())
     assert "--model.mtp.num_layers NUM_LAYERS Depths D (num_nextn_predict_layers)" in text
@@ -113,7 +106,7 @@ def test_fit_help_shows_config_field_docstrings():
 MTP_LAYERS_HELP = "--model.mtp.num_layers NUM_LAYERS Depths D (num_nextn_predict_layers)"
 DATA_HELP = "--data.max_cuts MAX_CUTS {doc}"  # {doc}: the first words of DataConfig.max_cuts's docstring
 NESTED_HELP = {  # subcommand argv -> a docstring line of a nested key (LightningCLI / jsonargparse subcommands; fit:
-    # test_fit_help_shows_config_field_docstrings, through the console entry point)
+    # test_fit_help_shows_config_field_docstrings)
     ("validate",): (MTP_LAYERS_HELP, DATA_HELP),
     ("test",): (MTP_LAYERS_HELP, DATA_HELP),
     ("predict",): (MTP_LAYERS_HELP, DATA_HELP),

@@ -6,14 +6,13 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from lhotse import CutSet
 from transformers import AutoTokenizer
 
+from cli_run import run_cli
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.demo.corpus import make_demo_data
 from salm_mtp.demo.texts import (
@@ -144,9 +143,9 @@ def test_demo_corpus_feeds_the_datamodule(two_runs, monkeypatch, tmp_path):
 
 def test_cli_script(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "make-demo-data", "--out", str(out), "--num-train", "2",
-           "--num-dev", "1", "--num-test", "1", "--synthetic", "--no-progress"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    run = run_cli(["make-demo-data", "--out", str(out), "--num-train", "2", "--num-dev", "1", "--num-test", "1",
+                   "--synthetic", "--no-progress"])
+    assert run.returncode == 0, run.stderr[-3000:]
     assert "wrote 5 clips" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "audio", "dev_cuts.jsonl.gz", "meta.json", "test_cuts.jsonl.gz", "test_unseen_voice_cuts.jsonl.gz",
@@ -157,9 +156,9 @@ def test_cli_script(tmp_path):
 
 def test_cli_mix_writes_the_mixing_sets_over_the_corpus_clips(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "make-demo-data", "--out", str(out), "--num-train", "3",
-           "--num-dev", "2", "--num-test", "2", "--synthetic", "--no-progress", "--mix"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    run = run_cli(["make-demo-data", "--out", str(out), "--num-train", "3", "--num-dev", "2", "--num-test", "2",
+                   "--synthetic", "--no-progress", "--mix"])
+    assert run.returncode == 0, run.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     for split in ("train", "dev", "test"):
         assert {f"talk_{split}.jsonl", f"text_{split}.jsonl"} <= names

@@ -1,5 +1,5 @@
 """salm-mtp evaluate end to end: a 2-step fit on a sine-wave corpus, its checkpoint evaluated by the CLI
-(subprocess), one cut's audio deleted: counted in num_failed, the run goes on; a `salm-mtp fit` run with a
+(in this process, tests/cli_run.py), one cut's audio deleted: counted in num_failed, the run goes on; a `salm-mtp fit` run with a
 non-default prompt is evaluated with that prompt (read from its config.yaml), also through its export."""
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ import json
 import math
 import re
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 import tiny
+from cli_run import run_cli
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.errors import SalmError
 from salm_mtp.evaluation.data import default_metrics_csv
@@ -55,10 +54,8 @@ def test_evaluate_cli_on_trained_checkpoint(tmp_path, tok_dir, sine_corpus):
     os.remove(manifest.parent / "audio" / "c003.flac")  # unreadable at evaluation time
 
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "evaluate", "--ckpt", str(ckpt), "--manifest", str(manifest),
-           "--out", str(out), "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = run_cli(["evaluate", "--ckpt", str(ckpt), "--manifest", str(manifest), "--out", str(out),
+                    "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WER" in proc.stdout and "MTP agreement depth 2 (teacher-forced, marginal)" in proc.stdout
     # a plain Trainer saved no config.yaml: the defaults are used, and said so

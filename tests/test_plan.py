@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from cli_run import run_cli
 from salm_mtp.plan import build, planner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,8 +162,7 @@ def test_published_configs_build_to_their_sizes():
 
 def test_cli_writes_the_plan_json(tmp_path):
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "salm_mtp.cli", "plan", *DEMO, "--world_size", "2", "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    run = run_cli(["plan", *DEMO, "--world_size", "2", "--out", str(out)])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "smallest world size that fits" in run.stdout
     plan = json.loads(out.read_text())

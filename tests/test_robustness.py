@@ -1,6 +1,7 @@
 """Bad data, non-finite losses, pre-emption and clear errors (issue 13): each fault injected, what the user sees.
 
-Unit cases run the data module in process (both policies); the CLI cases are tiny subprocess runs."""
+Unit cases run the data module in process (both policies); the CLI cases are tiny runs in this process, the
+pre-emption ones in subprocesses (they are signalled)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.policy import BadCutError
+from cli_run import run_cli
 from tiny import logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,14 +266,19 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI runs
-def _cli(sub, run_dir, tok_dir, *extra, env=None, check=None, new_session=False):
-    cmd = [sys.executable, "-m", "salm_mtp.cli", sub, "--config", os.path.join(ROOT, "conf/tiny.yaml"),
-           f"--trainer.default_root_dir={run_dir}", f"--model.tokenizer_path={tok_dir}",
-           "--data.test_manifest=null", "--trainer.enable_progress_bar=false", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}",
-           **(env or {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-                         start_new_session=new_session)  # its own process group: a group signal stays there
+def _cli(sub, run_dir, tok_dir, *extra, env=None, check=None, new_session=False, subprocess_run=False):
+    """``salm-mtp SUB`` on conf/tiny.yaml, in this process (tests/cli_run.py) unless ``subprocess_run``: runs that
+    are signalled need a process (and, with ``new_session``, a process group) of their own."""
+    args = [sub, "--config", os.path.join(ROOT, "conf/tiny.yaml"), f"--trainer.default_root_dir={run_dir}",
+            f"--model.tokenizer_path={tok_dir}", "--data.test_manifest=null", "--trainer.enable_progress_bar=false",
+            *extra]
+    if not subprocess_run:
+        out = run_cli(args, env=env)
+    else:
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}",
+               **(env or {})}
+        out = subprocess.run([sys.executable, "-m", "salm_mtp.cli", *args], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=600, start_new_session=new_session)
     if check is not None:
         assert out.returncode == check, out.stdout[-3000:] + out.stderr[-5000:]
     return out
@@ -356,7 +363,7 @@ PREEMPT_ARGS = ["--data.val_manifest=null", "--trainer.max_steps=7", "--data.num
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tok_dir, tmp_path_factory):
     full = str(tmp_path_factory.mktemp("full"))
-    _cli("fit", full, tok_dir, f"--data.train_manifest={corpus}", *PREEMPT_ARGS, check=0)
+    _cli("fit", full, tok_dir, f"--data.train_manifest={corpus}", *PREEMPT_ARGS, check=0, subprocess_run=True)
     return logged_losses(full)
 
 
@@ -370,13 +377,13 @@ def test_cli_sigterm_saves_at_the_signal_step_exits_143_and_resumes_exactly(corp
     cut = str(tmp_path / "cut")
     env = {"SALM_TEST_KILL_AT_STEP": str(step), "SALM_TEST_KILL_GROUP": "1" if target == "process group" else "0"}
     out = _cli("fit", cut, tok_dir, *common, "--trainer.callbacks+=robustness_helpers.KillAtStep", env=env,
-               new_session=True)  # its own process group: a group signal stays there
+               new_session=True, subprocess_run=True)  # its own process group: a group signal stays there
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     assert "is killed by signal" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     (ckpt,) = glob.glob(os.path.join(cut, f"salm/version_*/checkpoints/preempted-step{step + 1}.ckpt"))
     assert f"pre-empted by signal 15 after step {step + 1}" in out.stderr + out.stdout
     resumed = str(tmp_path / "resumed")
-    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
+    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0, subprocess_run=True)
     b = logged_losses(resumed)
     assert sorted(b) == list(range(step + 1, 7))
     assert [b[s] for s in sorted(b)] == [uninterrupted[s] for s in sorted(b)]  # exactly
