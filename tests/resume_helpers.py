@@ -61,7 +61,12 @@ class HoldSave(L.Callback):
                 release.wait(timeout=120)  # a blocking save would stop training here: the test then times out
             return original(writer, plan, planner)
 
+        self._restore = lambda: setattr(fs.FileSystemWriter, "write_data", original)
         fs.FileSystemWriter.write_data = write_data
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release.set()
+        self._restore()  # the next run in this process (tests/dist/cli_session.py) writes unheld
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import json
