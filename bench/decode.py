@@ -59,7 +59,7 @@ def untrained_demo_model(llm_pattern: str | None = None, tokenizer: str | None =
     (default: the config's model.tokenizer_path)."""
     import yaml
 
-    from salm_mtp.io import build_module
+    from salm_mtp.io import build_salm
 
     with open(DEMO_CONF) as f:
         cfg = yaml.safe_load(f)["model"]
@@ -72,7 +72,7 @@ def untrained_demo_model(llm_pattern: str | None = None, tokenizer: str | None =
         raise FileNotFoundError(f"{cfg['tokenizer_path']} has no tokenizer: run `salm-mtp make-demo-data "
                                 "--out data/demo` (step 1 of scripts/run_demo.sh) or pass --ckpt")
     torch.manual_seed(0)
-    return build_module(**cfg)
+    return build_salm(**cfg)
 
 
 def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_drafts: int,

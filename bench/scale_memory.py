@@ -211,11 +211,11 @@ def _import_test_helpers():
 def nemotron_config(a: argparse.Namespace | dict, vocab: int):
     from transformers import NemotronHConfig
 
-    from salm_mtp.config import MTP_SYMBOLS
+    from salm_mtp.config import BLOCK_SYMBOLS
 
     a = a if isinstance(a, dict) else vars(a)
     return NemotronHConfig(
-        vocab_size=vocab, hidden_size=a["hidden"], layers_block_type=[MTP_SYMBOLS[s] for s in a["pattern"]],
+        vocab_size=vocab, hidden_size=a["hidden"], layers_block_type=[BLOCK_SYMBOLS[s] for s in a["pattern"]],
         num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"], head_dim=a["head_dim"],
         intermediate_size=4 * a["hidden"], mamba_num_heads=a["mamba_heads"], mamba_head_dim=a["mamba_head_dim"],
         ssm_state_size=a["ssm_state"], n_groups=1, chunk_size=64, n_routed_experts=a["experts"],

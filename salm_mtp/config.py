@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MTP_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-"""Block-type symbols of Nemotron-H patterns (``hybrid_override_pattern`` notation)."""
+BLOCK_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+"""Block-type symbols of Nemotron-H patterns, backbone (``model.llm.pattern``) and MTP head (``model.mtp.pattern``)
+alike (the ``hybrid_override_pattern`` notation): symbol -> transformers block type."""
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -22,7 +23,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def check_pattern(pattern: str, key: str) -> str:
     """Validate a block pattern such as ``"M*E-"`` and return it."""
-    bad = sorted(set(pattern) - set(MTP_SYMBOLS))
+    bad = sorted(set(pattern) - set(BLOCK_SYMBOLS))
     if not pattern or bad:
         raise ValueError(
             f"{key}={pattern!r} is not a block pattern: use the symbols M (Mamba2), * (attention), "
@@ -245,8 +246,8 @@ class OptimConfig:
     """Length of the cosine decay; null = trainer.max_steps."""
     implementation: str = "auto"
     """AdamW kernel: fused (one kernel over all parameters), foreach, for_loop, or auto = fused where torch has
-    a fused AdamW for the parameters' device (CPU, CUDA), else foreach. On CPU the per-tensor for_loop costs
-    about 9x the fused step, which at small batches is a large share of a train step (bench/mtp_overhead.py)."""
+    a fused AdamW for the parameters' device (CPU, CUDA), else foreach. On CPU the per-tensor for_loop is several
+    times slower than the fused step, a large share of a small-batch train step (bench/results/mtp_overhead.json)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "model.optim.lr", f"must be > 0, got {self.lr}")

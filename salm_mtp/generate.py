@@ -1,4 +1,4 @@
-"""Greedy decoding of a SALMModule with the backbone's cache, and the MTP head's drafts along it.
+"""Greedy decoding of a SALM (salm_mtp/salm.py) with the backbone's cache, and the MTP head's drafts along it.
 
     from salm_mtp.generate import greedy_generate, greedy_decode, mtp_drafts
     hyps = greedy_generate(module, batch)                          # list[str], one per row
@@ -48,7 +48,7 @@ from salm_mtp.modules.merge import MergedInputs
 def prompt_batch(batch: dict) -> dict:
     """The prompt-only batch: each row's ``input_ids`` cut at ``prompt_lens``, no loss tokens.
 
-    Audio tensors are shared, not copied. The result is what ``SALMModule.prepare_inputs`` needs.
+    Audio tensors are shared, not copied. The result is what ``SALM.prepare_inputs`` needs.
     """
     plens = batch["prompt_lens"].to(batch["input_ids"].device)
     P = int(plens.max()) if plens.numel() else 0
@@ -64,6 +64,11 @@ def prompt_batch(batch: dict) -> dict:
     }
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where the module's weights are (a plain ``nn.Module`` has no ``.device``)."""
+    return next(module.parameters()).device
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -73,7 +78,7 @@ def inference(module) -> Iterator[None]:
     """``torch.no_grad()`` and eval mode (no dropout, no SpecAugment) for the block; the module's
     mode is restored after."""
     was_training = module.training
-    if was_training:  # walking every submodule costs ~2 ms: only when the mode changes
+    if was_training:  # eval() walks every submodule: only when the mode changes
         module.eval()
     try:
         with torch.no_grad():
@@ -89,7 +94,7 @@ def encode_prompts(module, batch: dict) -> MergedInputs:
     pass between :func:`greedy_decode` and :func:`mtp_drafts`.
     """
     with inference(module):
-        merged, _, _ = module.prepare_inputs(_to_device(prompt_batch(batch), module.device))
+        merged, _, _ = module.prepare_inputs(_to_device(prompt_batch(batch), device_of(module)))
     return merged
 
 
@@ -234,7 +239,7 @@ def greedy_decode(module, batch: dict, max_new_tokens: int = 64, use_cache: bool
     """Greedy answer tokens of every row of ``batch`` (prompts only; answers in the batch are ignored).
 
     Args:
-        module: a SALMModule (put in eval mode for the call, its mode restored after).
+        module: a SALM (put in eval mode for the call, its mode restored after).
         batch: salm_mtp.data.dataset layout (needs audios, audio_lens, input_ids, prompt_lens).
         max_new_tokens: most tokens generated per row (eos included).
         use_cache: True: prefill + one cached step per token; False: full recompute per token.
@@ -315,7 +320,7 @@ def mtp_drafts(module, batch: dict, answer_tokens: torch.Tensor, lengths: torch.
     which is ``metrics.mtp_acceptance``'s convention: pass ``valid = arange(L) < lengths``.
 
     Args:
-        module: a SALMModule (eval mode for the call, mode restored after).
+        module: a SALM (eval mode for the call, mode restored after).
         batch: the batch the answers were decoded from (only its prompts are used).
         answer_tokens: (B, L) long, e.g. from :func:`greedy_decode`.
         lengths: (B,) valid tokens per row.

@@ -1,9 +1,10 @@
-"""Whole-model I/O: build a SALMModule from a Lightning ``.ckpt``, a sharded checkpoint directory or an
-export directory, and export one to HF-format directories. The only module that both builds a
-``SALMModule`` and reads or writes its files (tensor-level reading is ``salm_mtp.weights``).
+"""Whole-model I/O: a plain ``SALM`` (salm_mtp/salm.py: no training recipe) from a Lightning ``.ckpt``, a
+sharded checkpoint directory or an export directory, and export to HF-format directories. Decoding, evaluation,
+export and the benchmarks use what this returns; training builds the ``SALMModule`` recipe in its trainer
+(``build_module`` builds one outside a trainer). Tensor-level reading is ``salm_mtp.weights``.
 
-    module = load_model("runs/demo/salm/version_0/checkpoints/last.ckpt")   # or a sharded dir, or an export
-    export_hf(module, "exports/demo")
+    model = load_model("runs/demo/salm/version_0/checkpoints/last.ckpt")   # or a sharded dir, or an export
+    export_hf(model, "exports/demo")
     salm-mtp export --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt --out exports/demo [--mtp-depths 1]
 
 Export layout (``export_hf``)::
@@ -26,38 +27,65 @@ transformers 5's ``TokenizersBackend``. Serving stacks (vLLM, llama.cpp) take on
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import warnings
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from salm_mtp import weights
 from salm_mtp.model import SALMModule
-from salm_mtp.salm import PART_TYPES, config_from_dict
+from salm_mtp.salm import PART_TYPES, SALM, config_from_dict
 from salm_mtp.modules.lora import ADAPTER_DIR, base_view, has_lora, save_adapter
-from salm_mtp.modules.mtp import SYMBOL_OF, record_mtp_in_config
+from salm_mtp.modules.mtp import SYMBOL_OF_BLOCK, record_mtp_in_config
+
+
+def _ready(model: SALM, device: str, load_pretrained: bool, init_new: bool) -> SALM:
+    model.apply_freeze()
+    model.materialize_weights(device, load_pretrained=load_pretrained, init_new=init_new)
+    return model
+
+
+def salm_arguments(config: dict) -> dict:
+    """The ``SALM`` arguments of a recorded model config (a checkpoint's hyperparameters, an export's
+    salm_config.json): the training recipe's own settings (optim, moe_balance, ...) are left out."""
+    names = set(inspect.signature(SALM.__init__).parameters) - {"self"}
+    return {k: v for k, v in config_from_dict(config).items() if k in names}
+
+
+def build_salm(device: str = "cpu", load_pretrained: bool = True, init_new: bool = True, **config) -> SALM:
+    """A plain SALM: built on meta, then materialised on ``device`` and filled (pretrained parts read from their
+    paths when ``load_pretrained``, the rest initialised unless not ``init_new``: ``SALM.materialize_weights``).
+    ``config``: SALM's arguments; recorded training settings among them are ignored."""
+    return _ready(SALM(**salm_arguments(config)), device, load_pretrained, init_new)
 
 
 def build_module(device: str = "cpu", load_pretrained: bool = True, init_new: bool = True, **kwargs) -> SALMModule:
-    """A SALMModule outside a trainer: built on meta, then materialised on ``device`` and filled
-    (pretrained parts read from their paths when ``load_pretrained``, the rest initialised unless not
-    ``init_new``: see ``SALMModule.materialize_weights``)."""
-    module = SALMModule(**config_from_dict(kwargs))
-    module.apply_freeze()
-    module.materialize_weights(device, load_pretrained=load_pretrained, init_new=init_new)
-    return module
+    """The training recipe (SALMModule) outside a trainer, built and filled as ``build_salm`` builds a SALM."""
+    return _ready(SALMModule(**config_from_dict(kwargs)), device, load_pretrained, init_new)
 
 
-def load_lightning_checkpoint(path: str, map_location: str = "cpu") -> SALMModule:
-    """A single-file Lightning checkpoint with torch's weights-only unpickler (our config dataclasses
-    allow-listed); ``load_from_checkpoint`` runs ``configure_model`` (materialise, no reads) first."""
+def _hyperparameters(saved: dict | None, where: str) -> dict:
+    if not saved:
+        raise ValueError(f"{where!r} holds no hyper_parameters: cannot rebuild the model")
+    return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
+
+
+def load_lightning_checkpoint(path: str) -> SALM:
+    """A SALM (CPU) from a single-file Lightning checkpoint, read with torch's weights-only unpickler (our config
+    dataclasses allow-listed): rebuilt from its hyperparameters, every tensor loaded by name (strict)."""
     with torch.serialization.safe_globals(list(PART_TYPES.values())):
-        return SALMModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_salm(load_pretrained=False, init_new=False, **_hyperparameters(ckpt.get("hyper_parameters"), path))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model
 
 
-def load_sharded_checkpoint(path: str) -> SALMModule:
-    """An unsharded SALMModule (CPU) from a ModelParallelStrategy checkpoint directory.
+def load_sharded_checkpoint(path: str) -> SALM:
+    """A SALM (CPU, unsharded) from a ModelParallelStrategy checkpoint directory.
 
     Lightning writes such a directory when ``save_distributed_checkpoint=True`` (its default): one
     ``torch.distributed.checkpoint`` shard per rank plus ``meta.pt`` with the hyperparameters. The
@@ -72,11 +100,8 @@ def load_sharded_checkpoint(path: str) -> SALMModule:
             "(pass a .ckpt file for single-file checkpoints)"
         )
     meta = torch.load(meta_file, map_location="cpu", weights_only=False)  # our own file: configs are dataclasses
-    hparams = meta.get("hyper_parameters")
-    if not hparams:
-        raise ValueError(f"{meta_file!r} holds no hyper_parameters: cannot rebuild the SALMModule")
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
-    module = build_module(load_pretrained=False, init_new=False, **hparams)  # every weight comes from the files
+    hparams = _hyperparameters(meta.get("hyper_parameters"), meta_file)
+    module = build_salm(load_pretrained=False, init_new=False, **hparams)  # every weight comes from the files
     state = {"state_dict": module.state_dict()}  # tensors sharing the module's storage: loaded in place (strict)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -84,8 +109,8 @@ def load_sharded_checkpoint(path: str) -> SALMModule:
     return module
 
 
-def load_export(export_dir: str, **overrides) -> SALMModule:
-    """A SALMModule from an ``export_hf`` directory, every weight loaded (the head 1:1)."""
+def load_export(export_dir: str, **overrides) -> SALM:
+    """A SALM from an ``export_hf`` directory, every weight loaded (the head 1:1)."""
     cfg_file = os.path.join(export_dir, "salm_config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{export_dir!r} has no salm_config.json: not a directory written by `salm-mtp export`")
@@ -95,11 +120,11 @@ def load_export(export_dir: str, **overrides) -> SALMModule:
     raw["encoder"]["path"] = os.path.join(export_dir, raw["encoder"]["path"])
     raw["adapter"]["path"] = os.path.join(export_dir, "adapter.safetensors")
     raw.update(overrides)
-    return build_module(**raw)
+    return build_salm(**raw)
 
 
-def load_model(path: str) -> SALMModule:
-    """The SALMModule of a Lightning ``.ckpt``, a sharded checkpoint directory, or an export directory (CPU)."""
+def load_model(path: str) -> SALM:
+    """The SALM of a Lightning ``.ckpt``, a sharded checkpoint directory, or an export directory (CPU)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist: pass a .ckpt file, a sharded checkpoint directory "
                                 "or an export directory")
@@ -133,10 +158,10 @@ def write_legacy_llm_fields(llm_dir: str) -> None:
     with open(cfg_file) as f:
         cfg = json.load(f)
     layers = cfg["layers_block_type"]
-    cfg["hybrid_override_pattern"] = "".join(SYMBOL_OF[t] for t in layers)
+    cfg["hybrid_override_pattern"] = "".join(SYMBOL_OF_BLOCK[t] for t in layers)
     cfg["num_hidden_layers"] = len(layers)
     if cfg.get("num_nextn_predict_layers"):
-        cfg["mtp_hybrid_override_pattern"] = "".join(SYMBOL_OF[t] for t in cfg["mtp_layers_block_type"])
+        cfg["mtp_hybrid_override_pattern"] = "".join(SYMBOL_OF_BLOCK[t] for t in cfg["mtp_layers_block_type"])
     with open(cfg_file, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     tok_file = os.path.join(llm_dir, "tokenizer_config.json")
@@ -153,8 +178,8 @@ def write_legacy_llm_fields(llm_dir: str) -> None:
             json.dump(tok, f, indent=2, ensure_ascii=False)
 
 
-def export_hf(module: SALMModule, out_dir: str, mtp_depths: int | None = None, lora: str = "merge") -> dict[str, str]:
-    """Write an unsharded SALMModule as HF-format directories (layout in the module docstring).
+def export_hf(module: SALM, out_dir: str, mtp_depths: int | None = None, lora: str = "merge") -> dict[str, str]:
+    """Write an unsharded SALM (or SALMModule) as HF-format directories (layout in the module docstring).
 
     Returns the paths written. ``DIR/llm`` is a plain Nemotron-H checkpoint: serving stacks and
     ``--model.llm.path=DIR/llm`` load its head back 1:1. ``mtp_depths``: export only the head's first
@@ -217,30 +242,33 @@ def export_checkpoint(ckpt_path: str, out_dir: str, mtp_depths: int | None = Non
     return export_hf(load_model(ckpt_path), out_dir, mtp_depths=mtp_depths, lora=lora)
 
 
+@dataclass
+class ExportOptions:
+    """The options of ``salm-mtp export`` (salm_mtp/options.py makes the parser and its help from them)."""
+
+    ckpt: str
+    """Lightning checkpoint: a .ckpt file, or a sharded FSDP2 checkpoint directory"""
+    out: str
+    """output directory (created)"""
+    mtp_depths: int | None = None
+    """export only the MTP head's first N depths (default: all; vLLM and llama.cpp serve 1)"""
+    lora: Literal["merge", "adapter"] = "merge"
+    """merge: LoRA adapters merged into OUT/llm; adapter: merged, and the backbone's adapters alone in peft's format
+    under OUT/lora_adapter"""
+
+
 def export_main(argv: list[str] | None = None) -> int:
     """``salm-mtp export``: a checkpoint -> the HF-format export directory (layout in the module docstring)."""
-    import argparse
     import shutil
 
+    from salm_mtp.errors import check_ckpt_path
+    from salm_mtp.options import parse_options
     from salm_mtp.run_config import find_run_config
 
-    p = argparse.ArgumentParser(
-        prog="salm-mtp export",
-        description="Export a trained SALM checkpoint to HF-format directories for serving and reloading: "
-                    "OUT/llm (Nemotron-H with its mtp.* head, tokenizer; config.json in the released Nemotron-3 "
-                    "form), OUT/encoder (Parakeet), OUT/adapter.safetensors, OUT/salm_config.json and the run's "
-                    "config.yaml.")
-    p.add_argument("--ckpt", required=True,
-                   help="Lightning checkpoint: a .ckpt file, or a sharded FSDP2 checkpoint directory")
-    p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--mtp-depths", type=int, default=None,
-                   help="export only the MTP head's first N depths (default: all; vLLM and llama.cpp serve 1)")
-    p.add_argument("--lora", choices=("merge", "adapter"), default="merge",
-                   help="merge (default): LoRA adapters merged into OUT/llm; adapter: merged, and the backbone's "
-                        "adapters alone in peft's format under OUT/lora_adapter")
-    args = p.parse_args(argv)
-    from salm_mtp.errors import check_ckpt_path
-
+    args = parse_options(ExportOptions, argv, prog="salm-mtp export", description=(
+        "Export a trained SALM checkpoint to HF-format directories for serving and reloading: OUT/llm (Nemotron-H "
+        "with its mtp.* head, tokenizer; config.json in the released Nemotron-3 form), OUT/encoder (Parakeet), "
+        "OUT/adapter.safetensors, OUT/salm_config.json and the run's config.yaml."))
     check_ckpt_path(args.ckpt, "--ckpt")
     paths = export_checkpoint(args.ckpt, args.out, mtp_depths=args.mtp_depths, lora=args.lora)
     run_config = find_run_config(args.ckpt)

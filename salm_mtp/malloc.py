@@ -8,13 +8,12 @@ PyTorch's CPU tensors come from glibc malloc, and its two defaults both cost som
 
 * bounded (``bound_malloc_caching``): blocks >= 1 MiB are mmap()ed and handed back at free. glibc would raise its
   threshold to 32 MiB after the first large free, after which FSDP2's varying 1-32 MiB all-gather buffers come from
-  a heap that fragments and never shrinks: each rank then holds ~1 GiB more than it uses (bench/scale_memory.py).
+  a heap that fragments and never shrinks: each rank then holds far more than it uses (bench/results/scale_memory.json).
 * kept (``keep_freed_memory``): freed blocks stay in the heap, the heap is never trimmed. A step on the CPU frees
   and re-allocates the same activations every time, and the reference (kernel-free) Mamba2 scan builds transient
-  tensors of hundreds of MiB: bounded, every one is page-faulted in again. On the demo mix (conf/demo_mix.yaml)
-  a 30-step `salm-mtp fit` spent 54 s in the kernel beside 110 s in user space; kept from the first training
-  step on, 4.5 s, and the run took 0.70x the wall time (peak RSS 1.95 GB instead of 1.38). The price is a heap
-  that stays at its peak, as a GPU caching allocator's does.
+  tensors of hundreds of MiB: bounded, every one is page-faulted in again, and a CPU run spends a large share of
+  its time in the kernel (docs/guide.md, "Memory per rank, measured", has the demo-mix figures). The price is a
+  heap that stays at its peak, as a GPU caching allocator's does.
 
 ``SALM_MTP_MALLOC_THRESHOLD=N`` fixes glibc's mmap threshold at N bytes for the whole run (0: glibc's defaults);
 glibc's own ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables, when set, are left to act alone. Off Linux/glibc nothing

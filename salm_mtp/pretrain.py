@@ -199,15 +199,11 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
-    from salm_mtp.trainer_cli import close_process_group, document_data_options
-
-    class PretrainCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            document_data_options(parser)
+    from salm_mtp.trainer_cli import close_process_group
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config field docstrings are the --help
-    PretrainCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
+    LightningCLI(CTCPretrainModule, SALMDataModule, parser_kwargs={"parser_mode": "omegaconf+",
                                                                    "prog": "salm-mtp pretrain-encoder"},
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
     close_process_group()  # only after a clean run: a failed rank's peers may still be inside a collective

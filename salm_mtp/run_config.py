@@ -9,8 +9,9 @@ the same settings:
     path = find_run_config("runs/demo/salm/version_0/checkpoints/last.ckpt")   # .../version_0/config.yaml
     cfg = data_config_from_run(path, test_manifest="data/demo/test_cuts.jsonl.gz", max_cuts=16)
 
-The section is parsed by the same parser ``salm-mtp fit`` uses for ``--data.*`` (jsonargparse over
-``SALMDataModule``'s arguments), so every key, type and check is the training one.
+The section is parsed as ``salm-mtp fit`` parses ``--data.*`` (jsonargparse over the same signature, generated
+from ``DataConfig``: salm_mtp/data/config.py), so every key, type and check is the training one; no data module
+is built.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from salm_mtp.data.datamodule import DataConfig, SALMDataModule
+from salm_mtp.data.config import DataConfig, data_config
 from salm_mtp.errors import SalmError
 
 CONFIG_NAME = "config.yaml"
@@ -79,12 +80,11 @@ def data_config_from_run(config_file: str | None, **overrides: Any) -> DataConfi
     section = read_data_section(config_file) if config_file is not None else {}
     section.update(overrides)
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(SALMDataModule, "data", fail_untyped=False, sub_configs=True)
+    parser.add_function_arguments(data_config, "data", fail_untyped=False, sub_configs=True)
     where = f"the data section of {config_file!r}" if config_file else "the data defaults"
     try:
-        ns = parser.parse_object({"data": section})
-        dm = parser.instantiate_classes(ns)["data"]
+        ns = parser.instantiate_classes(parser.parse_object({"data": section}))
+        return data_config(**{k: ns["data"][k] for k in ns["data"].keys() if "." not in k})
     except (ArgumentError, ValueError, TypeError, FileNotFoundError) as e:
         raise SalmError(f"{where}: {str(e).strip()[:600]}. Override the key on the command line, or pass another "
                         "run config with --config") from None
-    return dm.cfg

@@ -17,9 +17,10 @@ checkpoint's ``state_dict`` loads into it as it is.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -104,6 +105,12 @@ class SALM(torch.nn.Module):
         self.ctc_weight = ctc_weight
         self.init_seed = init_seed
         features, spec_augment = parts["features"], parts["spec_augment"]
+        self.salm_arguments = {
+            **{k: asdict(v) for k, v in dict(encoder=encoder, adapter=adapter, llm=llm, mtp=mtp, features=features,
+                                             spec_augment=spec_augment, freeze=parts["freeze"],
+                                             parallel=parts["parallel"], lora=parts["lora"]).items()},
+            "tokenizer_path": tokenizer_path, "ctc_weight": ctc_weight, "init_seed": init_seed}
+        """The constructor's arguments as plain data, paths absolute (``salm_config``)."""
 
         self.tokenizer = load_tokenizer(tokenizer_path or llm.path)
         self.placeholder_id = ensure_audio_placeholder(self.tokenizer)
@@ -137,6 +144,9 @@ class SALM(torch.nn.Module):
                 apply_lora(self.llm, self.cfg_lora, include_head=self.cfg_lora.mtp_head)
         record_mtp_in_config(self.llm.config, head)
         self.num_mtp_depths = head.num_depths if head is not None else 0
+        self.bytes_read = 0
+        """Bytes of pretrained tensors this process read into its shards (``materialize_weights``): its slices
+        only, about 1/world_size of each sharded checkpoint (SALMModule.configure_model logs it per rank)."""
         if mtp.training_mode == "head_only" and head is None:
             raise ValueError("model.mtp.training_mode=head_only but no MTP head is built (model.mtp.num_layers=0 or "
                              "the checkpoint ships none): set --model.mtp.num_layers to at least 1")
@@ -165,6 +175,10 @@ class SALM(torch.nn.Module):
     @property
     def mtp_head(self):
         return getattr(self.llm, "mtp", None)
+
+    def salm_config(self) -> dict:
+        """The constructor arguments as plain data (an export's salm_config.json; ``salm_mtp.io.build_salm``)."""
+        return copy.deepcopy(self.salm_arguments)
 
     def apply_freeze(self) -> list[str]:
         """requires_grad=False on parameters matching model.freeze.patterns (minus unfreeze); returns their names.
@@ -353,4 +367,5 @@ def _fill(module, part: str, files: dict[str, str], sources: dict, what: str, sk
     ``prefix`` goes before tensor names in errors."""
     with weights.TensorReader(files) as reader:
         names = fill_from_checkpoint(getattr(module, part), reader, sources, what, prefix=prefix, skip=skip)
+    module.bytes_read += reader.bytes_read
     return {f"{part}.{n}" for n in names}

@@ -48,9 +48,6 @@ class JsonlPredictionWriter(BasePredictionWriter):
 class SALMCLI(LightningCLI):
     """LightningCLI that reports where a fit wrote its logs and checkpoints, and writes predictions."""
 
-    def add_arguments_to_parser(self, parser) -> None:
-        document_data_options(parser)
-
     def parse_arguments(self, parser, args) -> None:
         self._raw_args = args  # kept to tell explicit settings from defaults (_parse_ckpt_path)
         super().parse_arguments(parser, args)
@@ -132,21 +129,6 @@ class SALMCLI(LightningCLI):
         if ckpt is not None:
             lines.append(f"checkpoint:  {ckpt.last_model_path or ckpt.best_model_path or '(none saved)'}")
         rank_zero_info("\n".join(["", "salm-mtp fit finished", *lines]))
-
-
-def document_data_options(parser) -> None:
-    """Give each ``--data.X`` option the docstring of ``DataConfig.X`` as its help: SALMDataModule's arguments are
-    DataConfig's fields (same names, defaults and checks), and DataConfig is where they are documented."""
-    import docstring_parser
-
-    from salm_mtp.data.datamodule import DataConfig
-
-    docs = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse_from_object(DataConfig).params
-            if p.description}
-    for action in parser._actions:
-        name = action.dest[len("data."):] if action.dest.startswith("data.") else None
-        if name in docs and not action.help:
-            action.help = docs[name].replace("%", "%%")  # argparse %-formats help strings
 
 
 def run_trainer_cli(args: list[str] | None) -> None:

@@ -27,8 +27,6 @@ from safetensors.torch import save_file
 
 EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
 
-READ_STATS = {"bytes": 0, "tensors": 0}
-"""Bytes and tensors read by every TensorReader of this process (tests and benchmarks read it)."""
 
 
 class CheckpointError(ValueError):
@@ -102,6 +100,9 @@ class TensorReader:
         self._open: dict[str, object] = {}
         self._headers: dict[str, tuple[dict, int]] = {}
         self._fds: dict[str, int] = {}
+        self.bytes_read = 0
+        """Bytes of tensor data this reader has read (only the slices asked for)."""
+        self.tensors_read = 0
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -175,8 +176,8 @@ class TensorReader:
         elif t is None:
             index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
             t = self._handle(key).get_slice(key)[index]
-        READ_STATS["bytes"] += t.numel() * t.element_size()
-        READ_STATS["tensors"] += 1
+        self.bytes_read += t.numel() * t.element_size()
+        self.tensors_read += 1
         return t
 
 

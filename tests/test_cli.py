@@ -114,8 +114,8 @@ NESTED_HELP = {  # subcommand argv -> a docstring line of a nested key (Lightnin
     ("pretrain-encoder", "fit"): ("--model.encoder.hidden_size HIDDEN_SIZE Encoder width (inline build only)",
                                   DATA_HELP),
 }
-OPTION_HELP = {  # argparse subcommands -> one option's help
-    "evaluate": "--decode {greedy,mtp} greedy (default), or mtp: also MTP self-speculative decoding",
+OPTION_HELP = {  # subcommands whose parser salm_mtp/options.py generates -> one option's help
+    "evaluate": "--decode {greedy,mtp} greedy, or mtp: also MTP self-speculative decoding",
     "export": "--mtp-depths MTP_DEPTHS export only the MTP head's first N depths",
     "validate-data": "MANIFEST lhotse CutSet manifest(s)",
     "make-demo-data": "--num-train NUM_TRAIN train utterances (default: 4000)",
@@ -145,17 +145,19 @@ def test_trainer_subcommand_help_shows_nested_docstrings(argv, capsys):
 
 
 @pytest.mark.parametrize("sub", list(OPTION_HELP))
-def test_argparse_subcommand_help_has_a_line_per_option(sub, capsys, monkeypatch):
-    import argparse
+def test_generated_subcommand_parsers_document_every_option(sub, capsys, monkeypatch):
+    """evaluate, export, validate-data and make-demo-data parse with a parser generated from their option
+    dataclass (salm_mtp/options.py): every option has its help, and the program name is the subcommand's."""
+    from salm_mtp import options
 
     parsers = []
-    parse = argparse.ArgumentParser.parse_args
+    build = options.build_parser
 
-    def spy(self, *args, **kwargs):
-        parsers.append(self)
-        return parse(self, *args, **kwargs)
+    def spy(*args, **kwargs):
+        parsers.append(build(*args, **kwargs))
+        return parsers[-1]
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    monkeypatch.setattr(options, "build_parser", spy)
     text = _help(capsys, [sub])
     assert OPTION_HELP[sub] in text
     (parser,) = parsers

@@ -20,7 +20,7 @@ from cli_run import run_cli
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.errors import SalmError
 from salm_mtp.evaluation.data import default_metrics_csv
-from salm_mtp.evaluation.decode import Totals
+from salm_mtp.evaluation.decode import DecodeSettings, Totals
 from salm_mtp.evaluation.report import format_table
 from salm_mtp.evaluation.score import summarise
 from salm_mtp.io import export_hf, load_lightning_checkpoint
@@ -99,19 +99,19 @@ def test_summarise_without_ast_or_head():
     t = Totals(rows=[{"id": "a", "task": "asr", "ref": "one two", "hyp": "one"},
                       {"id": "b", "task": "asr", "ref": "x", "hyp": None, "error": "unreadable audio"}],
                 num_failed=1, tokens=3, seconds=0.5, main_correct=1, main_count=4)
-    m = summarise(t, num_depths=0, max_new_tokens=8, normalizer="basic")
+    m = summarise(t, num_depths=0, settings=DecodeSettings(max_new_tokens=8), normalizer="basic")
     assert m["bleu"] is None and m["mtp_teacher_forced_agreement"] == []
     # whisper_english (the default) writes "one two" as the number 12: one word, wrong
-    assert summarise(t, num_depths=0, max_new_tokens=8)["wer"] == 1.0
+    assert summarise(t, num_depths=0, settings=DecodeSettings(max_new_tokens=8))["wer"] == 1.0
     assert m["wer"] == 0.5 and m["num_empty_hyps"] == 0 and m["num_utterances"] == 2 and m["num_failed"] == 1
     assert m["main_acc"] == 0.25 and m["tokens_per_s"] == 6.0
     json.dumps(m, allow_nan=False)  # valid JSON: no NaN literals
     assert "n/a" in format_table(m)
 
-    empty = summarise(Totals(), num_depths=2, max_new_tokens=8)
+    empty = summarise(Totals(), num_depths=2, settings=DecodeSettings(max_new_tokens=8))
     assert empty["wer"] is None and empty["main_acc"] is None and empty["mtp_teacher_forced_agreement"] == [None, None]
     json.dumps(empty, allow_nan=False)
-    assert not math.isnan(summarise(t, 0, 8, "basic")["cer"])
+    assert not math.isnan(summarise(t, 0, DecodeSettings(max_new_tokens=8), "basic")["cer"])
 
 
 CUSTOM_ASR = "Say the words."

@@ -12,13 +12,14 @@ PACKAGE = os.path.join(ROOT, "salm_mtp")
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("salm_mtp", "salm_mtp.errors", "salm_mtp.config", "salm_mtp.malloc", "salm_mtp.mesh", "salm_mtp.metrics",
+             "salm_mtp.options", "salm_mtp.lightning_private",
              "salm_mtp.data.tokenizer"),
     "data": ("salm_mtp.data",),
     "parts": ("salm_mtp.modules", "salm_mtp.weights", "salm_mtp.materialize", "salm_mtp.linear_ce", "salm_mtp.loss",
               "salm_mtp.generate", "salm_mtp.decoding", "salm_mtp.optim", "salm_mtp.optim_state",
               "salm_mtp.checkpointing", "salm_mtp.resume"),
     "demo": ("salm_mtp.demo",),
-    "training": ("salm_mtp.salm", "salm_mtp.model", "salm_mtp.guard", "salm_mtp.lightning_private", "salm_mtp.step_metrics", "salm_mtp.objective", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
+    "training": ("salm_mtp.salm", "salm_mtp.model", "salm_mtp.guard", "salm_mtp.step_metrics", "salm_mtp.objective", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
                  "salm_mtp.provenance", "salm_mtp.checkpoint_io"),
     "apps": ("salm_mtp.io", "salm_mtp.evaluation", "salm_mtp.plan", "salm_mtp.pretrain", "salm_mtp.trainer_cli",
              "salm_mtp.cli", "salm_mtp.report", "salm_mtp.run_config", "salm_mtp.sweep"),

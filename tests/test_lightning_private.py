@@ -10,7 +10,8 @@ import lightning as L
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 
-from salm_mtp.lightning_private import logged_step, should_update_logs
+from salm_mtp.lightning_private import (fit_epoch, injects_distributed_sampler, logged_step, prefetched_batches,
+                                       should_update_logs)
 
 
 class Logged(BoringModel):
@@ -34,3 +35,30 @@ def test_should_update_logs_and_logged_step_match_the_rows_lightning_writes(tmp_
     rows = {int(r["step"]) for r in csv.DictReader(open(path)) if r.get("x")}
     assert rows == {step for update, step in model.seen if update}
     assert len(rows) == 2 and [step for _, step in model.seen] == list(range(7))
+
+
+class Fetched(BoringModel):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((prefetched_batches(self.trainer), fit_epoch(self.trainer), self.trainer.current_epoch))
+        return super().training_step(batch, batch_idx)
+
+
+def test_prefetched_batches_and_fit_epoch_inside_training_steps():
+    """The fit loop holds one batch ahead at every step but an epoch's last (the datamodule's resumable loader
+    subtracts it), and fit_epoch is the epoch being trained (what the loop passes to set_epoch)."""
+    model = Fetched()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(model)
+    assert [p for p, _, _ in model.seen] == [1, 1, 0, 1, 1, 0]
+    assert [(e, current) for _, e, current in model.seen] == [(0, 0)] * 3 + [(1, 1)] * 3
+    assert prefetched_batches(None) == 0 and fit_epoch(None) == 0
+
+
+def test_injects_distributed_sampler_follows_the_trainer_flag():
+    assert injects_distributed_sampler(L.Trainer(logger=False, use_distributed_sampler=True))
+    assert not injects_distributed_sampler(L.Trainer(logger=False, use_distributed_sampler=False))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from salm_mtp.weights import READ_STATS, CheckpointError, Source, TensorReader, checkpoint_files_of
+from salm_mtp.weights import CheckpointError, Source, TensorReader, checkpoint_files_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -15,7 +15,6 @@ def test_row_slices_equal_the_full_tensor_rows(tmp_path, dtype):
     f = str(tmp_path / "m.safetensors")
     save_file(t, f)
     files = checkpoint_files_of(f)
-    before = READ_STATS["bytes"]
     with TensorReader(files) as r:
         assert r.shape(Source(("a",))) == (7, 5)
         assert torch.equal(r.read(Source(("a",)), (3, 0), (4, 5)), t["a"][3:7])
@@ -23,7 +22,7 @@ def test_row_slices_equal_the_full_tensor_rows(tmp_path, dtype):
         stack = r.read(Source(("e.0", "e.1"), stacked=True), (1, 0, 0), (1, 3, 2))
         assert torch.equal(stack, t["e.1"][None])
         assert torch.equal(r.read(Source(("s",)), (), ()), t["s"])
-    assert READ_STATS["bytes"] - before == (4 * 5 + 2 * 3 + 3 * 2) * t["a"].element_size() + 4
+    assert r.bytes_read == (4 * 5 + 2 * 3 + 3 * 2) * t["a"].element_size() + 4 and r.tensors_read == 5
 
 
 def test_truncated_file_names_file_and_tensor(tmp_path):

@@ -1,8 +1,16 @@
-"""``DataConfig``: every ``--data.*`` setting of a run, one dataclass with a docstring per field (the help text)."""
+"""``DataConfig``: every ``--data.*`` setting of a run, one dataclass with a docstring per field (the help text).
+
+The settings are written here only. ``SALMDataModule``'s constructor and ``data_config`` take them as keyword
+arguments whose signature and ``Args:`` docstring are generated from the dataclass (``takes_settings_of``), so
+jsonargparse (``salm-mtp fit --data.*``, ``--help``, a run's saved ``data:`` section) reads names, types, defaults
+and help from this one place.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from salm_mtp.data.mix import InputConfig, as_inputs
@@ -72,7 +80,8 @@ class DataConfig:
     """With several training sources and bucket_window: every batch of a window carries each source in proportion to
     its share of the window (each source sorted by length and dealt across the window's batches, so a batch's rows
     of one source have similar lengths). false: the window is sorted as one, and sources of different lengths fall
-    into different batches (on the demo mix 46% of the batches held no ASR row)."""
+    into different batches (on the demo mix many batches then hold no ASR row: docs/guide.md, "Mixing speech,
+    text and spoken multi-turn conversations")."""
 
     def __post_init__(self) -> None:
         if self.prompt is None:
@@ -123,3 +132,37 @@ class DataConfig:
                 f"data.tokenizer_path: no such directory {self.tokenizer_path!r}; set "
                 f"--data.tokenizer_path (the demo tokenizer is made by `{MAKE_DEMO}`)"
             )
+
+
+def takes_settings_of(cls: type) -> typing.Callable:
+    """Decorator: ``fn(**settings)`` (a function, or a method with ``self``) gets the keyword-only signature of the
+    dataclass ``cls``'s fields and an ``Args:`` section of their docstrings appended to its own. A field with a
+    ``default_factory`` takes ``None`` (the dataclass's ``__post_init__`` fills it in)."""
+
+    def apply(fn: typing.Callable) -> typing.Callable:
+        import docstring_parser
+
+        hints = typing.get_type_hints(cls)
+        params = []
+        for f in fields(cls):
+            annotation, default = hints[f.name], f.default
+            if f.default_factory is not MISSING:
+                annotation, default = annotation | None, None
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=inspect.Parameter.empty if default is MISSING else default))
+        own = list(inspect.signature(fn).parameters.values())
+        leading = [p for p in own if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]  # self
+        fn.__signature__ = inspect.Signature(leading + params, return_annotation=inspect.signature(fn).return_annotation)
+        docs = {p.arg_name: " ".join(p.description.split())
+                for p in docstring_parser.parse_from_object(cls).params if p.description}
+        args = "\n".join(f"    {f.name}: {docs.get(f.name, '')}" for f in fields(cls))
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{args}\n"
+        return fn
+
+    return apply
+
+
+@takes_settings_of(DataConfig)
+def data_config(**settings) -> DataConfig:
+    """The ``DataConfig`` of ``--data.*`` settings (how a run's saved ``data:`` section is read back)."""
+    return DataConfig(**settings)

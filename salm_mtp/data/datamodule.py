@@ -47,46 +47,25 @@ from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prepared, as_inputs, mix, source_cuts
 from salm_mtp.data.checks import CutChecker
-from salm_mtp.data.config import MAKE_DEMO, DataConfig
+from salm_mtp.data.config import MAKE_DEMO, DataConfig, takes_settings_of
 from salm_mtp.data.loader import ResumableDataLoader, ResumableSampler, ignore_stop_signals
 from salm_mtp.data.policy import BadCut, SkipLog, handle
-from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+from salm_mtp.data.prompt import PromptFormatter
 from salm_mtp.errors import check_ckpt_path, check_writable_dir
+from salm_mtp.lightning_private import fit_epoch, injects_distributed_sampler, prefetched_batches
 
 log = logging.getLogger(__name__)
 
 
 class SALMDataModule(pl.LightningDataModule):
     """Loads manifests and the tokenizer; builds the samplers and loaders. Its arguments are ``DataConfig``'s fields
-    (salm_mtp/data/config.py documents each one; those docstrings are the ``--data.*`` help)."""
+    (salm_mtp/data/config.py documents each one; the constructor's signature and help are generated from it)."""
 
-    def __init__(
-        self,
-        train_manifest: str | None = None,
-        val_manifest: str | None = None,
-        test_manifest: str | None = None,
-        tokenizer_path: str | None = None,
-        max_duration: float = 60.0,
-        num_buckets: int = 8,
-        shuffle: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
-        max_cuts: int | None = None,
-        prompt: PromptConfig | None = None,
-        on_bad_cut: str = "skip",
-        max_cut_duration: float | None = None,
-        max_target_tokens: int | None = 2048,
-        max_seq_len: int | None = None,
-        precheck: bool = True,
-        inputs: list[InputConfig] | None = None,
-        val_inputs: list[InputConfig] | None = None,
-        max_tokens: int | None = None,
-        bucket_window: int = 1000,
-        mix_in_batch: bool = True,
-    ) -> None:
+    @takes_settings_of(DataConfig)
+    def __init__(self, **settings) -> None:
+        """The settings (keyword arguments) are ``DataConfig``'s fields."""
         super().__init__()
-        given = locals()  # exactly DataConfig's fields (tests/test_datamodule.py checks the two stay equal)
-        self.cfg = DataConfig(**{f.name: given[f.name] for f in fields(DataConfig)})
+        self.cfg = DataConfig(**settings)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.dataset: SALMDataset | None = None
         self._cuts: dict[str, CutSet] = {}
@@ -280,28 +259,11 @@ class SALMDataModule(pl.LightningDataModule):
 
     def _check_no_distributed_sampler(self) -> None:
         trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
-        injects = getattr(connector, "use_distributed_sampler", False)
-        if trainer is not None and trainer.world_size > 1 and injects:
+        if trainer is not None and trainer.world_size > 1 and injects_distributed_sampler(trainer):
             raise ValueError(
                 "the lhotse samplers shard the data across ranks themselves, but the Trainer would "
                 "replace them with a DistributedSampler; set --trainer.use_distributed_sampler false"
             )
-
-    def _prefetched_batches(self) -> int:
-        """Train batches Lightning fetched but has not given to ``training_step`` yet.
-
-        The fit loop reads one batch ahead (``_PrefetchDataFetcher.batches``) to know which
-        batch is the last; those are not done. Private API of Lightning 2.6: checked by
-        tests/test_datamodule.py::test_lightning_resume_*.
-        """
-        fetcher = getattr(getattr(self.trainer, "fit_loop", None), "_data_fetcher", None)
-        return len(getattr(fetcher, "batches", None) or ())
-
-    def _fit_epoch(self) -> int:
-        """The epoch the fit loop runs next (what it passes to ``set_epoch``); 0 without one."""
-        fit_loop = getattr(self.trainer, "fit_loop", None)
-        return int(fit_loop.epoch_progress.current.processed) if fit_loop is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
         """The earliest hook of a run: checks the checkpoint to restore and the output directory first."""
@@ -356,7 +318,7 @@ class SALMDataModule(pl.LightningDataModule):
         # Lightning iterates (and prefetches) the loader before its set_epoch() call, so start
         # with the epoch it is about to run: right after an end-of-epoch checkpoint, that is
         # the next epoch, and Lightning restores no loader state in that case.
-        sampler.set_epoch(self._fit_epoch())
+        sampler.set_epoch(fit_epoch(self.trainer))
         loader = ResumableDataLoader(
             self.get_dataset(),
             ResumableSampler(sampler),
@@ -364,7 +326,7 @@ class SALMDataModule(pl.LightningDataModule):
             persistent_workers=self.cfg.num_workers > 0,
             worker_init_fn=ignore_stop_signals if self.cfg.num_workers > 0 else None,
         )
-        loader.pending = self._prefetched_batches
+        loader.pending = lambda: prefetched_batches(self.trainer)
         loader.stream, loader.dp_size = self.stream_signature(), world_size
         return loader
 

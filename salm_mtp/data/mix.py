@@ -91,7 +91,7 @@ class InputConfig:
         for p in self.files():
             if not Path(p).is_file():
                 raise FileNotFoundError(f"{key}: no such file {p!r}; fix its path (formats: data/README.md; the demo's "
-                                        "talk_*/text_* sets: `python -m salm_mtp.demo.mix --out data/demo`)")
+                                        "talk_*/text_* sets: `salm-mtp make-demo-data --out data/demo --mix`)")
 
     def files(self) -> list[str]:
         return [self.path] if self.path is not None else list(self.paths or [])

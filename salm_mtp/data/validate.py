@@ -15,9 +15,10 @@ when every cut is good, 1 otherwise, 2 on unusable arguments.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from salm_mtp.data.mix import SOURCE_TYPES
 from salm_mtp.data.checks import CutChecker
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
+from salm_mtp.options import option, parse_options
 
 
 def _config(paths: list[str]) -> dict:
@@ -50,15 +52,23 @@ def histogram(values: list[float], bins: int = 8, width: int = 40, unit: str = "
             for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
 
 
+@dataclass
+class ValidateDataOptions:
+    """The options of ``salm-mtp validate-data`` (salm_mtp/options.py makes the parser and its help from them)."""
+
+    manifests: list[str] = option(positional=True, metavar="MANIFEST")
+    """lhotse CutSet manifest(s) (jsonl or jsonl.gz), or conversation / text JSONL (data/README.md)"""
+    input_type: Literal[("auto", *SOURCE_TYPES)] = option(flag="--type", default="auto")
+    """format of every MANIFEST (auto: each one's from its first line)"""
+    config: list[str] = option(repeat=True, default_factory=list)
+    """YAML config of the run (its data: section); repeat for several, later files win"""
+    tokenizer: str | None = None
+    """tokenizer directory when the config names none"""
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="salm-mtp validate-data", description=__doc__.split("\n\n")[0])
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST",
-                   help="lhotse CutSet manifest(s) (jsonl or jsonl.gz), or conversation / text JSONL (data/README.md)")
-    p.add_argument("--type", dest="input_type", choices=("auto", *SOURCE_TYPES), default="auto",
-                   help="format of every MANIFEST (default auto: each one's from its first line)")
-    p.add_argument("--config", action="append", default=[], help="YAML config(s) of the run (data: section)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory when the config names none")
-    args = p.parse_args(argv)
+    args = parse_options(ValidateDataOptions, argv, prog="salm-mtp validate-data",
+                         description=__doc__.split("\n\n")[0])
     try:
         return _validate(args)
     except SalmError as e:

@@ -1,4 +1,4 @@
-"""MTP self-speculative decoding of a SALMModule: greedy's exact tokens from fewer backbone forwards
+"""MTP self-speculative decoding of a SALM (salm_mtp/salm.py): greedy's exact tokens from fewer backbone forwards
 (docs/design.md §9).
 
     from salm_mtp.decoding.speculative import mtp_decode

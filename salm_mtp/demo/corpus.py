@@ -1,6 +1,6 @@
 """A small spoken demo corpus made with espeak-ng + sox, written as lhotse manifests.
 
-    salm-mtp make-demo-data --out data/demo --num-train 4000   # ~40 s on 2 cores
+    salm-mtp make-demo-data --out data/demo --num-train 4000
     salm-mtp make-demo-data --out /tmp/demo --num-train 300 --seed 1
 
 Two tasks (``supervision.custom["task"]``), about 85 % / 15 %:

@@ -1,7 +1,7 @@
 """Spoken multi-turn conversations and text-only chats for the demo (``data.inputs`` types conversations / text).
 
     make_mix_data("data/demo")          # after make_demo_data("data/demo"): reuses its clips, no new audio
-    python -m salm_mtp.demo.mix --out data/demo
+    salm-mtp make-demo-data --out data/demo --mix
 
 Writes, next to the demo corpus (formats: data/README.md)::
 
@@ -21,7 +21,6 @@ byte-identical files. Audio paths are relative to ``out`` (the clips of ``corpus
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -128,17 +127,3 @@ def make_mix_data(out: str | Path = "data/demo", corpus: str | Path | None = Non
         _write(text, text_lines(texts, text_counts[split], rng))
         written[talk.name], written[text.name] = str(talk), str(text)
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/demo", help="directory of the demo corpus; the files are written there")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name, path in make_mix_data(args.out, seed=args.seed).items():
-        print(f"{name}: {sum(1 for _ in open(path))} lines -> {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

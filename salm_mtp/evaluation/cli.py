@@ -5,70 +5,84 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
-from salm_mtp.evaluation.data import DEFAULT_BATCH_SIZE, INPUT_TYPES, check_model_path, default_metrics_csv, load_model, not_evaluated
+from salm_mtp.evaluation.data import INPUT_TYPES, check_model_path, default_metrics_csv, load_model, not_evaluated
 from salm_mtp.evaluation.run import evaluate
 from salm_mtp.evaluation.report import format_table
+from salm_mtp.options import option, parse_options
 
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str] | None = None):
-    import argparse
+DESCRIPTION = ("Decode a lhotse manifest with a trained SALM model (greedy, or --decode mtp: MTP self-speculative "
+               "decoding as well) and score it; write hyps.jsonl, metrics.json, settings.json and report.png under "
+               "--out. Data, prompt and bad-cut settings come from the run's own config.yaml (found next to the "
+               "checkpoint, or --config); the options below override them.")
 
-    p = argparse.ArgumentParser(
-        prog="salm-mtp evaluate",
-        description="Decode a lhotse manifest with a trained SALM model (greedy, or --decode mtp: MTP "
-                    "self-speculative decoding as well) and score it; write hyps.jsonl, metrics.json, settings.json "
-                    "and report.png under --out. Data, prompt and bad-cut settings come from the run's own "
-                    "config.yaml (found next to the checkpoint, or --config); the flags below override them.",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="Lightning checkpoint written by training (.ckpt file or sharded directory)")
-    src.add_argument("--model", help="export directory written by `salm-mtp export` (salm_config.json, llm/, encoder/)")
-    p.add_argument("--config", default=None,
-                   help="the run's resolved config.yaml, whose data: section (prompt, bad-cut policy, max_duration, "
-                        "...) the evaluation uses (default: <log_dir>/config.yaml of --ckpt, or config.yaml of "
-                        "--model; none found: the defaults, with a warning)")
-    p.add_argument("--manifest", default=None,
-                   help="what to evaluate: a lhotse CutSet manifest (jsonl.gz), or a conversation / text JSONL as "
-                        "data.inputs reads them (data/README.md) (default: the run's data.test_manifest)")
-    p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto",
-                   help="the manifest's format: cuts, conversations (NeMo multimodal JSONL), text (text-only "
-                        "conversations or {messages: [...]}), or auto (default: from its first line). Conversations "
-                        "and text: each assistant turn is generated given the reference history and scored (turn WER, "
-                        "exact match, teacher-forced loss and token accuracy)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"most cuts per batch, data.max_cuts (default: the run's, else {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--max-duration", type=float, default=None,
-                   help="seconds of audio per batch, data.max_duration (default: the run's)")
-    p.add_argument("--on-bad-cut", choices=("skip", "raise"), default=None,
-                   help="a cut that cannot be used: skip (a hyps row with its error, counted) or raise (stop, naming "
-                        "it); data.on_bad_cut (default: the run's)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per utterance (default 64)")
-    p.add_argument("--metrics-csv", default=None,
-                   help="CSVLogger metrics.csv for the report's training curves (default: found next to --ckpt)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N cuts")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers reading audio, data.num_workers (default: the run's)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--normalizer", choices=metrics.NORMALIZERS, default="whisper_english",
-                   help="text normaliser applied to references and hypotheses before WER/CER: whisper_english "
-                        "(default; Whisper's English normaliser, as the Open ASR Leaderboard: spoken numbers become "
-                        "digits), basic (lowercase, no punctuation) or none (raw text); metrics.json names it and "
-                        "also gives the raw-text WER")
-    p.add_argument("--decode", choices=("greedy", "mtp"), default="greedy",
-                   help="greedy (default), or mtp: also MTP self-speculative decoding of the same prompts (its "
-                        "hypotheses are written), with its live acceptance, forwards and wall time against greedy")
-    p.add_argument("--num-drafts", type=int, default=None,
-                   help="--decode mtp: drafts per step (1..the head's depths; default all of them)")
-    return p.parse_args(argv)
+
+@dataclass
+class EvaluateOptions:
+    """The options of ``salm-mtp evaluate`` (salm_mtp/options.py makes the parser and its help from them)."""
+
+    out: str
+    """output directory"""
+    ckpt: str | None = None
+    """Lightning checkpoint written by training (.ckpt file or sharded directory); give this or --model"""
+    model: str | None = None
+    """export directory written by `salm-mtp export` (salm_config.json, llm/, encoder/); give this or --ckpt"""
+    config: str | None = None
+    """the run's resolved config.yaml, whose data: section (prompt, bad-cut policy, max_duration, ...) the evaluation
+    uses (default: <log_dir>/config.yaml of --ckpt, or config.yaml of --model; none found: the defaults, with a
+    warning)"""
+    manifest: str | None = None
+    """what to evaluate: a lhotse CutSet manifest (jsonl.gz), or a conversation / text JSONL as data.inputs reads
+    them (data/README.md) (default: the run's data.test_manifest)"""
+    input_type: Literal[INPUT_TYPES] = option(flag="--type", default="auto")
+    """the manifest's format: cuts, conversations (NeMo multimodal JSONL), text (text-only conversations or
+    {messages: [...]}), or auto (from its first line). Conversations and text: each assistant turn is generated given
+    the reference history and scored (turn WER, exact match, teacher-forced loss and token accuracy)"""
+    batch_size: int | None = None
+    """most cuts per batch, data.max_cuts (default: the run's, else 16)"""
+    max_duration: float | None = None
+    """seconds of audio per batch, data.max_duration (default: the run's)"""
+    on_bad_cut: Literal["skip", "raise"] | None = None
+    """a cut that cannot be used: skip (a hyps row with its error, counted) or raise (stop, naming it);
+    data.on_bad_cut (default: the run's)"""
+    max_new_tokens: int = 64
+    """most tokens generated per utterance"""
+    metrics_csv: str | None = None
+    """CSVLogger metrics.csv for the report's training curves (default: found next to --ckpt)"""
+    limit: int | None = None
+    """evaluate only the first N cuts"""
+    device: str | None = None
+    """torch device (default: cuda if available, else cpu)"""
+    num_workers: int | None = None
+    """DataLoader workers reading audio, data.num_workers (default: the run's)"""
+    no_progress: bool = False
+    """no tqdm progress bar"""
+    normalizer: Literal[metrics.NORMALIZERS] = "whisper_english"
+    """text normaliser applied to references and hypotheses before WER/CER: whisper_english (Whisper's English
+    normaliser, as the Open ASR Leaderboard: spoken numbers become digits), basic (lowercase, no punctuation) or none
+    (raw text); metrics.json names it and also gives the raw-text WER"""
+    decode: Literal["greedy", "mtp"] = "greedy"
+    """greedy, or mtp: also MTP self-speculative decoding of the same prompts (its hypotheses are written), with its
+    live acceptance, forwards and wall time against greedy"""
+    num_drafts: int | None = None
+    """--decode mtp: drafts per step (1..the head's depths; default all of them)"""
+
+    def __post_init__(self) -> None:
+        if (self.ckpt is None) == (self.model is None):
+            raise ValueError("give one of --ckpt (a training checkpoint) or --model (an export directory)")
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
+    return parse_options(EvaluateOptions, argv, prog="salm-mtp evaluate", description=DESCRIPTION)
 
 
 def run_data_config(args) -> tuple[DataConfig, str | None, str]:

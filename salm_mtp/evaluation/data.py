@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from lhotse import CutSet
 
@@ -20,7 +20,7 @@ from salm_mtp.errors import MissingInputError, check_ckpt_path
 
 
 def load_model(ckpt: str | None = None, model: str | None = None):
-    """The SALMModule of a Lightning checkpoint (``ckpt``: .ckpt file or sharded directory) or of an
+    """The SALM of a Lightning checkpoint (``ckpt``: .ckpt file or sharded directory) or of an
     export directory (``model``), on CPU (``salm_mtp.io.load_model``)."""
     from salm_mtp.io import load_model as _load
 
@@ -124,11 +124,20 @@ def cut_groups(cut) -> dict[str, str]:
     return {str(k): str(v) for k, v in groups.items()} if isinstance(groups, dict) else {}
 
 
-def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
-    """{cut id: (position, task, reference)} of the manifest's (first ``limit``) cuts; unreadable lines are
-    left to the datamodule, which reports them. The cuts' evaluation groups (`cut_groups`) are in
-    ``index.groups``."""
-    index: dict[str, tuple[int, str | None, str | None]] = _Index()
+@dataclass
+class ManifestIndex:
+    """What evaluation needs of a manifest besides its audio: each row's place, task and reference, and groups."""
+
+    rows: dict[str, tuple[int, str | None, str | None]] = field(default_factory=dict)
+    """{row id: (position, task, reference)}: cut ids, or turn ids ``<conversation id>#<k>``."""
+    groups: dict[str, dict[str, str]] = field(default_factory=dict)
+    """{cut id: its evaluation groups} (``cut_groups``) of the cuts that have any."""
+
+
+def manifest_index(manifest: str, limit: int | None = None) -> ManifestIndex:
+    """The index of the manifest's (first ``limit``) cuts; unreadable lines are left to the datamodule, which
+    reports them."""
+    index = ManifestIndex()
     for i, cut in enumerate(load_cuts(manifest, on_bad_line=lambda bad: None)):
         if limit is not None and i >= limit:
             break
@@ -136,18 +145,10 @@ def manifest_index(manifest: str, limit: int | None = None) -> dict[str, tuple[i
             task, ref = reference_answer(cut) if cut.supervisions else (None, None)
         except (IndexError, ValueError):
             task, ref = None, None
-        index.setdefault(cut.id, (i, task, ref))
-        if cut.supervisions:
+        index.rows.setdefault(cut.id, (i, task, ref))
+        if cut.supervisions and cut_groups(cut):
             index.groups.setdefault(cut.id, cut_groups(cut))
     return index
-
-
-class _Index(dict):
-    """A manifest index (id -> (position, task, reference)) with the cuts' evaluation groups beside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.groups: dict[str, dict[str, str]] = {}
 
 
 INPUT_TYPES = ("auto",) + SOURCE_TYPES
@@ -160,20 +161,19 @@ def eval_source(manifest: str, input_type: str) -> dict:
     return {"name": "eval", "type": input_type, "path": manifest}
 
 
-def turn_index(manifest: str, input_type: str,
-               limit: int | None = None) -> dict[str, tuple[int, str | None, str | None]]:
-    """{turn id ``<conversation id>#<k>``: (position, task, reference turn)} of a conversation / text manifest's
-    (first ``limit``) assistant turns, in the order the evaluation loader yields them; bad lines are left to the
-    datamodule, which reports them."""
+def turn_index(manifest: str, input_type: str, limit: int | None = None) -> ManifestIndex:
+    """The index of a conversation / text manifest's (first ``limit``) assistant turns (rows by turn id, with the
+    reference turn), in the order the evaluation loader yields them; bad lines are left to the datamodule, which
+    reports them."""
     from salm_mtp.data.mix import as_inputs
 
     cuts = CutSet(PerTurn(source_cuts(as_inputs([eval_source(manifest, input_type)])[0], None, lambda bad: None)))
-    index: dict[str, tuple[int, str | None, str | None]] = _Index()
+    index = ManifestIndex()
     for i, cut in enumerate(cuts):
         if limit is not None and i >= limit:
             break
         conv = conversation_of(cut)
-        index.setdefault(cut.id, (i, conv.kind, conv.answer))
+        index.rows.setdefault(cut.id, (i, conv.kind, conv.answer))
     return index
 
 
@@ -184,4 +184,4 @@ def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
     if prompt is not None:
         data = replace(data if data is not None else DataConfig(), prompt=prompt)
     dm = eval_datamodule(tokenizer, manifest, data, batch_size, limit, num_workers)
-    return iter(dm.test_dataloader()), len(manifest_index(manifest, limit))
+    return iter(dm.test_dataloader()), len(manifest_index(manifest, limit).rows)

@@ -1,5 +1,5 @@
 """Decoding one batch for evaluation: greedy (and MTP self-speculative) hypotheses, teacher-forced agreement of the
-head, the main head's accuracy; sums kept in ``Totals``."""
+head, the main head's accuracy; how to decode in ``DecodeSettings`` (fixed for a run), sums in ``Totals``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,20 @@ from salm_mtp import metrics
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.data.policy import BadCut
 from salm_mtp.decoding.speculative import SpecStats, mtp_decode
-from salm_mtp.generate import decode_text, encode_prompts, greedy_decode, inference, mtp_drafts
+from salm_mtp.generate import decode_text, device_of, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How an evaluation decodes: the same for every batch."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per row."""
+    decode: str = "greedy"
+    """greedy, or mtp: MTP self-speculative decoding as well (hypotheses from it, timed against greedy)."""
+    num_drafts: int | None = None
+    """mtp: drafts per step (None: every depth of the head)."""
 
 
 @dataclass
@@ -31,11 +43,9 @@ class Totals:
     main_correct: int = 0
     main_count: int = 0
     main_nll: float = 0.0
-    decode: str = "greedy"
     spec: SpecStats | None = None
     greedy_seconds: float = 0.0
     spec_seconds: float = 0.0
-    num_drafts: int | None = None
     greedy_row_forwards: int = 0
     spec_mismatched_rows: int = 0
     batches: int = 0
@@ -64,7 +74,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: Totals) -> None:
+def evaluate_batch(module, batch: dict, settings: DecodeSettings, totals: Totals) -> None:
     """Decode one collated batch and add its hypotheses and statistics to ``totals`` (the cuts it left out
     are the caller's: ``add_failed``)."""
     if batch["input_ids"].shape[0] == 0:
@@ -72,15 +82,16 @@ def evaluate_batch(module, batch: dict, max_new_tokens: int, totals: Totals) -> 
     for i, task in enumerate(batch["tasks"]):
         if task not in totals.prompts:
             totals.prompts[task] = batch["input_ids"][i, : int(batch["prompt_lens"][i])].tolist()
-    dev = module.device
+    dev = device_of(module)
     batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     _sync(dev)
     t0 = time.perf_counter()
     prompt = encode_prompts(module, batch)
     _sync(dev)
     t_enc = time.perf_counter() - t0
-    if totals.decode == "mtp":
-        tokens, lengths = _greedy_and_mtp(module, batch, prompt, max_new_tokens, totals)
+    max_new_tokens = settings.max_new_tokens
+    if settings.decode == "mtp":
+        tokens, lengths = _greedy_and_mtp(module, batch, prompt, settings, totals)
         totals.seconds += t_enc + totals.last_spec_seconds
     else:
         tokens, lengths = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
@@ -123,10 +134,10 @@ def add_failed(totals: Totals, skipped: list[BadCut]) -> None:
             totals.num_failed += 1
 
 
-def _greedy_and_mtp(module, batch: dict, prompt, max_new_tokens: int, totals: Totals):
+def _greedy_and_mtp(module, batch: dict, prompt, settings: DecodeSettings, totals: Totals):
     """Greedy and MTP decoding of the same encoded prompts (which runs first alternates per batch); the
     MTP tokens, timings and counts go to ``totals``."""
-    dev = module.device
+    dev = device_of(module)
     order = ("greedy", "mtp") if totals.batches % 2 == 0 else ("mtp", "greedy")
     totals.batches += 1
     out = {}
@@ -134,10 +145,10 @@ def _greedy_and_mtp(module, batch: dict, prompt, max_new_tokens: int, totals: To
         _sync(dev)
         t0 = time.perf_counter()
         if which == "greedy":
-            out["greedy"] = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
+            out["greedy"] = greedy_decode(module, batch, max_new_tokens=settings.max_new_tokens, prompt=prompt)
         else:
-            out["mtp"] = mtp_decode(module, batch, max_new_tokens=max_new_tokens, num_drafts=totals.num_drafts,
-                                    prompt=prompt)
+            out["mtp"] = mtp_decode(module, batch, max_new_tokens=settings.max_new_tokens,
+                                    num_drafts=settings.num_drafts, prompt=prompt)
         _sync(dev)
         dt = time.perf_counter() - t0
         if which == "greedy":

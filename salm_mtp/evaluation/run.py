@@ -15,8 +15,9 @@ from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
 from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
-from salm_mtp.evaluation.data import SkipRows, eval_datamodule, eval_loader, manifest_index, turn_index
-from salm_mtp.evaluation.decode import Totals, add_failed, evaluate_batch
+from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, eval_datamodule, eval_loader, manifest_index,
+                                      turn_index)
+from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
 from salm_mtp.evaluation.score import summarise
 
@@ -64,17 +65,18 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
     index = manifest_index(manifest, limit) if input_type == "cuts" else turn_index(manifest, input_type, limit)
     loader = eval_loader(dm, manifest, input_type, limit)
-    totals = Totals(decode=decode, num_drafts=num_drafts)
+    settings = DecodeSettings(max_new_tokens, decode, num_drafts)
+    totals = Totals()
     was_training = module.training
     module.eval()
     hyps_path = os.path.join(out_dir, "hyps.jsonl")
-    bar = tqdm(total=len(index), unit="utt", desc="decode", disable=not progress)
+    bar = tqdm(total=len(index.rows), unit="utt", desc="decode", disable=not progress)
     with open(hyps_path, "w") as f, bar:  # tqdm counts rows: cuts, or assistant turns
         for batch in loader:
             start = len(totals.rows)
             dm.report_skipped(batch)  # the cuts SALMDataset left out of this batch, as the training loop counts them
             add_failed(totals, skip.take())  # ... and those the sampler's checks left out before it
-            evaluate_batch(module, batch, max_new_tokens, totals)
+            evaluate_batch(module, batch, settings, totals)
             for row in totals.rows[start:]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
@@ -90,7 +92,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     _write_settings(os.path.join(out_dir, "settings.json"), dm.cfg, run_config, totals.prompts, module.tokenizer)
     if skip.total:
         log.warning("%s", skip.summary())
-    result = summarise(totals, module.num_mtp_depths, max_new_tokens, normalizer)
+    result = summarise(totals, module.num_mtp_depths, settings, normalizer)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     agreement = [math.nan if a is None else a for a in result["mtp_teacher_forced_agreement"]]
@@ -104,16 +106,15 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     return result
 
 
-def _in_manifest_order(rows: list[dict], index: dict[str, tuple[int, str | None, str | None]]) -> None:
+def _in_manifest_order(rows: list[dict], index: ManifestIndex) -> None:
     """Sort ``rows`` (in place) by manifest position; a failed row gets its task and reference from there, and
     every row its evaluation groups (when the manifest has any)."""
-    groups = getattr(index, "groups", {})
     for row in rows:
-        if row["hyp"] is None and row["id"] in index:
-            _, row["task"], row["ref"] = index[row["id"]]
-        if groups.get(row["id"]):
-            row["groups"] = groups[row["id"]]
-    rows.sort(key=lambda r: index.get(r["id"], (len(index),))[0])
+        if row["hyp"] is None and row["id"] in index.rows:
+            _, row["task"], row["ref"] = index.rows[row["id"]]
+        if index.groups.get(row["id"]):
+            row["groups"] = index.groups[row["id"]]
+    rows.sort(key=lambda r: index.rows.get(r["id"], (len(index.rows),))[0])
 
 
 def _write_settings(path: str, cfg: DataConfig, run_config: str | None, prompts: dict[str, list[int]],

@@ -8,7 +8,7 @@ import math
 from salm_mtp import metrics
 from salm_mtp.decoding.speculative import SpecStats
 from salm_mtp.evaluation.data import TURN_TASKS
-from salm_mtp.evaluation.decode import Totals
+from salm_mtp.evaluation.decode import DecodeSettings, Totals
 
 
 def finite(x):
@@ -18,7 +18,8 @@ def finite(x):
     return x
 
 
-def summarise(totals: Totals, num_depths: int, max_new_tokens: int, normalizer: str = "whisper_english") -> dict:
+def summarise(totals: Totals, num_depths: int, settings: DecodeSettings = DecodeSettings(),
+              normalizer: str = "whisper_english") -> dict:
     """metrics.json content (keys in the module docstring)."""
     ok = [r for r in totals.rows if r["hyp"] is not None]
     asr = [r for r in ok if r["task"] == "asr"]
@@ -66,11 +67,11 @@ def summarise(totals: Totals, num_depths: int, max_new_tokens: int, normalizer: 
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
         "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else math.nan,
-        "max_new_tokens": max_new_tokens,
-        "decode": totals.decode,
+        "max_new_tokens": settings.max_new_tokens,
+        "decode": settings.decode,
     }
-    if totals.decode == "mtp":
-        spec = totals.spec or SpecStats(totals.num_drafts or num_depths)
+    if settings.decode == "mtp":
+        spec = totals.spec or SpecStats(settings.num_drafts or num_depths)
         rows = len(ok)
         out.update({
             "spec_num_drafts": spec.num_drafts,

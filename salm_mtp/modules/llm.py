@@ -8,7 +8,7 @@ import warnings
 
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from salm_mtp.config import MTP_SYMBOLS, LLMConfig
+from salm_mtp.config import BLOCK_SYMBOLS, LLMConfig
 
 
 def llm_config_from(cfg: LLMConfig, vocab_size: int) -> NemotronHConfig:
@@ -30,7 +30,7 @@ def llm_config_from(cfg: LLMConfig, vocab_size: int) -> NemotronHConfig:
         config = NemotronHConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.hidden_size,
-            layers_block_type=[MTP_SYMBOLS[s] for s in cfg.pattern],
+            layers_block_type=[BLOCK_SYMBOLS[s] for s in cfg.pattern],
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim,

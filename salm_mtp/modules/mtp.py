@@ -23,15 +23,15 @@ import torch.nn as nn
 from transformers import NemotronHConfig
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock, NemotronHRMSNorm
 
-from salm_mtp.config import MTP_SYMBOLS, MTPConfig, check_pattern
+from salm_mtp.config import BLOCK_SYMBOLS, MTPConfig, check_pattern
 from salm_mtp.modules.merge import shift_left
 
-SYMBOL_OF = {v: k for k, v in MTP_SYMBOLS.items()}
+SYMBOL_OF_BLOCK = {v: k for k, v in BLOCK_SYMBOLS.items()}
 
 
 def backbone_pattern(llm_config: NemotronHConfig) -> str:
     """The backbone's block pattern, e.g. ``"M*EM-*"``."""
-    return "".join(SYMBOL_OF[t] for t in llm_config.layers_block_type)
+    return "".join(SYMBOL_OF_BLOCK[t] for t in llm_config.layers_block_type)
 
 
 def shipped_mtp(llm_config: NemotronHConfig) -> tuple[int, str] | None:
@@ -43,7 +43,7 @@ def shipped_mtp(llm_config: NemotronHConfig) -> tuple[int, str] | None:
     d = int(getattr(llm_config, "num_nextn_predict_layers", 0) or 0)
     if d <= 0:
         return None
-    return d, "".join(SYMBOL_OF[t] for t in llm_config.mtp_layers_block_type)
+    return d, "".join(SYMBOL_OF_BLOCK[t] for t in llm_config.mtp_layers_block_type)
 
 
 def resolve_mtp(llm_config: NemotronHConfig, cfg: MTPConfig) -> tuple[int, str]:
@@ -81,7 +81,7 @@ def mtp_block_config(llm_config: NemotronHConfig, pattern: str, num_physical_dep
     """A copy of the LLM config whose block-type list also covers the MTP sublayers' global indices."""
     cfg = copy.deepcopy(llm_config)
     cfg.layers_block_type = list(llm_config.layers_block_type) + [
-        MTP_SYMBOLS[s] for s in pattern * num_physical_depths
+        BLOCK_SYMBOLS[s] for s in pattern * num_physical_depths
     ]
     return cfg
 
@@ -212,4 +212,4 @@ def record_mtp_in_config(llm_config: NemotronHConfig, head: MTPHead | None) -> N
         llm_config.num_nextn_predict_layers = 0
         return
     llm_config.num_nextn_predict_layers = 1 if head.use_repeated_layer else head.num_depths
-    llm_config.mtp_layers_block_type = [MTP_SYMBOLS[s] for s in head.pattern]
+    llm_config.mtp_layers_block_type = [BLOCK_SYMBOLS[s] for s in head.pattern]

@@ -35,7 +35,8 @@ def block_bytes(kind: str, c, b: int) -> int:
     return norm + inner
 
 
-def activation_estimate(module, max_duration: float, text_tokens_per_second: float, cut_seconds: float) -> dict:
+def activation_estimate(module, lm_head_chunk_size: int, max_duration: float, text_tokens_per_second: float,
+                        cut_seconds: float) -> dict:
     """Analytic activation bytes of one rank's batch, with and without activation checkpointing (module docstring)."""
     from salm_mtp.parallel import _dtype
 
@@ -75,7 +76,7 @@ def activation_estimate(module, max_duration: float, text_tokens_per_second: flo
     mtp = 0.0
     for d in range(1, module.num_mtp_depths + 1):
         mtp += T * (8 * H * b + sum(block_bytes(blk.block_type, llm, b) for blk in head.depth_blocks(d)))
-    rows = min(module.lm_head_chunk_size, Tt)
+    rows = min(lm_head_chunk_size, Tt)  # model.lm_head_chunk_size: target rows per lm_head chunk of the loss
     w = module.llm.lm_head.weight
     grad_buffer = w.numel() * 4 if w.requires_grad else 0  # linear_ce's fp32 dW, forward to backward
     loss = 2 * (1 + module.num_mtp_depths) * Tt * H * b + rows * llm.vocab_size * (b + 4) + grad_buffer

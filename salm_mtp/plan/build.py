@@ -104,12 +104,14 @@ def model_kwargs(cfg, tokenizer: str | None = None) -> tuple[dict, str | None]:
     return kw, f"no tokenizer at {tok!r}: using {kw['tokenizer_path']!r} (the vocabulary comes from config.json)"
 
 
-def build_module(kwargs: dict):
-    """The SALMModule of ``kwargs`` on meta, frozen and cast as configure_model would before sharding."""
-    from salm_mtp.model import SALMModule
+def build_model(kwargs: dict):
+    """The plain SALM of ``kwargs`` on meta (the training recipe's own settings left out), frozen and cast as
+    the recipe's configure_model would before sharding."""
+    from salm_mtp.io import salm_arguments
     from salm_mtp.parallel import apply_param_dtypes
+    from salm_mtp.salm import SALM
 
-    module = SALMModule(**kwargs)
-    module.apply_freeze()
-    apply_param_dtypes(module)
-    return module
+    model = SALM(**salm_arguments(kwargs))
+    model.apply_freeze()
+    apply_param_dtypes(model)
+    return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from salm_mtp.plan.build import GIB, build_module, build_parser, model_kwargs
+from salm_mtp.plan.build import GIB, build_model, build_parser, model_kwargs
 from salm_mtp.plan.activations import activation_estimate
 from salm_mtp.plan.shards import candidate_world_sizes, group_sizes, per_rank, shard_records
 
@@ -62,7 +62,7 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
     n = world_size_of(cfg, trainer)
     kwargs, note = model_kwargs(cfg, cfg.tokenizer)
     notes = [note] if note else []
-    module = build_module(kwargs)
+    module = build_model(kwargs)
     records, groups = shard_records(module, n)
     par = module.cfg_parallel
     precision = str(trainer.get("precision", "32-true"))
@@ -72,7 +72,8 @@ def plan_from_config(cfg, config_files: list[str] | None = None) -> dict:
     if par.frozen_dtype not in (None, "float32") and par.param_dtype != par.frozen_dtype:
         notes.append(f"model.parallel.frozen_dtype={par.frozen_dtype} with param_dtype={par.param_dtype}: FSDP2 training "
                      f"refuses it (one compute dtype per group); set --model.parallel.param_dtype={par.frozen_dtype}")
-    acts = activation_estimate(module, cfg.data.max_duration, cfg.text_tokens_per_second, cfg.cut_seconds)
+    acts = activation_estimate(module, kwargs["lm_head_chunk_size"], cfg.data.max_duration,
+                               cfg.text_tokens_per_second, cfg.cut_seconds)
     act = acts["with_ac_bytes"] if par.activation_checkpointing else acts["without_ac_bytes"]
     if par.encoder_activation_checkpointing:
         act -= acts["parts_bytes"]["encoder"] - acts["parts_bytes"]["encoder_with_ac"]

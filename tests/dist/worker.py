@@ -36,7 +36,6 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy  # n
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import tiny  # noqa: E402
-from salm_mtp import weights as W  # noqa: E402
 from salm_mtp.config import EncoderConfig, ParallelConfig  # noqa: E402
 from salm_mtp.model import SALMModule  # noqa: E402
 from salm_mtp.salm import config_from_dict  # noqa: E402
@@ -109,7 +108,7 @@ class GrabInit(L.Callback):
         params = dict(pl_module.named_parameters())
         local_llm = sum(p.to_local().numel() * p.element_size() if isinstance(p, DTensor) else p.numel() * p.element_size()
                         for n, p in params.items() if n.startswith("llm."))
-        mine = torch.tensor([float(W.READ_STATS["bytes"]), float(local_llm)])
+        mine = torch.tensor([float(pl_module.bytes_read), float(local_llm)])
         every = [torch.zeros(2) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         fresh = LogMelFeatures(pl_module.features.config)
@@ -177,7 +176,6 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
     kw["parallel"] = ParallelConfig(**case.get("parallel", {}))
     if "layerdrop" in case:
         kw["encoder"] = EncoderConfig(**{**kw["encoder"].__dict__, "layerdrop": case["layerdrop"]})
-    W.READ_STATS.update(bytes=0, tensors=0)
     module = module_class(case.get("prewrap"))(**kw)  # on meta: weights come in configure_model
     if case["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
