@@ -64,8 +64,19 @@ def test_missing_files_name_the_key_path_and_fix(tmp_path):
 
 
 def test_module_args_are_the_config_fields():
-    params = inspect.signature(SALMDataModule.__init__).parameters
-    assert [p for p in params if p != "self"] == [f.name for f in dataclasses.fields(DataConfig)]
+    """SALMDataModule's and data_config's signatures and Args: help are generated from DataConfig (one source)."""
+    import docstring_parser
+
+    from salm_mtp.data.config import data_config
+
+    docs = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse_from_object(DataConfig).params}
+    for fn in (SALMDataModule.__init__, data_config):
+        params = {n: p for n, p in inspect.signature(fn).parameters.items() if n != "self"}
+        assert list(params) == [f.name for f in dataclasses.fields(DataConfig)]
+        assert params["max_duration"].default == 60.0 and params["prompt"].default is None  # factory: None, filled
+        args = {p.arg_name: p.description for p in docstring_parser.parse(fn.__doc__).params}
+        assert args == docs
+    assert data_config(max_duration=5.0) == DataConfig(max_duration=5.0)
     dm = SALMDataModule.from_config(DataConfig(max_duration=5.0, prompt=PromptConfig(target_lang="x")))
     assert dm.cfg.max_duration == 5.0 and dm.cfg.prompt.target_lang == "x"
 

@@ -7,6 +7,7 @@ import glob
 import os
 
 import lightning as L
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 
@@ -37,21 +38,32 @@ def test_should_update_logs_and_logged_step_match_the_rows_lightning_writes(tmp_
     assert len(rows) == 2 and [step for _, step in model.seen] == list(range(7))
 
 
+class ThreeBatches(torch.utils.data.IterableDataset):
+    """No length, as lhotse's samplers: Lightning then fetches one batch ahead (a sized loader it does not)."""
+
+    def __iter__(self):
+        return iter([torch.randn(32) for _ in range(3)])
+
+
 class Fetched(BoringModel):
     def __init__(self):
         super().__init__()
         self.seen = []
 
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(ThreeBatches(), batch_size=None)
+
     def training_step(self, batch, batch_idx):
         self.seen.append((prefetched_batches(self.trainer), fit_epoch(self.trainer), self.trainer.current_epoch))
-        return super().training_step(batch, batch_idx)
+        return super().training_step(batch[None], batch_idx)
 
 
 def test_prefetched_batches_and_fit_epoch_inside_training_steps():
-    """The fit loop holds one batch ahead at every step but an epoch's last (the datamodule's resumable loader
-    subtracts it), and fit_epoch is the epoch being trained (what the loop passes to set_epoch)."""
+    """Over a loader without length the fit loop holds one batch ahead at every step but an epoch's last (the
+    datamodule's resumable loader subtracts it), and fit_epoch is the epoch being trained (what the loop passes to
+    set_epoch)."""
     model = Fetched()
-    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(model)
     assert [p for p, _, _ in model.seen] == [1, 1, 0, 1, 1, 0]
