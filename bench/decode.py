@@ -45,7 +45,7 @@ from common import MEMORY_MEASURES, add_device_arg, parse_device_args, process_p
 
 from salm_mtp.decoding.speculative import SpecStats, decode_row_groups, mtp_decode  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
-    _eos_id, _lengths_after_eos, _pad_id, encode_prompts, greedy_decode, inference, left_padding_exact,
+    _eos_id, _lengths_after_eos, _pad_id, device_of, encode_prompts, greedy_decode, inference, left_padding_exact,
 )
 
 DEMO_CONF = "conf/demo.yaml"
@@ -121,7 +121,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
     times = {k: [] for k in deciders}
     stats: dict = {}
     identical = dict.fromkeys(deciders, True)
-    device = module.device.type
+    device = device_of(module).type
 
     def run(name, i):
         b, p = data[i], prompts[i]

@@ -296,7 +296,7 @@ def test_adapter_export_without_lora_is_refused_before_writing(tok_dir, tmp_path
 def test_planner_counts_adapters_as_the_trainable_llm_part(tok_dir):
     from salm_mtp.plan import build, planner, shards
 
-    module = build.build_module(tiny.tiny_kwargs(tok_dir, lora=LoRAConfig(r=R)))
+    module = build.build_model(tiny.tiny_kwargs(tok_dir, lora=LoRAConfig(r=R)))
     records, _ = shards.shard_records(module, 2)
     parts: dict[tuple[str, bool], int] = {}
     for r in records:

@@ -1,7 +1,7 @@
 """Bad data, non-finite losses, pre-emption and clear errors (issue 13): each fault injected, what the user sees.
 
 Unit cases run the data module in process (both policies); the CLI cases are tiny runs in this process, the
-pre-emption ones in subprocesses (they are signalled)."""
+pre-empted runs themselves in subprocesses (they are signalled; their resumes run here)."""
 
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ PREEMPT_ARGS = ["--data.val_manifest=null", "--trainer.max_steps=7", "--data.num
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tok_dir, tmp_path_factory):
     full = str(tmp_path_factory.mktemp("full"))
-    _cli("fit", full, tok_dir, f"--data.train_manifest={corpus}", *PREEMPT_ARGS, check=0, subprocess_run=True)
+    _cli("fit", full, tok_dir, f"--data.train_manifest={corpus}", *PREEMPT_ARGS, check=0)
     return logged_losses(full)
 
 
@@ -383,7 +383,7 @@ def test_cli_sigterm_saves_at_the_signal_step_exits_143_and_resumes_exactly(corp
     (ckpt,) = glob.glob(os.path.join(cut, f"salm/version_*/checkpoints/preempted-step{step + 1}.ckpt"))
     assert f"pre-empted by signal 15 after step {step + 1}" in out.stderr + out.stdout
     resumed = str(tmp_path / "resumed")
-    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0, subprocess_run=True)
+    _cli("fit", resumed, tok_dir, *common, f"--ckpt_path={ckpt}", check=0)
     b = logged_losses(resumed)
     assert sorted(b) == list(range(step + 1, 7))
     assert [b[s] for s in sorted(b)] == [uninterrupted[s] for s in sorted(b)]  # exactly
