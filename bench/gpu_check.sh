@@ -23,7 +23,7 @@
 # mtp_overhead.json, decode.json: five files). Exit status 0 when every step is ok or skipped, else 1.
 #
 # --dry-run: device cpu, fp32, the tiny model overlay (tests/conf/tiny_model.yaml), 4 fit steps, tiny benchmark
-# sizes, no pip; a synthetic corpus unless GPU_CHECK_MANIFEST is given. Tested by tests/test_gpu_check.py.
+# sizes, no pip; a synthetic corpus unless GPU_CHECK_MANIFEST is given. Tested by tests/recipes/test_gpu_check.py.
 #
 # Env: GPU_CHECK_WORK (checkpoints, corpus, logs; default OUTDIR/work, or a fresh /tmp dir when OUTDIR is $OUT so
 #      that only the five files come back), GPU_CHECK_PY (python; default .venv/bin/python if present, else python3),

@@ -2,7 +2,7 @@
 
     python tests/behaviour.py record      # writes tests/fixtures/behaviour/ (run on the code before a change)
 
-What is recorded (tests/test_behaviour.py runs the same and compares):
+What is recorded (tests/recipes/test_behaviour.py runs the same and compares):
 - the first 20 training losses of ``conf/demo.yaml`` (one process) and of ``conf/demo_fsdp2.yaml`` (2 processes,
   torchrun, gloo): the demo model on the tests' 24-clip sine corpus and tokenizer, seed 1234, no validation;
 - the hypotheses ``salm-mtp evaluate`` writes for the one-process run's checkpoint on the same corpus;

@@ -5,7 +5,7 @@
     assert out.returncode == 0, out.stdout + out.stderr
 
 Only for runs that need no process of their own: signals, multi-process launches and the console script itself
-keep their subprocesses (tests/test_robustness.py, tests/test_fsdp2_cli.py, tests/test_packaging.py). The run sees
+keep their subprocesses (tests/test_robustness.py, tests/recipes/test_fsdp2_fit.py, tests/recipes/test_packaging.py). The run sees
 ``cwd`` and ``env`` (added to the test's environment) and leaves the process as it found it: environment, working
 directory, warning filters (warnings are printed, as a fresh process prints them), signal handlers, logging streams and the root logger's handlers (none during the run,
 as in a fresh process), torch's default dtype, grad mode and thread count. Output is caught

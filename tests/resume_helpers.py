@@ -1,4 +1,4 @@
-"""Test-only callback for the any-world-size resume tests (tests/test_fsdp2_cli.py): what a run restored."""
+"""Test-only callback for the any-world-size resume tests (tests/recipes/test_fsdp2_fit.py): what a run restored."""
 
 from __future__ import annotations
 

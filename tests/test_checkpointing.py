@@ -1,5 +1,5 @@
 """salm_mtp/checkpointing.py and checkpoint_io.py: in-progress names, atomic publish, `last` links, retention,
-failed writes (one process; the sharded and asynchronous kind: tests/test_fsdp2_cli.py)."""
+failed writes (one process; the sharded and asynchronous kind: tests/recipes/test_fsdp2_fit.py)."""
 
 import errno
 import os

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fake(bin_dir: Path, name: str, exit_code: int) -> Path:

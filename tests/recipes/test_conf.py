@@ -8,7 +8,7 @@ import yaml
 
 from cli_run import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFS = sorted(glob.glob(os.path.join(ROOT, "conf", "*.yaml")))
 
 

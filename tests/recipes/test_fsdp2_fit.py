@@ -22,7 +22,7 @@ import torch
 from cli_run import run_cli
 from tiny import fuse_experts, logged_losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 600
 SESSION = os.path.join(ROOT, "tests", "dist", "cli_session.py")
 DUMP = "--trainer.callbacks+=resume_helpers.DumpRestoredState"
