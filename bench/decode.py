@@ -59,7 +59,7 @@ def untrained_demo_model(llm_pattern: str | None = None, tokenizer: str | None =
     (default: the config's model.tokenizer_path)."""
     import yaml
 
-    from salm_mtp.io import build_salm
+    from salm_mtp.io.checkpoints import build_salm
 
     with open(DEMO_CONF) as f:
         cfg = yaml.safe_load(f)["model"]
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.ckpt or a.model:
-        from salm_mtp.io import load_model
+        from salm_mtp.io.checkpoints import load_model
 
         module, source = load_model(a.ckpt or a.model), a.ckpt or a.model
     else:

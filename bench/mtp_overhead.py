@@ -131,7 +131,7 @@ def autocast(device: str, precision: str):
 
 def build(kwargs: dict, depths: int, device: str = "cpu"):
     """A materialised SALMModule (seed 0) with ``depths`` MTP depths on ``device``, in train mode, and its AdamW."""
-    from salm_mtp.io import build_module
+    from salm_mtp.io.checkpoints import build_module
     from salm_mtp.optim import build_optimizer
 
     kw = copy.deepcopy(kwargs)

@@ -4,7 +4,7 @@
     salm-mtp validate|test --config conf/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     salm-mtp predict --config conf/demo.yaml --ckpt_path ...   (greedy hypotheses of data.test_manifest)
     salm-mtp evaluate --ckpt runs/demo/.../last.ckpt --out runs/demo/eval   (salm_mtp/evaluation/)
-    salm-mtp export --ckpt runs/demo/.../last.ckpt --out exports/demo      (salm_mtp/io.py)
+    salm-mtp export --ckpt runs/demo/.../last.ckpt --out exports/demo      (salm_mtp/io/export.py)
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan/)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
     salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
@@ -63,7 +63,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable]] = {
     "evaluate": ("score a checkpoint on a manifest (--decode greedy|mtp) with the run's own data and prompt config",
                  _call("salm_mtp.evaluation.cli:main")),
     "export": ("checkpoint -> HF directories for serving and reloading (llm/ with mtp.*, encoder/, adapter)",
-               _call("salm_mtp.io:export_main")),
+               _call("salm_mtp.io.export:export_main")),
     "plan": ("per-rank GPU memory of a training config under the real FSDP2 plan (no GPU, no weights)",
              _call("salm_mtp.plan.cli:main")),
     "validate-data": ("check manifests (lines, text, durations, audio headers) and list every bad cut",

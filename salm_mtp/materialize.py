@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from salm_mtp.weights import Source, TensorReader, check_sources
+from salm_mtp.io.weights import Source, TensorReader, check_sources
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import os
 import lightning as L
 import torch
 
-from salm_mtp.weights import save_encoder_hf
+from salm_mtp.io.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer
@@ -96,14 +96,9 @@ class CTCPretrainModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.cfg_encoder.path is not None and self._trainer is not None:
-            from salm_mtp import weights
-            from salm_mtp.materialize import fill_from_checkpoint
+            from salm_mtp.io.fill import fill_encoder
 
-            path = self.cfg_encoder.path
-            files = weights.checkpoint_files(path)
-            with weights.TensorReader(files) as reader:
-                fill_from_checkpoint(self.audio, reader, weights.encoder_sources(files, with_ctc_head=True),
-                                     f"encoder checkpoint {path!r}")
+            fill_encoder(self, self.cfg_encoder.path, with_ctc_head=True)
 
     def _logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         feats, fmask = self.features(batch["audios"], batch["audio_lens"])

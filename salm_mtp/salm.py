@@ -24,7 +24,6 @@ from dataclasses import asdict, replace
 
 import torch
 
-from salm_mtp import weights
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -37,8 +36,8 @@ from salm_mtp.config import (
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer
 from salm_mtp.loss import ctc_sum
-from salm_mtp.materialize import (copy_parameters, fill_from_checkpoint, init_parameters, is_materialized, materialize,
-                                  meta_parameters)
+from salm_mtp.io.fill import fill_pretrained
+from salm_mtp.materialize import copy_parameters, init_parameters, is_materialized, materialize, meta_parameters
 from salm_mtp.modules.encoder import Adapter, AudioEncoder, encoder_config_from
 from salm_mtp.modules.features import FeatureConfig, LogMelFeatures, SpecAugment, SpecAugmentConfig
 from salm_mtp.modules.llm import build_llm
@@ -214,7 +213,7 @@ class SALM(torch.nn.Module):
         initialised by its module's own init under a seed derived from ``init_seed`` and its name.
         ``mtp.init_from_backbone`` then copies the backbone's (loaded) last blocks into a new head.
         ``init_new=False`` leaves the other tensors uninitialised: only for callers that load a complete
-        state dict strictly right after (salm_mtp.io's sharded-checkpoint loader).
+        state dict strictly right after (salm_mtp/io/checkpoints.py's loaders).
         LoRA: the base weights are read and initialised under their checkpoint names and modules
         (``lora.base_view``: a LoRA model's base equals the plain model's for the same seed), then each adapter's
         A by kaiming-uniform under its own seed and B = 0. Names returned are the module's own.
@@ -227,7 +226,7 @@ class SALM(torch.nn.Module):
         initialised: set[str] = set()
         with base_view(self):  # LoRA layers unwrapped: checkpoint names, transformers' init code
             plain = {n: own[id(p)] for n, p in self.named_parameters()}
-            loaded = self._load_pretrained() if load_pretrained else set()
+            loaded = fill_pretrained(self) if load_pretrained else set()
             if init_new:
                 initialised = init_parameters(self, set(plain) - loaded, seed)
                 head = self.mtp_head
@@ -240,40 +239,6 @@ class SALM(torch.nn.Module):
         adapters = {n for n in own.values() if is_adapter_param(n)}
         initialised = {plain[n] for n in initialised} | init_parameters(self, adapters, seed, adapter_inits(self))
         return {"loaded": loaded, "initialised": initialised}
-
-    def _load_pretrained(self) -> set[str]:
-        """Read the configured pretrained parts into the materialised module; returns the names filled."""
-        loaded: set[str] = set()
-        if self.cfg_adapter.path is not None:
-            path = self.cfg_adapter.path
-            files = weights.checkpoint_files_of(path)
-            loaded |= _fill(self, "adapter", files, {k: weights.Source((k,)) for k in files}, f"model.adapter.path={path!r}",
-                            prefix="adapter.")
-        if self.cfg_encoder.path is not None:
-            path = self.cfg_encoder.path
-            files = weights.checkpoint_files(path)
-            sources = weights.encoder_sources(files, with_ctc_head=self.audio.ctc_head is not None)
-            loaded |= _fill(self, "audio", files, sources, f"encoder checkpoint {path!r}")
-        if self.cfg_llm.path is not None:
-            path = self.cfg_llm.path
-            files = weights.checkpoint_files(path)
-            load_mtp = self.mtp_enabled and self.mtp_shipped
-            if load_mtp and not any(k.startswith("mtp.") for k in files):
-                raise weights.CheckpointError(
-                    f"model.llm.path={path!r}: config.json declares an MTP head (num_nextn_predict_layers > 0) but "
-                    "the safetensors hold no mtp.* tensors; refusing to re-initialise it. Set --model.mtp.num_layers=0"
-                    " to train without it"
-                )
-            tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
-            sources = weights.llm_sources(files, load_mtp, getattr(self.llm.config, "n_routed_experts", None))
-            if tied:
-                sources.pop("lm_head.weight", None)
-
-            def skip(k: str) -> bool:
-                return (k.startswith("mtp.") and not load_mtp) or (tied and k == "lm_head.weight")
-
-            loaded |= _fill(self, "llm", files, sources, f"LLM checkpoint {path!r}", skip=skip)
-        return loaded
 
     def audio_positions_per_second(self) -> float:
         """LLM positions per second of audio: feature frames / encoder subsampling / adapter stacking."""
@@ -359,13 +324,3 @@ class SALM(torch.nn.Module):
         keep = keep.to(enc.device)
         return ctc_sum(self.audio.ctc_head(enc[keep]), enc_lens[keep], ctc_ids[keep], ctc_lens[keep],
                        self.audio.blank_id)
-
-
-def _fill(module, part: str, files: dict[str, str], sources: dict, what: str, skip=lambda k: False,
-          prefix: str = "") -> set[str]:
-    """Fill ``module.<part>`` from ``sources`` (this rank's slices only); returns the root-level names filled.
-    ``prefix`` goes before tensor names in errors."""
-    with weights.TensorReader(files) as reader:
-        names = fill_from_checkpoint(getattr(module, part), reader, sources, what, prefix=prefix, skip=skip)
-    module.bytes_read += reader.bytes_read
-    return {f"{part}.{n}" for n in names}

@@ -108,7 +108,7 @@ class SALMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with a checkpoint reader that takes sharded directories in one process too."""
-        from salm_mtp import checkpoint_io
+        from salm_mtp.io import sharded as checkpoint_io
 
         trainer = super().instantiate_trainer(**kwargs)
         checkpoint_io.use_for(trainer)

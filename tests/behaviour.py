@@ -126,7 +126,7 @@ def record(work: str) -> None:
     full = torch.load(ckpt, map_location="cpu", weights_only=False)
     slim = {k: full[k] for k in ("state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch", "global_step")}
     torch.save(slim, os.path.join(FIXTURES, "tiny_v1.ckpt"))
-    from salm_mtp.io import load_model
+    from salm_mtp.io.checkpoints import load_model
 
     module = load_model(os.path.join(FIXTURES, "tiny_v1.ckpt"))
     torch.save(logits_of(module, tiny_batch(corpus, module.tokenizer)), os.path.join(FIXTURES, "tiny_v1_logits.pt"))

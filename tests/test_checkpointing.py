@@ -1,4 +1,4 @@
-"""salm_mtp/checkpointing.py and checkpoint_io.py: in-progress names, atomic publish, `last` links, retention,
+"""salm_mtp/checkpointing.py and io/sharded.py: in-progress names, atomic publish, `last` links, retention,
 failed writes (one process; the sharded and asynchronous kind: tests/recipes/test_fsdp2_fit.py)."""
 
 import errno
@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from salm_mtp.checkpoint_io import SALMCheckpointIO
+from salm_mtp.io.sharded import SALMCheckpointIO
 from salm_mtp.checkpointing import (SALMCheckpoint, SaveTracker, done_future, failed_future, inprogress_path, point)
 from salm_mtp.errors import SalmError
 

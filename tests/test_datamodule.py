@@ -161,7 +161,6 @@ def test_epochs_reshuffle_deterministically_and_resume(corpus):
 
 
 def test_resume_with_other_data_restarts_the_stream_and_says_so(corpus):
-    full = ids_of(make_dm(corpus).train_dataloader())
     loader = make_dm(corpus).train_dataloader()
     it = iter(loader)
     for _ in range(3):

@@ -23,7 +23,8 @@ from salm_mtp.evaluation.data import default_metrics_csv
 from salm_mtp.evaluation.decode import DecodeSettings, Totals
 from salm_mtp.evaluation.report import format_table
 from salm_mtp.evaluation.score import summarise
-from salm_mtp.io import export_hf, load_lightning_checkpoint
+from salm_mtp.io.export import export_hf
+from salm_mtp.io.checkpoints import load_lightning_checkpoint
 from salm_mtp.evaluation.cli import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_evaluate_uses_the_prompt_of_the_runs_config(tmp_path, tok_dir, sine_cor
 
     from salm_mtp.cli import main as salm_mtp
     from salm_mtp.data.prompt import PromptConfig, PromptFormatter
-    from salm_mtp.io import export_main
+    from salm_mtp.io.export import export_main
 
     manifest = sine_corpus(n=6)
     run = tmp_path / "run"

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoTokenizer, NemotronHForCausalLM
 
 import tiny
-from salm_mtp.io import export_hf, load_export
+from salm_mtp.io.export import export_hf
+from salm_mtp.io.checkpoints import load_export
 
 REPO = Path(__file__).resolve().parents[1]
 TF4 = "4.57.6"

@@ -15,7 +15,6 @@ from salm_mtp.generate import (
     mtp_drafts,
 )
 from salm_mtp.metrics import mtp_acceptance
-from salm_mtp.model import SALMModule
 from salm_mtp.modules.merge import IGNORE_INDEX, shift_left
 
 N_NEW = 12

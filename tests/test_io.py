@@ -7,8 +7,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from salm_mtp.io import build_module, export_hf, load_export
-from salm_mtp.weights import CheckpointError
+from salm_mtp.io.checkpoints import build_module, load_export
+from salm_mtp.io.export import export_hf
+from salm_mtp.io.weights import CheckpointError
 from salm_mtp.config import AdapterConfig, EncoderConfig, LLMConfig, MTPConfig
 from salm_mtp.model import SALMModule
 
@@ -196,7 +197,7 @@ def test_checkpoint_loads_from_another_working_directory(tok_dir, tmp_path, sine
     import lightning as L
 
     from salm_mtp.data.datamodule import SALMDataModule
-    from salm_mtp.io import load_model
+    from salm_mtp.io.checkpoints import load_model
 
     export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
     shutil.copytree(tok_dir, tmp_path / "tok")

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import tiny
 from test_parallel import grad_error
 from salm_mtp.config import FreezeConfig, LLMConfig, LoRAConfig, MTPConfig
-from salm_mtp.io import build_module, export_hf, load_export, load_sharded_checkpoint
+from salm_mtp.io.checkpoints import build_module, load_export, load_sharded_checkpoint
+from salm_mtp.io.export import export_hf
 from salm_mtp.materialize import seed_for
 from salm_mtp.model import SALMModule
 from salm_mtp.salm import config_from_dict

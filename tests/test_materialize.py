@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import tiny
-from salm_mtp.io import build_module
+from salm_mtp.io.checkpoints import build_module
 from salm_mtp.materialize import init_parameters, materialize, meta_parameters, seed_for
 from salm_mtp.model import SALMModule
 from salm_mtp.modules.features import LogMelFeatures

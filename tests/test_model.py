@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tiny
-from salm_mtp.io import build_module
+from salm_mtp.io.checkpoints import build_module
 
 
 def _module(tok_dir, **kw):

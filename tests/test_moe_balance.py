@@ -5,7 +5,7 @@ import torch
 
 import tiny
 from salm_mtp.config import FreezeConfig
-from salm_mtp.modules.moe_balance import MoEBalanceConfig, MoEBalancer, sequence_aux_loss
+from salm_mtp.modules.moe_balance import MoEBalanceConfig, sequence_aux_loss
 
 
 def _routers(m):

@@ -4,7 +4,6 @@ import torch
 import tiny
 from salm_mtp.config import MTPConfig
 from salm_mtp.model import SALMModule
-from salm_mtp.modules.merge import shift_left
 from salm_mtp.modules.mtp import MTPHead, resolve_mtp
 
 
@@ -138,7 +137,7 @@ def test_head_is_causal_under_every_attention_implementation(tok_dir, attn):
     kw = tiny.tiny_kwargs(tok_dir, pattern="M*E", mtp_layers=2, mtp_pattern="*E")
     kw["llm"] = LLMConfig(**{**kw["llm"].__dict__, "attn_implementation": attn})
     torch.manual_seed(0)
-    from salm_mtp.io import build_module
+    from salm_mtp.io.checkpoints import build_module
 
     m = build_module(**kw).eval()
     g = torch.Generator().manual_seed(0)
@@ -163,7 +162,7 @@ def test_cached_depth_chunks_equal_the_full_forward(tok_dir, attn, mtp_pattern):
     from transformers import DynamicCache
 
     from salm_mtp.config import LLMConfig
-    from salm_mtp.io import build_module
+    from salm_mtp.io.checkpoints import build_module
 
     kw = tiny.tiny_kwargs(tok_dir, pattern="M*E", mtp_layers=2, mtp_pattern=mtp_pattern)
     kw["llm"] = LLMConfig(**{**kw["llm"].__dict__, "attn_implementation": attn})

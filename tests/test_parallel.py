@@ -24,7 +24,7 @@ import torch
 
 import tiny
 from salm_mtp.config import EncoderConfig, ParallelConfig
-from salm_mtp.io import build_module, load_sharded_checkpoint
+from salm_mtp.io.checkpoints import build_module, load_sharded_checkpoint
 from salm_mtp.model import SALMModule
 from salm_mtp.salm import config_from_dict
 from salm_mtp.parallel import apply_parallelism, backbone_blocks, check_layerdrop, data_parallel

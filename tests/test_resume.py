@@ -6,13 +6,12 @@ checkpoint."""
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from salm_mtp.resume import ResumeSettingsError, flatten, is_refused, resolve, unflatten
+from salm_mtp.resume import flatten, is_refused, resolve, unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
-"""Tests of salm_mtp/weights.py: sliced reads equal safetensors' own, bytes counted, truncation named."""
+"""Tests of salm_mtp/io/weights.py: sliced reads equal safetensors' own, bytes counted, truncation named."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from salm_mtp.weights import CheckpointError, Source, TensorReader, checkpoint_files_of
+from salm_mtp.io.weights import CheckpointError, Source, TensorReader, checkpoint_files_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -45,7 +45,7 @@ def tiny_kwargs(tok_dir: str, pattern: str = "M*E-", mtp_layers: int = 1, mtp_pa
 
 def build(tok_dir: str, **overrides):
     """A tiny SALMModule with real weights on the CPU (built on meta, materialised, initialised)."""
-    from salm_mtp.io import build_module
+    from salm_mtp.io.checkpoints import build_module
 
     return build_module(**tiny_kwargs(tok_dir, **overrides))
 
@@ -125,7 +125,7 @@ class BatchRecorder(pl.LightningModule):
 def fuse_experts(state: dict) -> dict:
     """Stack per-expert ``X.experts.{e}.P.weight`` of an in-memory state dict into ``X.experts.P`` (E, out, in): an
     exported (per-expert) file in the model's fused layout, for comparing the two."""
-    from salm_mtp.weights import group_sources
+    from salm_mtp.io.weights import group_sources
 
     sources = group_sources(list(state))
     return {k: torch.stack([state[x] for x in s.keys]) if s.stacked else state[s.keys[0]] for k, s in sources.items()}

@@ -22,7 +22,7 @@ from salm_mtp.errors import MissingInputError, check_ckpt_path
 def load_model(ckpt: str | None = None, model: str | None = None):
     """The SALM of a Lightning checkpoint (``ckpt``: .ckpt file or sharded directory) or of an
     export directory (``model``), on CPU (``salm_mtp.io.load_model``)."""
-    from salm_mtp.io import load_model as _load
+    from salm_mtp.io.checkpoints import load_model as _load
 
     check_model_path(ckpt, model)
     return _load(model or ckpt)

@@ -163,7 +163,7 @@ def save_adapter(llm: nn.Module, cfg: LoRAConfig, out_dir: str, base_model: str 
     LoRA model's LLM, given the base weights the adapters were trained on (``base_model``: recorded as
     ``base_model_name_or_path``, e.g. model.llm.path). Returns ``out_dir``.
     """
-    from salm_mtp.weights import save_tensors
+    from salm_mtp.io.weights import save_tensors
 
     state = adapter_state_dict(llm)
     if not state:

@@ -107,7 +107,7 @@ def model_kwargs(cfg, tokenizer: str | None = None) -> tuple[dict, str | None]:
 def build_model(kwargs: dict):
     """The plain SALM of ``kwargs`` on meta (the training recipe's own settings left out), frozen and cast as
     the recipe's configure_model would before sharding."""
-    from salm_mtp.io import salm_arguments
+    from salm_mtp.io.checkpoints import salm_arguments
     from salm_mtp.parallel import apply_param_dtypes
     from salm_mtp.salm import SALM
 

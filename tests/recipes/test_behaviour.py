@@ -45,7 +45,7 @@ def test_fsdp2_first_losses_equal_the_recorded_ones(corpus, recorded, tmp_path):
 
 
 def test_a_checkpoint_of_the_old_code_loads_and_gives_the_same_logits(corpus, tmp_path):
-    from salm_mtp.io import load_model
+    from salm_mtp.io.checkpoints import load_model
 
     ckpt = torch.load(os.path.join(behaviour.FIXTURES, "tiny_v1.ckpt"), map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["tokenizer_path"] = TOKENIZER  # it recorded where its tokenizer was on that machine

@@ -170,7 +170,7 @@ def test_sharded_checkpoint_keys_are_checked_both_ways(runs):
 
 def _saved_by_name(path):
     """(model tensors, {parameter name: optimizer state}, global step) of a checkpoint of either kind."""
-    from salm_mtp.checkpoint_io import read_sharded
+    from salm_mtp.io.sharded import read_sharded
     from salm_mtp.optim_state import by_name
 
     ckpt = read_sharded(path) if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=False)
@@ -218,8 +218,8 @@ def test_one_process_checkpoint_resumes_on_two_ranks(runs):
 
 
 def test_two_rank_checkpoint_resumes_on_four_and_exports_in_one_process(runs):
-    from salm_mtp.checkpoint_io import read_sharded
-    from salm_mtp.io import load_sharded_checkpoint
+    from salm_mtp.io.sharded import read_sharded
+    from salm_mtp.io.checkpoints import load_sharded_checkpoint
 
     run, _ = runs["on_four"]
     _assert_restored(os.path.join(run, "restored.pt"), _ckpt(runs["full"][0], "step2.ckpt"), world_size=4)
@@ -244,7 +244,7 @@ def test_async_save_does_not_block_the_next_step_and_saves_the_state_of_its_step
     """The step-2 save's write is held in its background thread until step 3 starts: step 3 starts (the save did
     not block), the checkpoint is not yet published there, and once written it holds the step-2 state, equal to
     the same run's step-2 checkpoint written without a hold."""
-    from salm_mtp.checkpoint_io import read_sharded
+    from salm_mtp.io.sharded import read_sharded
 
     run, _ = runs["hold"]
     seen = json.load(open(os.path.join(run, "hold.json")))
@@ -263,7 +263,7 @@ def test_a_save_killed_mid_write_leaves_last_on_the_previous_checkpoint(runs, co
     """A launch of its own (its ranks are killed): SIGKILL while the step-4 save is still being written. ``last``
     stays on step 2, which holds what the uninterrupted run's step-2 checkpoint holds (test_fsdp2_resume_continues
     _exactly resumes that one)."""
-    from salm_mtp.checkpoint_io import read_sharded
+    from salm_mtp.io.sharded import read_sharded
 
     log = tmp_path / "hold.json"
     env = {**os.environ, **ENV, "SALM_TEST_HOLD_AT": "4", "SALM_TEST_HOLD_LOG": str(log), "SALM_TEST_HOLD_KILL": "1"}
