@@ -88,14 +88,15 @@ def inference(module) -> Iterator[None]:
             module.train(True)
 
 
-def encode_prompts(module, batch: dict) -> MergedInputs:
+def encode_prompts(module, batch: dict, with_audio: bool = False):
     """Audio merged into each row's prompt: ``MergedInputs`` with right-padded (B, P, H) embeddings
     and per-row merged lengths (eval mode, no grad). Pass it as ``prompt=`` to share one encoder
-    pass between :func:`greedy_decode` and :func:`mtp_drafts`.
+    pass between :func:`greedy_decode` and :func:`mtp_drafts`. ``with_audio``: (merged, encoder output
+    (N, F', He), its lengths (N,)) instead, for the CTC drafts (decoding/ctc.py).
     """
     with inference(module):
-        merged, _, _ = module.prepare_inputs(_to_device(prompt_batch(batch), device_of(module)))
-    return merged
+        merged, enc, enc_lens = module.prepare_inputs(_to_device(prompt_batch(batch), device_of(module)))
+    return (merged, enc, enc_lens) if with_audio else merged
 
 
 def left_padding_exact(llm) -> bool:

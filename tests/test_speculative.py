@@ -1,4 +1,4 @@
-"""salm_mtp.decoding: MTP self-speculative decoding equals greedy token for token (random head: drafts
+"""salm_mtp.decoding: self-speculative decoding (MTP drafts, CTC answer drafts, both) equals greedy token for token (random head: drafts
 mostly rejected; oracle drafts: all accepted; corrupted oracle: mixed), the backbone cache after a step
 equals greedy's at the same position, the head's live drafts equal its teacher-forced ones wherever the
 earlier drafts were right, the recorded Mamba states, and the figures on hand-built steps."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from salm_mtp.decoding.speculative import SpecStats, SpeculativeDecoder, mtp_decode, step_counts
+from salm_mtp.decoding.speculative import SpecStats, SpeculativeDecoder, mtp_decode, speculative_decode, step_counts
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
 from salm_mtp.generate import _append_answers, encode_prompts, greedy_decode, inference, left_pad, mtp_drafts
 
@@ -21,11 +21,11 @@ N_NEW = 10
 BACKBONE = "M*E-"  # every block type
 
 
-def _module(tok_dir, head_pattern=None, mtp_layers=2, sharpen=3.0):
+def _module(tok_dir, head_pattern=None, mtp_layers=2, sharpen=3.0, **kw):
     """Tiny model; larger backbone and head weights make each row's answer depend on its audio (as in
     test_generate) and the head's outputs on its caches."""
     torch.manual_seed(0)
-    module = tiny.build(tok_dir, pattern=BACKBONE, mtp_layers=mtp_layers, mtp_pattern=head_pattern)
+    module = tiny.build(tok_dir, pattern=BACKBONE, mtp_layers=mtp_layers, mtp_pattern=head_pattern, **kw)
     with torch.no_grad():
         blocks = [module.llm.model.layers] + ([module.llm.mtp] if mtp_layers else [])
         for p in (p for part in blocks for p in part.parameters()):
@@ -38,7 +38,10 @@ def _module(tok_dir, head_pattern=None, mtp_layers=2, sharpen=3.0):
 def _batch(module, rows):
     batch = tiny.make_batch(module.tokenizer, ["one two three", "the cat", "1 2 3"], [16000, 9000, 4000],
                             tasks=["asr", "asr", "ast"])
-    return {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    out = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] if isinstance(v, list) else v)
+           for k, v in batch.items()}
+    out["clip_rows"] = torch.arange(len(rows))  # one clip per row
+    return out
 
 
 @pytest.fixture(scope="module", params=["*E", "M*"], ids=["head*E", "headM*"])
@@ -323,3 +326,100 @@ def test_evaluate_decode_mtp(tok_dir, sine_corpus, tmp_path):
     assert "tokens per verification forward" in format_table(m)
     with pytest.raises(ValueError, match="needs a model with an MTP head"):
         evaluate(_module(tok_dir, mtp_layers=0), manifest, str(tmp_path / "x"), decode="mtp", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ answer (CTC) drafts
+@pytest.fixture(scope="module")
+def ctc_module(tok_dir):
+    """A model with an encoder CTC head (model.ctc_weight > 0) and a 2-depth head."""
+    return _module(tok_dir, head_pattern="*E", ctc_weight=0.3)
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+@pytest.mark.parametrize(("mode", "D"), [("ctc", None), ("ctc+mtp", 1), ("ctc+mtp", 2)])
+def test_ctc_modes_identical_to_greedy(ctc_module, rows, mode, D):
+    """The untrained CTC head's drafts (mostly wrong) with or without the MTP head's: greedy's tokens."""
+    batch = _batch(ctc_module, ROWS[rows])
+    ref, ref_len = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
+    tokens, lengths, stats = speculative_decode(ctc_module, batch, mode, N_NEW, num_drafts=D, stop_at_eos=False)
+    assert torch.equal(tokens, ref) and torch.equal(lengths, ref_len)
+    assert stats.emitted == int(ref_len.sum()) - len(ROWS[rows]) and stats.ctc_accepted <= stats.ctc_drafted
+
+
+def _answers(ref: torch.Tensor, tasks: list[str], kind: str) -> list[list[int] | None]:
+    """Answer drafts of the ASR rows built from greedy's own tokens ``ref`` (B, >= N_NEW): exact, longer, shorter,
+    or wrong at answer token 4; None for the other rows."""
+    out = []
+    for row, task in zip(ref.tolist(), tasks):
+        row = row[:N_NEW]
+        draft = {"exact": row, "longer": row + [3, 4, 5], "shorter": row[:5],
+                 "wrong_at_4": row[:4] + [(row[4] + 1) % 50] + row[5:]}[kind]
+        out.append(draft if task == "asr" else None)
+    return out
+
+
+def _decode_answers(module, batch, D, answers, on_step=None):
+    with inference(module):
+        prompt = encode_prompts(module, batch)
+        with SpeculativeDecoder(module, D, N_NEW, None, module.tokenizer.pad_token_id, answers) as dec:
+            dec.prefill(prompt.inputs_embeds, prompt.lengths)
+            while not dec.finished:
+                dec.step()
+                if on_step is not None:
+                    on_step(dec)
+            tokens, stats = dec.result()
+    return tokens, stats, dec
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+@pytest.mark.parametrize("D", [0, 2])
+@pytest.mark.parametrize("kind", ["exact", "longer", "shorter", "wrong_at_4"])
+def test_answer_drafts_forced(ctc_module, rows, D, kind):
+    """Answer drafts built from greedy's own answer: right (all accepted in one forward), longer than the answer
+    (cut at max_new_tokens), shorter (accepted, then the head or plain steps), wrong at token 4 (3 accepted, then
+    the head); an AST row beside them drafts with the head only. Always greedy's tokens."""
+    batch = _batch(ctc_module, ROWS[rows])
+    ref, _ = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
+    answers = _answers(ref, batch["tasks"], kind)
+    tokens, stats, _ = _decode_answers(ctc_module, batch, D, answers)
+    assert torch.equal(tokens[:, :N_NEW], ref)
+    asr = sum(a is not None for a in answers)
+    assert stats.ctc_steps == asr  # one answer-draft step per ASR row: after it the draft is used up or wrong
+    expect = {"exact": N_NEW - 1, "longer": N_NEW - 1, "shorter": 4, "wrong_at_4": 3}[kind]
+    assert stats.ctc_accepted == expect * asr
+    assert stats.ctc_drafted == (4 if kind == "shorter" else N_NEW - 1) * asr
+    if kind in ("exact", "longer") and asr == len(answers):
+        assert stats.forwards == asr and stats.batch_forwards == 2  # the prefill and one verification
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
+def test_backbone_cache_after_an_answer_draft_rejection_equals_greedy(ctc_module, rows):
+    batch = _batch(ctc_module, ROWS[rows])
+    caches, _ = _greedy_caches(ctc_module, batch, N_NEW + 3)
+    P = int(encode_prompts(ctc_module, batch).lengths.max())
+    ref, _ = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
+    checked = [0]
+
+    def check(dec):
+        acc, _, active, by_head = dec.steps[-1]
+        for b in range(acc.numel()):
+            n = int(dec.lens[b])
+            if not active[b] or n > N_NEW + 3:
+                continue
+            ref_mask = torch.cat([dec.mask[:, :P], torch.ones(acc.numel(), n - 1, dtype=torch.bool)], 1)
+            _assert_row_cache_equal(dec.cache, dec.mask, caches[n], ref_mask, b)
+            checked[0] += int(not by_head[b])
+
+    _decode_answers(ctc_module, batch, 2, _answers(ref, batch["tasks"], "wrong_at_4"), on_step=check)
+    assert checked[0] >= 1  # a step with a rejected answer draft, its cache checked
+
+
+def test_modes_need_what_they_draft_with(tok_dir, ctc_module):
+    batch = _batch(ctc_module, [0])
+    plain = _module(tok_dir, mtp_layers=0)  # no CTC head (ctc_weight 0), no MTP head
+    with pytest.raises(ValueError, match="needs the encoder's CTC head"):
+        speculative_decode(plain, batch, "ctc", 4)
+    with pytest.raises(ValueError, match="no MTP head to draft with; use ctc"):
+        speculative_decode(_module(tok_dir, mtp_layers=0, ctc_weight=0.3), batch, "ctc+mtp", 4)
+    with pytest.raises(ValueError, match="decode mode 'fast'"):
+        speculative_decode(ctc_module, batch, "fast", 4)

@@ -71,7 +71,7 @@ def make_batch(tokenizer, answers: list[str], audio_samples: list[int], tasks: l
     for i, c in enumerate(ctc):
         ctc_ids[i, : len(c)] = torch.tensor(c)
     return {
-        "audios": audios, "audio_lens": torch.tensor(audio_samples),
+        "audios": audios, "audio_lens": torch.tensor(audio_samples), "clip_rows": torch.arange(B),
         "input_ids": ids, "input_lens": torch.tensor([len(e.input_ids) for e in encs]), "loss_mask": mask,
         "prompt_lens": torch.tensor([e.prompt_len for e in encs]),
         "ctc_ids": ctc_ids, "ctc_lens": torch.tensor([len(c) for c in ctc]),

@@ -1,8 +1,9 @@
-"""MTP self-speculative decoding of a SALM (salm_mtp/salm.py): greedy's exact tokens from fewer backbone forwards
-(docs/design.md §9).
+"""Self-speculative decoding of a SALM (salm_mtp/salm.py): greedy's exact tokens from fewer backbone forwards, the
+drafts from its MTP head, its encoder's CTC transcript, or both (docs/design.md §9).
 
-    from salm_mtp.decoding.speculative import mtp_decode
+    from salm_mtp.decoding.speculative import mtp_decode, speculative_decode
     tokens, lengths, stats = mtp_decode(module, batch, max_new_tokens=64)   # == greedy_decode(module, batch)
+    tokens, lengths, stats = speculative_decode(module, batch, "ctc+mtp")    # the same tokens
     stats.tokens_per_forward, stats.chained_acceptance()                   # measured while decoding
 
 One step, per row (y = the answer so far; its last token y[-1] is known but not yet fed to the backbone):
@@ -13,6 +14,13 @@ One step, per row (y = the answer so far; its last token y[-1] is known but not 
   commit  the backbone cache keeps the first a+1 fed positions (states.py: attention cropped, Mamba
           states picked from the per-position record); the head then runs over those a+1 positions.
 Rejected drafts never reach a kept state, so the output is greedy's token for token.
+
+Answer drafts (modes ctc and ctc+mtp; decoding/ctc.py). An ASR row also carries a draft of its whole answer: the
+encoder's CTC transcript in the answer's tokens. While the answer so far is a prefix of it, the row proposes the
+rest of it (up to max_new_tokens) instead of the head's D drafts; one verification forward accepts the longest
+agreeing prefix plus the backbone's own token, the caches commit as for MTP drafts, and the head (ctc+mtp) runs
+over the kept positions, so its drafts are ready after the first disagreement. A step is as wide as the longest
+draft of its rows; shorter ones are padded and their acceptance capped at their own draft's length.
 
 The head's caches. Depth k at position p reads the token at p + k, so only its positions up to
 (last fed position + 1 - k) are final; each step depth k reruns its k-1 newest positions (with the
@@ -32,93 +40,26 @@ Figures (SpecStats, summed over rows while they decode; the prefill's first toke
   tokens_per_forward   emitted tokens / verification forwards = the mean accepted length, measured
   chained_acceptance   per depth k: steps where depths 1..k were all accepted / steps whose depth-k draft
                        predicted a real token (1 + their sum ~= tokens_per_forward)
+  ctc_acceptance       accepted / proposed answer-draft tokens (steps with an answer draft are left out of
+                       chained_acceptance)
 Teacher-forced agreement (generate.mtp_drafts along the finished greedy answer) is a different,
 offline figure: it scores every position, not the ones a decoder drafts from.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
+from salm_mtp.decoding.ctc import aligned_draft, answer_drafts
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
+from salm_mtp.decoding.stats import SpecStats, step_counts
 from salm_mtp.generate import (
     _eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference, left_pad, left_padding_exact,
     next_token_logits,
 )
-from salm_mtp.metrics import mean_accepted_length
 from salm_mtp.modules.merge import MergedInputs
-
-
-# ------------------------------------------------------------------------------------------ statistics
-@dataclass
-class SpecStats:
-    """Counts of a speculative decode (sums over rows and steps; see the module docstring)."""
-
-    num_drafts: int
-    forwards: int = 0
-    """verification forwards, one per row per step while the row decodes"""
-    emitted: int = 0
-    """tokens those forwards emitted (accepted drafts + the backbone's own), after eos / max_new_tokens cuts"""
-    hits: list[int] = field(default_factory=list)
-    """per depth k: steps where drafts 1..k were all accepted and depth k's token is part of the answer"""
-    pairs: list[int] = field(default_factory=list)
-    """per depth k: steps where depth k's draft predicted a token of the answer"""
-    batch_forwards: int = 0
-    """batched backbone calls (prefills + verification steps): what the wall time pays for"""
-
-    def __post_init__(self):
-        self.hits = self.hits or [0] * self.num_drafts
-        self.pairs = self.pairs or [0] * self.num_drafts
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.emitted / self.forwards if self.forwards else math.nan
-
-    def chained_acceptance(self) -> list[float]:
-        return [h / n if n else math.nan for h, n in zip(self.hits, self.pairs)]
-
-    def mean_accepted_length(self) -> float:
-        """1 + the sum of the chained acceptances (metrics.mean_accepted_length)."""
-        return mean_accepted_length(self.chained_acceptance())
-
-    def add(self, other: SpecStats) -> None:
-        self.forwards += other.forwards
-        self.emitted += other.emitted
-        self.batch_forwards += other.batch_forwards
-        self.hits = [a + b for a, b in zip(self.hits, other.hits)]
-        self.pairs = [a + b for a, b in zip(self.pairs, other.pairs)]
-
-    def as_dict(self) -> dict:
-        return {"num_drafts": self.num_drafts, "tokens_per_forward": self.tokens_per_forward,
-                "chained_acceptance": self.chained_acceptance(), "mean_accepted_length": self.mean_accepted_length(),
-                "verify_forwards": self.forwards, "emitted_tokens": self.emitted, "batch_forwards": self.batch_forwards}
-
-
-def step_counts(accepted: torch.Tensor, before: torch.Tensor, active: torch.Tensor, lengths: torch.Tensor,
-                num_drafts: int) -> SpecStats:
-    """The figures of a decode from its steps.
-
-    Args:
-        accepted: (S, b) drafts accepted at step s by row b (0..D).
-        before: (S, b) answer tokens row b had before step s (its drafts then predicted tokens before ..
-            before + D - 1; the backbone's own token is number before + accepted).
-        active: (S, b) bool, row b was still decoding at step s.
-        lengths: (b,) final answer lengths (after the eos / max_new_tokens cut).
-        num_drafts: D.
-    """
-    left = (lengths[None, :] - before).clamp(min=0)  # answer tokens still to come at each step
-    out = SpecStats(num_drafts, forwards=int(active.sum()),
-                    emitted=int((torch.minimum(accepted + 1, left) * active).sum()))
-    for k in range(1, num_drafts + 1):
-        real = active & (left >= k)  # depth k's draft predicted answer token before + k - 1
-        out.pairs[k - 1] = int(real.sum())
-        out.hits[k - 1] = int((real & (accepted >= k)).sum())
-    return out
 
 
 # ------------------------------------------------------------------------------------------ decoder
@@ -127,24 +68,32 @@ class SpeculativeDecoder:
     ``finished``, inside ``with``. Tests inspect ``cache`` (backbone), ``mask`` (its (b, S) key columns),
     ``tokens``/``lens``.
 
-        with SpeculativeDecoder(module, num_drafts, max_new_tokens, eos_id, pad_id) as dec:
+        with SpeculativeDecoder(module, num_drafts, max_new_tokens, eos_id, pad_id, answers) as dec:
             dec.prefill(embeds, lens)
             while not dec.finished:
                 dec.step()
             tokens, stats = dec.result()
+
+    ``num_drafts`` = D MTP depths drafting each step (0: no head); ``answers`` (one per row, or None): whole-answer
+    drafts (decoding/ctc.py). A row whose answer so far is a prefix of its answer draft proposes the rest of it;
+    the others propose the head's D drafts (none with D = 0: a plain greedy step).
     """
 
-    def __init__(self, module, num_drafts: int, max_new_tokens: int, eos_id: int | None, pad_id: int):
-        self.llm, self.head, self.D = module.llm, module.llm.mtp, num_drafts
+    def __init__(self, module, num_drafts: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
+                 answers: list[list[int] | None] | None = None):
+        self.llm, self.D = module.llm, num_drafts
+        self.head = module.llm.mtp if num_drafts > 0 else None
+        self.answers = answers if answers is not None and any(a for a in answers) else None
         self.embed = self.llm.get_input_embeddings()
         self.banned = module.placeholder_id
         self.max_new, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
-        self.recorder = MambaRecorder(self.llm.model, self.head)
+        self.recorder = MambaRecorder(*(m for m in (self.llm.model, self.head) if m is not None))
         self._installed = None
         # the cache layer that sizes depth k's attention masks: its first attention sublayer (None: no attention)
         self.attn_idx = [None] + [next((blk.layer_idx for blk in self.head.depth_blocks(k)
                                         if blk.block_type == "full_attention"), None) for k in range(1, num_drafts + 1)]
-        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (accepted, lens before, active)
+        self.steps: list[tuple[torch.Tensor, ...]] = []  # (accepted, lens before, active, drafted by the head)
+        self.ctc = SpecStats(num_drafts)  # the CTC draft counts
 
     def __enter__(self) -> SpeculativeDecoder:
         """Install the Mamba state recording (states.py) for the decode; ``with`` is required."""
@@ -187,7 +136,8 @@ class SpeculativeDecoder:
         self.cache, h0 = out.past_key_values, out.last_hidden_state  # h0 (b, P, H)
         self.mask = mask.bool()
         y0 = self.argmax(h0[:, -1])  # (b,)
-        self.tokens = torch.full((b, self.max_new + self.D + 1), self.pad_id, dtype=torch.long, device=dev)
+        widest = max(self.D, self.max_new if self.answers is not None else 0)  # a step writes <= widest + 1 tokens
+        self.tokens = torch.full((b, self.max_new + widest + 1), self.pad_id, dtype=torch.long, device=dev)
         self.tokens[:, 0] = y0
         self.lens = torch.ones(b, dtype=torch.long, device=dev)
         self.done = self.lens >= self.max_new
@@ -195,7 +145,7 @@ class SpeculativeDecoder:
             self.done |= y0 == self.eos_id
         self.last = y0
         self.batch_forwards = 1
-        self.drafts = self._prefill_head(x, self.mask, h0, y0)
+        self.drafts = self._prefill_head(x, self.mask, h0, y0) if self.D else y0.new_zeros(b, 0)
 
     def _prefill_head(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """Each depth over the prompt positions; (b, D) drafts at the last one."""
@@ -228,37 +178,64 @@ class SpeculativeDecoder:
     def finished(self) -> bool:
         return bool(self.done.all())
 
+    def _choose_drafts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's drafts (b, W), their lengths (b,) and which rows draft from their answer draft (b,)."""
+        b, dev = self.last.shape[0], self.last.device
+        if self.answers is None:
+            return self.drafts, torch.full((b,), self.D, device=dev), torch.zeros(b, dtype=torch.bool, device=dev)
+        lens, done = self.lens.tolist(), self.done.tolist()
+        rest = [[] if done[r] else aligned_draft(self.answers[r], self.tokens[r, :lens[r]].tolist(),
+                                                 self.max_new - lens[r]) for r in range(b)]
+        from_answer = torch.tensor([bool(d) for d in rest], device=dev)
+        W = max([len(d) for d in rest] + [self.D if not bool(from_answer.all()) else 0])
+        drafts = torch.full((b, W), self.pad_id, dtype=torch.long, device=dev)
+        if not bool(from_answer.all()):  # then W >= D
+            drafts[:, : self.D] = self.drafts
+        for r, d in enumerate(rest):
+            if d:
+                drafts[r, : self.D] = self.pad_id
+                drafts[r, : len(d)] = torch.tensor(d, device=dev)
+        n = torch.tensor([len(d) if d else self.D for d in rest], device=dev)
+        return drafts, n, from_answer
+
     def step(self) -> None:
         """Verify the drafts, keep the accepted prefix, draft again."""
-        b, D = self.last.shape[0], self.D
+        b = self.last.shape[0]
         dev = self.last.device
-        fed = torch.cat([self.last[:, None], self.drafts], 1)  # (b, D+1)
-        m = torch.cat([self.mask, self.mask.new_ones(b, D + 1)], 1) if self.need_mask else None
+        drafts, n_drafts, from_answer = self._choose_drafts()  # (b, W), (b,), (b,)
+        W = drafts.shape[1]
+        fed = torch.cat([self.last[:, None], drafts], 1)  # (b, W+1)
+        m = torch.cat([self.mask, self.mask.new_ones(b, W + 1)], 1) if self.need_mask else None
         out = self.llm.model(input_ids=fed, past_key_values=self.cache, attention_mask=m, use_cache=True)
         rec = self.recorder.take()
-        h = out.last_hidden_state  # (b, D+1, H)
-        g = self.argmax(h)  # (b, D+1): g_j = greedy token after fed[:, : j+1]
+        h = out.last_hidden_state  # (b, W+1, H)
+        g = self.argmax(h)  # (b, W+1): g_j = greedy token after fed[:, : j+1]
         active = ~self.done
-        acc = (self.drafts == g[:, :D]).long().cumprod(1).sum(1) * active  # (b,) accepted drafts
+        agree = (drafts == g[:, :W]) & (torch.arange(W, device=dev)[None, :] < n_drafts[:, None])
+        acc = agree.long().cumprod(1).sum(1) * active  # (b,) accepted drafts
         keep = acc + 1
         n0 = int(keep.max())
         commit(self.cache, rec, keep)
-        crop_attention(self.cache, D + 1 - n0)
+        crop_attention(self.cache, W + 1 - n0)
         new_cols = torch.arange(n0, device=dev)[None, :] < keep[:, None]  # (b, n0)
         self.need_mask |= not bool(new_cols.all())
         self.mask = torch.cat([self.mask, new_cols], 1)
 
-        self.steps.append((acc, self.lens.clone(), active))
-        cols = self.lens[:, None] + torch.arange(D + 1, device=dev)[None, :]  # rows that are done write past their end
+        self.steps.append((acc, self.lens.clone(), active, ~from_answer))
+        counted = active & from_answer
+        self.ctc.ctc_steps += int(counted.sum())
+        self.ctc.ctc_drafted += int((n_drafts * counted).sum())
+        self.ctc.ctc_accepted += int((acc * counted).sum())
+        cols = self.lens[:, None] + torch.arange(W + 1, device=dev)[None, :]  # rows that are done write past their end
         self.tokens.scatter_(1, cols.clamp(max=self.tokens.shape[1] - 1), g)
         stopped = torch.zeros_like(self.done)
         if self.eos_id is not None:
-            stopped = ((g == self.eos_id) & (torch.arange(D + 1, device=dev)[None, :] < keep[:, None])).any(1)
+            stopped = ((g == self.eos_id) & (torch.arange(W + 1, device=dev)[None, :] < keep[:, None])).any(1)
         self.lens = self.lens + keep * active
         self.done = self.done | (active & stopped) | (self.lens >= self.max_new)
         self.last = g.gather(1, acc[:, None])[:, 0]
         self.batch_forwards += 1
-        if not self.finished:
+        if not self.finished and self.D:
             self.drafts = self._draft(h[:, :n0], g[:, :n0], acc, new_cols)
 
     def _draft(self, h0: torch.Tensor, g: torch.Tensor, acc: torch.Tensor, new_cols: torch.Tensor) -> torch.Tensor:
@@ -296,24 +273,34 @@ class SpeculativeDecoder:
         lengths = _lengths_after_eos(tokens, self.eos_id)
         stats = SpecStats(self.D, batch_forwards=self.batch_forwards)
         if self.steps:
-            acc, before, active = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
-            stats.add(step_counts(acc, before, active, lengths, self.D))
+            acc, before, active, by_head = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
+            stats.add(step_counts(acc, before, active, lengths, self.D, by_head))
+        stats.add(SpecStats(self.D, ctc_drafted=self.ctc.ctc_drafted, ctc_accepted=self.ctc.ctc_accepted,
+                            ctc_steps=self.ctc.ctc_steps))
         return tokens, stats
 
 
-# ------------------------------------------------------------------------------------------ entry point
+# ------------------------------------------------------------------------------------------ entry points
+MODES = ("mtp", "ctc", "ctc+mtp")
+"""Speculative decoding modes: drafts from the MTP head, from the encoder's CTC transcript (ASR rows), or both
+(the CTC draft while the answer follows it, the head's after the first disagreement)."""
+
+
 def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
-                      batched: bool, stats: SpecStats, drafter=None) -> torch.Tensor:
+                      batched: bool, stats: SpecStats, drafter=None,
+                      answers: list[list[int] | None] | None = None) -> torch.Tensor:
     """Speculative decoding of every row group of ``prompt`` (one group when left padding is exact);
     adds each group's figures to ``stats`` and returns tokens (B, max_new_tokens), pad after each row's end.
 
     ``drafter(decoder, rows)``, if given, returns the ``draft_token(k, h)`` replacing the head's drafts
-    (bench/decode.py's oracle feeds greedy's own tokens through it).
+    (bench/decode.py's oracle feeds greedy's own tokens through it). ``answers``: per row, a whole-answer draft
+    (decoding/ctc.py) or None.
     """
     B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     for rows in _row_groups(prompt.lengths, batched):
-        with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id) as dec:
+        group_answers = [answers[r] for r in rows.tolist()] if answers is not None else None
+        with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id, group_answers) as dec:
             if drafter is not None:
                 dec.draft_token = drafter(dec, rows)
             dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
@@ -325,37 +312,55 @@ def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int,
     return tokens
 
 
-def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | None = None,
-               stop_at_eos: bool = True, prompt: MergedInputs | None = None, batched: bool | None = None):
-    """Greedy answer tokens of every row of ``batch`` by MTP self-speculative decoding.
+def speculative_decode(module, batch: dict, mode: str = "mtp", max_new_tokens: int = 64,
+                       num_drafts: int | None = None, stop_at_eos: bool = True, batched: bool | None = None,
+                       answer_ids=None, prompt: MergedInputs | None = None, audio: tuple | None = None):
+    """Greedy answer tokens of every row of ``batch`` by self-speculative decoding (``mode``: MODES).
 
-    Args mirror :func:`salm_mtp.generate.greedy_decode`; ``num_drafts`` = D, the drafts per step (the first
-    D depths of the head; default all of them).
+    Args mirror :func:`salm_mtp.generate.greedy_decode`; ``num_drafts`` = D, the MTP drafts per step (the
+    head's first D depths; default all of them); ``answer_ids``: text -> answer tokens as training formatted
+    them, for the CTC drafts (decoding/ctc.py; default the plain format). ``prompt`` and ``audio`` (encoder
+    output, lengths): what ``encode_prompts(module, batch, with_audio=True)`` gives, when the caller has it.
 
     Returns:
         tokens (B, L), lengths (B,) exactly as ``greedy_decode`` returns them, and a :class:`SpecStats`.
     """
+    if mode not in MODES:
+        raise ValueError(f"decode mode {mode!r}: use one of {', '.join(MODES)}")
     depths = module.num_mtp_depths
-    D = depths if num_drafts is None else num_drafts
-    if depths == 0:
-        raise ValueError("the model has no MTP head to draft with: decode with greedy (--decode greedy)")
-    if not 1 <= D <= depths:
+    use_mtp, use_ctc = "mtp" in mode, mode.startswith("ctc")
+    if use_mtp and depths == 0:
+        raise ValueError(f"--decode {mode}: the model has no MTP head to draft with; use "
+                         f"{'ctc' if use_ctc else 'greedy'}")
+    if use_ctc and getattr(module.audio, "ctc_head", None) is None:
+        raise ValueError(f"--decode {mode} needs the encoder's CTC head (this model has none: model.ctc_weight=0 and "
+                         f"no CTC head in model.encoder.path): use {'mtp' if use_mtp else 'greedy'}")
+    D = (depths if num_drafts is None else num_drafts) if use_mtp else 0
+    if use_mtp and not 1 <= D <= depths:
         raise ValueError(f"num_drafts must be in 1..{depths} (the head's depths), got {num_drafts}; set --num-drafts")
     eos_id = _eos_id(module) if stop_at_eos else None
     pad_id = _pad_id(module)
     stats = SpecStats(D)
     with inference(module):
-        if prompt is None:
-            prompt = encode_prompts(module, batch)
+        if prompt is None or (use_ctc and audio is None):
+            prompt, *audio = encode_prompts(module, batch, with_audio=True)
         B = prompt.lengths.numel()
         dev = prompt.inputs_embeds.device
         if B == 0 or max_new_tokens <= 0:
             return (torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                     stats)
+        answers = answer_drafts(module, batch, *audio, answer_ids) if use_ctc else None
         if batched is None:
             batched = left_padding_exact(module.llm)
-        tokens = decode_row_groups(module, prompt, D, max_new_tokens, eos_id, pad_id, batched, stats)
+        tokens = decode_row_groups(module, prompt, D, max_new_tokens, eos_id, pad_id, batched, stats,
+                                   answers=answers)
         lengths = _lengths_after_eos(tokens, eos_id)
         L = int(lengths.max())
         tokens = tokens[:, :L].masked_fill(torch.arange(L, device=dev)[None, :] >= lengths[:, None], pad_id)
     return tokens, lengths, stats
+
+
+def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | None = None,
+               stop_at_eos: bool = True, prompt: MergedInputs | None = None, batched: bool | None = None):
+    """``speculative_decode`` with MTP drafts only (``prompt``: the encoded prompts, when the caller has them)."""
+    return speculative_decode(module, batch, "mtp", max_new_tokens, num_drafts, stop_at_eos, batched, prompt=prompt)

@@ -6,7 +6,7 @@ import math
 
 
 from salm_mtp import metrics
-from salm_mtp.decoding.speculative import SpecStats
+from salm_mtp.decoding.stats import SpecStats
 from salm_mtp.evaluation.data import TURN_TASKS
 from salm_mtp.evaluation.decode import DecodeSettings, Totals
 
