@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Greedy vs MTP self-speculative decoding of the same utterances: tokens per backbone forward, chained
-acceptance, wall time, and whether the outputs are identical.
+"""Greedy vs self-speculative decoding of the same utterances (drafts from the MTP head, the encoder's CTC
+transcript, or both): tokens per backbone forward, chained and CTC-draft acceptance, wall time, RTFx, and whether
+the outputs are identical.
 
     python bench/decode.py --ckpt runs/demo/salm/version_0/checkpoints/last.ckpt \\
         --manifest data/demo/test_cuts.jsonl.gz --out runs/demo/bench_decode [--limit 64] [--batch-sizes 1,16]
@@ -10,7 +11,8 @@ acceptance, wall time, and whether the outputs are identical.
 Per batch size: the utterances are batched in manifest order (as `salm-mtp evaluate` does), their prompts
 encoded once (not timed: both decoders share it), one untimed warm-up pass, then ``--repeats``
 repetitions; in each, every batch is decoded by greedy (salm_mtp.generate.greedy_decode, the cached
-decoder) and by MTP (salm_mtp.decoding.speculative.mtp_decode) for each ``--num-drafts``, the order
+decoder) and by each of ``--decoders`` (salm_mtp.decoding.speculative.speculative_decode: mtp, ctc, ctc+mtp;
+default those the model can draft with) for each ``--num-drafts``, the order
 rotating from batch to batch and repetition to repetition. Wall time is the median over repetitions of
 the summed decode time; speedup = greedy wall / MTP wall, the median over repetitions of that ratio
 (both timed in the same repetition: the machine's speed drifts between repetitions). ``--oracle`` adds an
@@ -24,7 +26,8 @@ identical, chained_acceptance, mean_accepted_length, plus every row under "runs"
 (the process's peak: ``memory`` names it, ``rss_hwm`` = VmHWM on cpu, ``cuda_max_allocated`` on cuda); prints a
 table.
 Rows: tokens = answer tokens decoded; fwd/utt = backbone forwards per utterance, prefill included
-(greedy: one per token); tok/fwd = tokens per verification forward (accepted drafts + the backbone's own).
+(greedy: one per token); tok/fwd = tokens per verification forward (accepted drafts + the backbone's own);
+ctc acc = accepted / proposed CTC draft tokens; RTFx = seconds of audio decoded per second of decoding.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 
 from common import MEMORY_MEASURES, add_device_arg, parse_device_args, process_peak, sync  # noqa: E402
 
-from salm_mtp.decoding.speculative import SpecStats, decode_row_groups, mtp_decode  # noqa: E402
+from salm_mtp.decoding.speculative import MODES, SpecStats, decode_row_groups, speculative_decode  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
     _eos_id, _lengths_after_eos, _pad_id, device_of, encode_prompts, greedy_decode, inference, left_padding_exact,
 )
@@ -109,14 +112,18 @@ def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_
 
 
 def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
-                     max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0) -> list[dict]:
+                     max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0,
+                     decoders: tuple[str, ...] = ("mtp",)) -> list[dict]:
     """Rows of the table for one batch size (see the module docstring)."""
     from salm_mtp.evaluation.data import batches
 
     it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
     data = [b for b in it if b["input_ids"].shape[0]]
-    prompts = [encode_prompts(module, b) for b in data]
-    deciders = ["greedy"] + [("mtp", d) for d in drafts] + ([("mtp oracle", d) for d in drafts] if oracle else [])
+    encoded = [encode_prompts(module, b, with_audio=True) for b in data]
+    prompts = [e[0] for e in encoded]
+    audio_seconds = sum(float(b["audio_lens"].sum()) for b in data) / module.features.config.sample_rate
+    deciders = (["greedy"] + [(m, 0 if m == "ctc" else d) for m in decoders for d in (drafts if m != "ctc" else [0])]
+                + ([("mtp oracle", d) for d in drafts] if oracle else []))
     ref: list = [None] * len(data)
     times = {k: [] for k in deciders}
     stats: dict = {}
@@ -130,8 +137,9 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
         if name == "greedy":
             tokens, lengths = greedy_decode(module, b, max_new_tokens=max_new_tokens, prompt=p)
             s = None
-        elif name[0] == "mtp":
-            tokens, lengths, s = mtp_decode(module, b, max_new_tokens=max_new_tokens, num_drafts=name[1], prompt=p)
+        elif name[0] in MODES:
+            tokens, lengths, s = speculative_decode(module, b, name[0], max_new_tokens, num_drafts=name[1] or None,
+                                                    prompt=p, audio=encoded[i][1:])
         else:
             tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1], oracle_acceptance, seed=i)
             tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
@@ -160,7 +168,8 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
     n_tokens = sum(int(r[1].sum()) for r in ref)
     rows = [{"batch_size": batch_size, "decoder": "greedy", "num_drafts": 0, "utterances": n_utts,
              "tokens": n_tokens, "row_forwards": n_tokens, "wall_seconds": statistics.median(times["greedy"]),
-             "wall_seconds_all": times["greedy"], "tokens_per_forward": 1.0, "speedup": 1.0, "identical": True}]
+             "wall_seconds_all": times["greedy"], "tokens_per_forward": 1.0, "speedup": 1.0, "identical": True,
+             "audio_seconds": audio_seconds, "rtfx": audio_seconds / statistics.median(times["greedy"])}]
     for name in deciders[1:]:
         s = stats[name]
         # speedup: the median over repetitions of greedy / this decoder, both timed in the same repetition
@@ -170,21 +179,25 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
                      "wall_seconds": statistics.median(times[name]), "wall_seconds_all": times[name],
                      "tokens_per_forward": s.tokens_per_forward, "chained_acceptance": s.chained_acceptance(),
                      "mean_accepted_length": s.mean_accepted_length(), "batch_forwards": s.batch_forwards,
-                     "speedup": speedup, "identical": identical[name]})
+                     "ctc_acceptance": s.ctc_acceptance, "ctc_drafted": s.ctc_drafted, "ctc_accepted": s.ctc_accepted,
+                     "speedup": speedup, "identical": identical[name], "audio_seconds": audio_seconds,
+                     "rtfx": audio_seconds / statistics.median(times[name])})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["batch", "decoder", "utts", "tokens", "fwd/utt", "tok/fwd", "chained acc", "acc.len", "wall s",
-            "speedup", "identical"]
+    head = ["batch", "decoder", "utts", "tokens", "fwd/utt", "tok/fwd", "chained acc", "ctc acc", "acc.len", "wall s",
+            "RTFx", "speedup", "identical"]
     lines = [head]
     for r in rows:
         name = r["decoder"] + (f" D={r['num_drafts']}" if r["num_drafts"] else "")
         acc = " ".join(f"{100 * a:.1f}%" for a in r.get("chained_acceptance", [])) or "-"
         mal = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
+        ctc = f"{100 * r['ctc_acceptance']:.1f}%" if r.get("ctc_drafted") else "-"
         lines.append([str(r["batch_size"]), name, str(r["utterances"]), str(r["tokens"]),
-                      f"{r['row_forwards'] / r['utterances']:.2f}", f"{r['tokens_per_forward']:.2f}", acc, mal,
-                      f"{r['wall_seconds']:.3f}", f"{r['speedup']:.2f}x", "yes" if r["identical"] else "NO"])
+                      f"{r['row_forwards'] / r['utterances']:.2f}", f"{r['tokens_per_forward']:.2f}", acc, ctc, mal,
+                      f"{r['wall_seconds']:.3f}", f"{r['rtfx']:.1f}", f"{r['speedup']:.2f}x",
+                      "yes" if r["identical"] else "NO"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -206,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--decoders", default=None,
+                   help="comma-separated speculative modes among mtp, ctc, ctc+mtp (default: every one the model "
+                        "can draft with: mtp with an MTP head, ctc with an encoder CTC head)")
     p.add_argument("--oracle", action="store_true", help="also decode with oracle drafts (the ceiling)")
     p.add_argument("--oracle-acceptance", type=float, default=1.0,
                    help="--oracle: the probability that an oracle draft is right (default 1: every draft); e.g. the "
@@ -230,20 +246,24 @@ def main(argv: list[str] | None = None) -> int:
             module, source = untrained_demo_model(tokenizer=a.tokenizer), f"untrained {DEMO_CONF} model (seed 0)"
     module = module.to(a.device)
     module.eval()
-    if not module.num_mtp_depths:
-        raise SystemExit(f"{source} has no MTP head: nothing to draft with")
-    drafts = [int(d) for d in a.num_drafts.split(",")] if a.num_drafts else [module.num_mtp_depths]
+    has_ctc = getattr(module.audio, "ctc_head", None) is not None
+    supported = [m for m in MODES if ("mtp" not in m or module.num_mtp_depths) and (not m.startswith("ctc") or has_ctc)]
+    decoders = tuple(a.decoders.split(",")) if a.decoders else tuple(supported)
+    unknown = [m for m in decoders if m not in supported]
+    if unknown or not decoders:
+        raise SystemExit(f"--decoders {a.decoders!r}: {source} drafts with {', '.join(supported) or 'nothing'}")
+    drafts = [int(d) for d in a.num_drafts.split(",")] if a.num_drafts else [module.num_mtp_depths or 1]
     rows = []
     for bs in (int(b) for b in a.batch_sizes.split(",")):
         rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle,
-                                 a.oracle_acceptance)
-    head = next(r for r in rows if r["decoder"] == "mtp")
+                                 a.oracle_acceptance, decoders)
+    head = next(r for r in rows if r["decoder"] == decoders[-1])
     result = {
         "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
         "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(), "device": a.device,
         "memory": MEMORY_MEASURES[a.device], "peak_mib": round(process_peak(a.device), 1),
         "oracle_acceptance": a.oracle_acceptance if a.oracle else None,
-        "headline": {"batch_size": head["batch_size"], "num_drafts": head["num_drafts"]},
+        "headline": {"batch_size": head["batch_size"], "decoder": head["decoder"], "num_drafts": head["num_drafts"]},
         "tokens_per_forward": head["tokens_per_forward"], "speedup": head["speedup"], "identical": head["identical"],
         "chained_acceptance": head["chained_acceptance"], "mean_accepted_length": head["mean_accepted_length"],
         "runs": rows,

@@ -145,7 +145,22 @@ class SpeculativeDecoder:
             self.done |= y0 == self.eos_id
         self.last = y0
         self.batch_forwards = 1
-        self.drafts = self._prefill_head(x, self.mask, h0, y0) if self.D else y0.new_zeros(b, 0)
+        self.drafts = y0.new_zeros(b, 0)
+        self._head_pending = (x, self.mask, h0, y0) if self.D else None  # the head's work not done yet
+        self._head_steps: list[tuple] = []
+        if self.answers is None:
+            self._head_catch_up()
+
+    def _head_catch_up(self) -> None:
+        """Run the head over everything decoded so far: the prompt, then each step's kept positions. With answer
+        drafts this waits until a row first needs the head's drafts (many never do: their answer draft is right
+        to the end), then does what every step would have done."""
+        if self._head_pending is not None:
+            self.drafts = self._prefill_head(*self._head_pending)
+            self._head_pending = None
+        for args in self._head_steps:
+            self.drafts = self._draft(*args)
+        self._head_steps = []
 
     def _prefill_head(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """Each depth over the prompt positions; (b, D) drafts at the last one."""
@@ -187,6 +202,8 @@ class SpeculativeDecoder:
         rest = [[] if done[r] else aligned_draft(self.answers[r], self.tokens[r, :lens[r]].tolist(),
                                                  self.max_new - lens[r]) for r in range(b)]
         from_answer = torch.tensor([bool(d) for d in rest], device=dev)
+        if self.D and bool((~from_answer & ~self.done).any()):
+            self._head_catch_up()  # a row needs the head's drafts now
         W = max([len(d) for d in rest] + [self.D if not bool(from_answer.all()) else 0])
         drafts = torch.full((b, W), self.pad_id, dtype=torch.long, device=dev)
         if not bool(from_answer.all()):  # then W >= D
@@ -236,7 +253,9 @@ class SpeculativeDecoder:
         self.last = g.gather(1, acc[:, None])[:, 0]
         self.batch_forwards += 1
         if not self.finished and self.D:
-            self.drafts = self._draft(h[:, :n0], g[:, :n0], acc, new_cols)
+            self._head_steps.append((h[:, :n0], g[:, :n0], acc, new_cols))
+            if self._head_pending is None and self.answers is None:
+                self._head_catch_up()
 
     def _draft(self, h0: torch.Tensor, g: torch.Tensor, acc: torch.Tensor, new_cols: torch.Tensor) -> torch.Tensor:
         """Run each depth over its chunk after a step that kept ``acc + 1`` positions; (b, D) new drafts.
