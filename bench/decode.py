@@ -175,7 +175,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
         # speedup: the median over repetitions of greedy / this decoder, both timed in the same repetition
         speedup = statistics.median(g / t for g, t in zip(times["greedy"], times[name]))
         rows.append({"batch_size": batch_size, "decoder": name[0], "num_drafts": name[1], "utterances": n_utts,
-                     "tokens": n_tokens, "row_forwards": n_utts + s.forwards,
+                     "tokens": n_tokens, "row_forwards": s.prefills + s.forwards,
                      "wall_seconds": statistics.median(times[name]), "wall_seconds_all": times[name],
                      "tokens_per_forward": s.tokens_per_forward, "chained_acceptance": s.chained_acceptance(),
                      "mean_accepted_length": s.mean_accepted_length(), "batch_forwards": s.batch_forwards,

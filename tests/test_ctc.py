@@ -1,13 +1,13 @@
 """salm_mtp/decoding/ctc.py: the CTC transcript as a whole-answer draft. Hand-built greedy paths (blank collapse,
 repeats, lengths), the labels of another vocabulary through their text, which rows get a draft, and how a draft
-lines up with the answer decoded so far."""
+is built for each row."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from salm_mtp.decoding.ctc import aligned_draft, answer_drafts, collapse, ctc_labels, plain_answer_ids
+from salm_mtp.decoding.ctc import answer_drafts, collapse, ctc_labels, plain_answer_ids
 
 BLANK = 9
 
@@ -82,12 +82,3 @@ def test_rows_with_two_clips_get_no_draft(tokenizer):
     paths = torch.full((3, 4), blank)
     batch = {"tasks": ["asr", "conversation"], "clip_rows": torch.tensor([0, 1, 1])}
     assert answer_drafts(_Model(tokenizer, paths), batch, torch.zeros(3, 4, 4), torch.full((3,), 4))[1] is None
-
-
-def test_aligned_draft_follows_the_answer_until_it_disagrees():
-    answer = [5, 6, 7, 8, 2]
-    assert aligned_draft(answer, [5], 10) == [6, 7, 8, 2]
-    assert aligned_draft(answer, [5, 6, 7], 1) == [8]  # at most the tokens still allowed
-    assert aligned_draft(answer, [5, 9], 10) == []  # the answer left the draft: no use any more
-    assert aligned_draft(answer, answer, 10) == []  # nothing left
-    assert aligned_draft(None, [5], 10) == []

@@ -343,7 +343,9 @@ def test_ctc_modes_identical_to_greedy(ctc_module, rows, mode, D):
     ref, ref_len = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
     tokens, lengths, stats = speculative_decode(ctc_module, batch, mode, N_NEW, num_drafts=D, stop_at_eos=False)
     assert torch.equal(tokens, ref) and torch.equal(lengths, ref_len)
-    assert stats.emitted == int(ref_len.sum()) - len(ROWS[rows]) and stats.ctc_accepted <= stats.ctc_drafted
+    asr = sum(t == "asr" for t in batch["tasks"])
+    assert stats.ctc_steps == asr and stats.ctc_accepted <= stats.ctc_drafted  # each ASR row's draft, verified once
+    assert stats.emitted <= int(ref_len.sum()) and stats.prefills >= len(ROWS[rows]) - asr
 
 
 def _answers(ref: torch.Tensor, tasks: list[str], kind: str) -> list[list[int] | None]:
@@ -358,15 +360,15 @@ def _answers(ref: torch.Tensor, tasks: list[str], kind: str) -> list[list[int] |
     return out
 
 
-def _decode_answers(module, batch, D, answers, on_step=None):
+def _decode_answers(module, batch, D, answers, on_prefill=None):
     with inference(module):
         prompt = encode_prompts(module, batch)
         with SpeculativeDecoder(module, D, N_NEW, None, module.tokenizer.pad_token_id, answers) as dec:
             dec.prefill(prompt.inputs_embeds, prompt.lengths)
+            if on_prefill is not None:
+                on_prefill(dec)
             while not dec.finished:
                 dec.step()
-                if on_step is not None:
-                    on_step(dec)
             tokens, stats = dec.result()
     return tokens, stats, dec
 
@@ -375,43 +377,48 @@ def _decode_answers(module, batch, D, answers, on_step=None):
 @pytest.mark.parametrize("D", [0, 2])
 @pytest.mark.parametrize("kind", ["exact", "longer", "shorter", "wrong_at_4"])
 def test_answer_drafts_forced(ctc_module, rows, D, kind):
-    """Answer drafts built from greedy's own answer: right (all accepted in one forward), longer than the answer
-    (cut at max_new_tokens), shorter (accepted, then the head or plain steps), wrong at token 4 (3 accepted, then
-    the head); an AST row beside them drafts with the head only. Always greedy's tokens."""
+    """Answer drafts built from greedy's own answer: right (all accepted: the ASR rows finish in the prompt's own
+    forward), longer than the answer (cut at max_new_tokens), shorter (accepted, then the head or plain steps),
+    wrong at token 4 (4 accepted, then the head); an AST row beside them decodes with the head only. Always
+    greedy's tokens."""
     batch = _batch(ctc_module, ROWS[rows])
     ref, _ = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
     answers = _answers(ref, batch["tasks"], kind)
     tokens, stats, _ = _decode_answers(ctc_module, batch, D, answers)
     assert torch.equal(tokens[:, :N_NEW], ref)
     asr = sum(a is not None for a in answers)
-    assert stats.ctc_steps == asr  # one answer-draft step per ASR row: after it the draft is used up or wrong
-    expect = {"exact": N_NEW - 1, "longer": N_NEW - 1, "shorter": 4, "wrong_at_4": 3}[kind]
-    assert stats.ctc_accepted == expect * asr
-    assert stats.ctc_drafted == (4 if kind == "shorter" else N_NEW - 1) * asr
+    assert stats.ctc_steps == asr  # one verification per ASR row: the prompt's forward
+    drafted = {"exact": N_NEW, "longer": N_NEW, "shorter": 5, "wrong_at_4": N_NEW}[kind]
+    assert stats.ctc_drafted == drafted * asr
+    assert stats.ctc_accepted == {"exact": N_NEW, "longer": N_NEW, "shorter": 5, "wrong_at_4": 4}[kind] * asr
     if kind in ("exact", "longer") and asr == len(answers):
-        assert stats.forwards == asr and stats.batch_forwards == 2  # the prefill and one verification
+        assert stats.batch_forwards == 1 and stats.forwards == asr and stats.prefills == 0  # one forward in all
 
 
 @pytest.mark.parametrize("rows", ROWS, ids=list(ROWS))
-def test_backbone_cache_after_an_answer_draft_rejection_equals_greedy(ctc_module, rows):
+@pytest.mark.parametrize("kind", ["wrong_at_4", "shorter"])
+def test_cache_after_the_answer_drafts_equals_greedy(ctc_module, rows, kind):
+    """Rejected at token 4: the rows are prefilled again over prompt + the 4 accepted tokens; the 5-token draft
+    all accepted (not the end: no eos here): the rows go on from the verifying forward's own cache. Either way the
+    cache equals greedy's after the same tokens, the AST row's (no draft) after its first, and the decode goes on
+    to greedy's answer."""
     batch = _batch(ctc_module, ROWS[rows])
-    caches, _ = _greedy_caches(ctc_module, batch, N_NEW + 3)
-    P = int(encode_prompts(ctc_module, batch).lengths.max())
+    caches, prefill_mask = _greedy_caches(ctc_module, batch, N_NEW + 3)
+    P = prefill_mask.shape[1] - (N_NEW + 2)
     ref, _ = greedy_decode(ctc_module, batch, N_NEW, stop_at_eos=False)
-    checked = [0]
+    answers = _answers(ref, batch["tasks"], kind)
+    checked = []
 
     def check(dec):
-        acc, _, active, by_head = dec.steps[-1]
-        for b in range(acc.numel()):
+        for b, a in enumerate(answers):
             n = int(dec.lens[b])
-            if not active[b] or n > N_NEW + 3:
-                continue
-            ref_mask = torch.cat([dec.mask[:, :P], torch.ones(acc.numel(), n - 1, dtype=torch.bool)], 1)
+            assert n == ((5 if kind == "wrong_at_4" else 6) if a is not None else 1)
+            ref_mask = torch.cat([prefill_mask[:, :P], torch.ones(len(answers), n - 1, dtype=torch.bool)], 1)
             _assert_row_cache_equal(dec.cache, dec.mask, caches[n], ref_mask, b)
-            checked[0] += int(not by_head[b])
+            checked.append(b)
 
-    _decode_answers(ctc_module, batch, 2, _answers(ref, batch["tasks"], "wrong_at_4"), on_step=check)
-    assert checked[0] >= 1  # a step with a rejected answer draft, its cache checked
+    tokens, _, _ = _decode_answers(ctc_module, batch, 2, answers, on_prefill=check)
+    assert torch.equal(tokens[:, :N_NEW], ref) and checked == list(range(len(answers)))
 
 
 def test_modes_need_what_they_draft_with(tok_dir, ctc_module):

@@ -8,8 +8,8 @@ or shipped with a Parakeet CTC checkpoint) gives a transcript for free: the gree
 dropped (``collapse``), is text in the CTC head's own labels (``label_text``: the LLM tokenizer's ids for a head
 trained with it, any vocabulary otherwise), which becomes LLM tokens in the trained answer's format
 (``answer_ids``: the data's prompt formatter, default the plain ``encode(text) + eos``). The speculative decoder
-verifies such a draft like an MTP draft, in one backbone forward, and keeps only what greedy would have produced:
-a wrong draft costs speed, never a token.
+verifies such a draft in the prompt's own forward and keeps only what greedy would have produced: a wrong draft
+costs speed, never a token.
 
 Only ASR rows (task "asr", one clip) get one: for AST and conversations the transcript is not the answer.
 """
@@ -78,13 +78,3 @@ def answer_drafts(model, batch: dict, enc: torch.Tensor, enc_lens: torch.Tensor,
         if batch["tasks"][row] == "asr" and clips_of[row] == 1:
             out[row] = answer_ids(label_text(labels[clip]))
     return out
-
-
-def aligned_draft(answer: list[int] | None, so_far: list[int], limit: int) -> list[int]:
-    """The rest of the CTC answer draft after the tokens decoded ``so_far`` when they are its prefix (at most
-    ``limit`` tokens); empty when they are not (after the first disagreement the draft is of no use) or nothing
-    is left."""
-    n = len(so_far)
-    if answer is None or len(answer) <= n or answer[:n] != so_far:
-        return []
-    return answer[n: n + limit]

@@ -16,11 +16,11 @@ One step, per row (y = the answer so far; its last token y[-1] is known but not 
 Rejected drafts never reach a kept state, so the output is greedy's token for token.
 
 Answer drafts (modes ctc and ctc+mtp; decoding/ctc.py). An ASR row also carries a draft of its whole answer: the
-encoder's CTC transcript in the answer's tokens. While the answer so far is a prefix of it, the row proposes the
-rest of it (up to max_new_tokens) instead of the head's D drafts; one verification forward accepts the longest
-agreeing prefix plus the backbone's own token, the caches commit as for MTP drafts, and the head (ctc+mtp) runs
-over the kept positions, so its drafts are ready after the first disagreement. A step is as wide as the longest
-draft of its rows; shorter ones are padded and their acceptance capped at their own draft's length.
+encoder's CTC transcript in the answer's tokens. The first backbone forward runs over each prompt followed by its
+draft, so it gives greedy's first token and greedy's token after every draft token at once: the longest agreeing
+prefix plus the backbone's own token is kept, and a row whose draft held to its end token is finished in that one
+forward. Rows it does not finish are prefilled again over prompt + their accepted tokens (that forward keeps the
+cache) and go on with the head's drafts (ctc+mtp) or plain greedy steps (ctc).
 
 The head's caches. Depth k at position p reads the token at p + k, so only its positions up to
 (last fed position + 1 - k) are final; each step depth k reruns its k-1 newest positions (with the
@@ -52,7 +52,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
-from salm_mtp.decoding.ctc import aligned_draft, answer_drafts
+from salm_mtp.decoding.ctc import answer_drafts
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
 from salm_mtp.decoding.stats import SpecStats, step_counts
 from salm_mtp.generate import (
@@ -127,40 +127,100 @@ class SpeculativeDecoder:
 
     # -------------------------------------------------------------- prefill
     def prefill(self, embeds: torch.Tensor, lens: torch.Tensor) -> None:
-        """Backbone and head over the prompts (right-padded (b, T, H), lengths (b,)); first token, first drafts."""
-        b = embeds.shape[0]
-        dev = embeds.device
-        x, mask = left_pad(embeds, lens)  # (b, P, H), (b, P)
-        self.need_mask = bool((lens != x.shape[1]).any())  # padding or holes: masks must be passed
-        out = self.llm.model(inputs_embeds=x, attention_mask=mask if self.need_mask else None, use_cache=True)
-        self.cache, h0 = out.past_key_values, out.last_hidden_state  # h0 (b, P, H)
-        self.mask = mask.bool()
-        y0 = self.argmax(h0[:, -1])  # (b,)
-        widest = max(self.D, self.max_new if self.answers is not None else 0)  # a step writes <= widest + 1 tokens
+        """Backbone and head over the prompts (right-padded (b, T, H), lengths (b,)); first token, first drafts.
+        With answer drafts, one forward over prompt + draft verifies them first (``_verify_answers``) and only the
+        rows it does not finish decode on: from its cache when each kept every position it was fed, else prefilled
+        again over prompt + their accepted tokens."""
+        b, dev = embeds.shape[0], embeds.device
+        widest = max(self.D, self.max_new if self.answers is not None else 0)  # a forward writes <= widest + 1 tokens
         self.tokens = torch.full((b, self.max_new + widest + 1), self.pad_id, dtype=torch.long, device=dev)
-        self.tokens[:, 0] = y0
-        self.lens = torch.ones(b, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(b, dtype=torch.long, device=dev)
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.batch_forwards = self.prefills = 0
+        self.whole = self.verified = None
+        if self.answers is not None:
+            x, mask, h, cache, whole_draft = self._verify_answers(embeds, lens)
+            if self.finished:
+                return
+            live = (~self.done).nonzero()[:, 0]
+            if live.numel() < b:  # decode on with the unfinished rows only
+                self.whole = (self.tokens, live)
+                embeds, lens, self.tokens, self.lens, self.done = (t[live] for t in (embeds, lens, self.tokens,
+                                                                                    self.lens, self.done))
+                x, mask, h, whole_draft = x[live], mask[live], h[live], whole_draft[live]
+                cache.reorder_cache(live)
+            if bool(whole_draft.all()):  # no row rejected a draft token: the cache holds exactly what they kept
+                return self._start(x, mask, h, cache)
+            embeds, lens = self._extended(embeds, lens, self.tokens, self.lens)
+        x, mask = left_pad(embeds, lens)  # (b, P, H), (b, P)
+        padded = bool((mask == 0).any())
+        out = self.llm.model(inputs_embeds=x, attention_mask=mask if padded else None, use_cache=True)
+        self.batch_forwards += 1
+        self.prefills += x.shape[0]
+        self._start(x, mask, out.last_hidden_state, out.past_key_values)
+
+    def _start(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, cache) -> None:
+        """Decoding state after a forward over ``x`` (b, P, H) (left-padded, ``mask`` (b, P)) whose hidden states
+        are ``h0`` and cache ``cache``: each row's next token, and the head's first drafts."""
+        self.need_mask = bool((mask == 0).any())  # padding or holes: masks must be passed
+        self.cache, self.mask = cache, mask.bool()
+        y = self.argmax(h0[:, -1])  # (b,): each row's next token
+        self.tokens.scatter_(1, self.lens[:, None], y[:, None])
+        self.lens = self.lens + 1
         self.done = self.lens >= self.max_new
         if self.eos_id is not None:
-            self.done |= y0 == self.eos_id
-        self.last = y0
-        self.batch_forwards = 1
-        self.drafts = y0.new_zeros(b, 0)
-        self._head_pending = (x, self.mask, h0, y0) if self.D else None  # the head's work not done yet
-        self._head_steps: list[tuple] = []
-        if self.answers is None:
-            self._head_catch_up()
+            self.done |= y == self.eos_id
+        self.last = y
+        self.drafts = self._prefill_head(x, self.mask, h0, y) if self.D else y.new_zeros(y.shape[0], 0)
 
-    def _head_catch_up(self) -> None:
-        """Run the head over everything decoded so far: the prompt, then each step's kept positions. With answer
-        drafts this waits until a row first needs the head's drafts (many never do: their answer draft is right
-        to the end), then does what every step would have done."""
-        if self._head_pending is not None:
-            self.drafts = self._prefill_head(*self._head_pending)
-            self._head_pending = None
-        for args in self._head_steps:
-            self.drafts = self._draft(*args)
-        self._head_steps = []
+    def _extended(self, embeds: torch.Tensor, lens: torch.Tensor, tokens: torch.Tensor,
+                  n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompts (b, T, H) with each row's first ``n[b]`` ``tokens`` embedded after it."""
+        b, _, H = embeds.shape
+        K = int(n.max()) if n.numel() else 0
+        out = torch.cat([embeds, embeds.new_zeros(b, K, H)], 1)
+        if K:
+            pos = lens[:, None] + torch.arange(K, device=embeds.device)[None, :]  # (b, K); past n[b]: padding
+            out.scatter_(1, pos[..., None].expand(-1, -1, H), self.embed(tokens[:, :K]).to(out.dtype))
+        return out, lens + n
+
+    def _verify_answers(self, embeds: torch.Tensor, lens: torch.Tensor):
+        """One backbone forward over each prompt followed by its answer draft: greedy's first token and its token
+        after every draft token; a row keeps the longest agreeing prefix plus the backbone's own token. A row whose
+        draft held to its end token (or to max_new_tokens) is done here, in one forward; the others keep their
+        accepted drafts in ``tokens`` / ``lens``. Returns the forward's left-padded inputs (b, S, H), mask (b, S),
+        hidden states, cache, and which rows kept every position they were fed (no draft, or all of it)."""
+        b, dev = embeds.shape[0], embeds.device
+        drafts = [(self.answers[r] or [])[: self.max_new] for r in range(b)]
+        L = torch.tensor([len(d) for d in drafts], device=dev)
+        K = int(L.max())
+        for r, d in enumerate(drafts):
+            self.tokens[r, : len(d)] = torch.tensor(d, dtype=torch.long, device=dev)
+        d = self.tokens[:, :K].clone()  # (b, K), pad after each row's draft
+        x, mask = left_pad(*self._extended(embeds, lens, d, L))
+        padded = bool((mask == 0).any())
+        out = self.llm.model(inputs_embeds=x, attention_mask=mask if padded else None, use_cache=True)
+        h = out.last_hidden_state
+        S, H = h.shape[1], h.shape[2]
+        at = (S - 1 - L)[:, None] + torch.arange(K + 1, device=dev)[None, :]  # the prompt's last position, each draft's
+        g = self.argmax(h.gather(1, at.clamp(max=S - 1)[..., None].expand(-1, -1, H)))  # (b, K+1)
+        cols = torch.arange(K + 1, device=dev)[None, :]
+        acc = ((d == g[:, :K]) & (cols[:, :K] < L[:, None])).long().cumprod(1).sum(1)  # (b,) accepted drafts
+        emitted = cols < (acc + 1)[:, None]  # g_0 .. g_acc
+        self.tokens[:, : K + 1] = torch.where(emitted, g, self.pad_id)
+        done = acc + 1 >= self.max_new
+        if self.eos_id is not None:
+            done |= ((g == self.eos_id) & emitted).any(1)
+        self.done = done
+        self.lens = torch.where(done, acc + 1, acc)  # the others: their accepted drafts, fed at the prefill
+        has = L > 0
+        self.verified = (acc, has)  # a verification forward for the rows with a draft (not the head's drafts)
+        self.ctc.ctc_steps += int(has.sum())
+        self.ctc.ctc_drafted += int(L.sum())
+        self.ctc.ctc_accepted += int(acc.sum())
+        self.batch_forwards += 1
+        self.prefills += int((~has).sum())  # for a row without a draft this forward was its prefill
+        return x, mask, h, out.past_key_values, acc == L
 
     def _prefill_head(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """Each depth over the prompt positions; (b, D) drafts at the last one."""
@@ -193,33 +253,11 @@ class SpeculativeDecoder:
     def finished(self) -> bool:
         return bool(self.done.all())
 
-    def _choose_drafts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's drafts (b, W), their lengths (b,) and which rows draft from their answer draft (b,)."""
-        b, dev = self.last.shape[0], self.last.device
-        if self.answers is None:
-            return self.drafts, torch.full((b,), self.D, device=dev), torch.zeros(b, dtype=torch.bool, device=dev)
-        lens, done = self.lens.tolist(), self.done.tolist()
-        rest = [[] if done[r] else aligned_draft(self.answers[r], self.tokens[r, :lens[r]].tolist(),
-                                                 self.max_new - lens[r]) for r in range(b)]
-        from_answer = torch.tensor([bool(d) for d in rest], device=dev)
-        if self.D and bool((~from_answer & ~self.done).any()):
-            self._head_catch_up()  # a row needs the head's drafts now
-        W = max([len(d) for d in rest] + [self.D if not bool(from_answer.all()) else 0])
-        drafts = torch.full((b, W), self.pad_id, dtype=torch.long, device=dev)
-        if not bool(from_answer.all()):  # then W >= D
-            drafts[:, : self.D] = self.drafts
-        for r, d in enumerate(rest):
-            if d:
-                drafts[r, : self.D] = self.pad_id
-                drafts[r, : len(d)] = torch.tensor(d, device=dev)
-        n = torch.tensor([len(d) if d else self.D for d in rest], device=dev)
-        return drafts, n, from_answer
-
     def step(self) -> None:
         """Verify the drafts, keep the accepted prefix, draft again."""
         b = self.last.shape[0]
         dev = self.last.device
-        drafts, n_drafts, from_answer = self._choose_drafts()  # (b, W), (b,), (b,)
+        drafts = self.drafts  # (b, W): the head's D drafts (none without a head: a plain greedy step)
         W = drafts.shape[1]
         fed = torch.cat([self.last[:, None], drafts], 1)  # (b, W+1)
         m = torch.cat([self.mask, self.mask.new_ones(b, W + 1)], 1) if self.need_mask else None
@@ -228,8 +266,7 @@ class SpeculativeDecoder:
         h = out.last_hidden_state  # (b, W+1, H)
         g = self.argmax(h)  # (b, W+1): g_j = greedy token after fed[:, : j+1]
         active = ~self.done
-        agree = (drafts == g[:, :W]) & (torch.arange(W, device=dev)[None, :] < n_drafts[:, None])
-        acc = agree.long().cumprod(1).sum(1) * active  # (b,) accepted drafts
+        acc = (drafts == g[:, :W]).long().cumprod(1).sum(1) * active  # (b,) accepted drafts
         keep = acc + 1
         n0 = int(keep.max())
         commit(self.cache, rec, keep)
@@ -238,11 +275,7 @@ class SpeculativeDecoder:
         self.need_mask |= not bool(new_cols.all())
         self.mask = torch.cat([self.mask, new_cols], 1)
 
-        self.steps.append((acc, self.lens.clone(), active, ~from_answer))
-        counted = active & from_answer
-        self.ctc.ctc_steps += int(counted.sum())
-        self.ctc.ctc_drafted += int((n_drafts * counted).sum())
-        self.ctc.ctc_accepted += int((acc * counted).sum())
+        self.steps.append((acc, self.lens.clone(), active, torch.ones_like(active)))
         cols = self.lens[:, None] + torch.arange(W + 1, device=dev)[None, :]  # rows that are done write past their end
         self.tokens.scatter_(1, cols.clamp(max=self.tokens.shape[1] - 1), g)
         stopped = torch.zeros_like(self.done)
@@ -253,9 +286,7 @@ class SpeculativeDecoder:
         self.last = g.gather(1, acc[:, None])[:, 0]
         self.batch_forwards += 1
         if not self.finished and self.D:
-            self._head_steps.append((h[:, :n0], g[:, :n0], acc, new_cols))
-            if self._head_pending is None and self.answers is None:
-                self._head_catch_up()
+            self.drafts = self._draft(h[:, :n0], g[:, :n0], acc, new_cols)
 
     def _draft(self, h0: torch.Tensor, g: torch.Tensor, acc: torch.Tensor, new_cols: torch.Tensor) -> torch.Tensor:
         """Run each depth over its chunk after a step that kept ``acc + 1`` positions; (b, D) new drafts.
@@ -288,12 +319,21 @@ class SpeculativeDecoder:
     # -------------------------------------------------------------- results
     def result(self) -> tuple[torch.Tensor, SpecStats]:
         """(tokens (b, <= max_new) with the same values as greedy's up to each row's length, stats)."""
-        tokens = self.tokens[:, : self.max_new]
+        tokens = self.tokens
+        if self.whole is not None:  # the rows the answer drafts finished, and those decoded on
+            tokens, rows = self.whole[0].clone(), self.whole[1]
+            tokens[rows] = self.tokens
+        tokens = tokens[:, : self.max_new]
         lengths = _lengths_after_eos(tokens, self.eos_id)
-        stats = SpecStats(self.D, batch_forwards=self.batch_forwards)
+        stats = SpecStats(self.D, batch_forwards=self.batch_forwards, prefills=self.prefills)
+        if self.verified is not None:
+            acc, has = self.verified
+            stats.add(step_counts(acc[None], torch.zeros_like(acc)[None], has[None], lengths, self.D,
+                                  torch.zeros_like(has)[None]))
         if self.steps:
             acc, before, active, by_head = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
-            stats.add(step_counts(acc, before, active, lengths, self.D, by_head))
+            live_lengths = lengths if self.whole is None else lengths[self.whole[1]]
+            stats.add(step_counts(acc, before, active, live_lengths, self.D, by_head))
         stats.add(SpecStats(self.D, ctc_drafted=self.ctc.ctc_drafted, ctc_accepted=self.ctc.ctc_accepted,
                             ctc_steps=self.ctc.ctc_steps))
         return tokens, stats

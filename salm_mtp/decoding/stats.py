@@ -26,12 +26,14 @@ class SpecStats:
     """per depth k: steps where depth k's draft predicted a token of the answer"""
     batch_forwards: int = 0
     """batched backbone calls (prefills + verification steps): what the wall time pays for"""
+    prefills: int = 0
+    """row prefills that verified nothing (a row's backbone forwards = prefills + forwards)"""
     ctc_drafted: int = 0
     """draft tokens the CTC transcript proposed (decoding/ctc.py), over the steps that used one"""
     ctc_accepted: int = 0
     """of those, tokens the verification accepted"""
     ctc_steps: int = 0
-    """verification forwards of rows that carried a CTC draft (MTP figures leave these steps out)"""
+    """verification forwards of rows that carried a CTC draft (the per-depth MTP figures leave them out)"""
 
     def __post_init__(self):
         self.hits = self.hits or [0] * self.num_drafts
@@ -57,6 +59,7 @@ class SpecStats:
         self.forwards += other.forwards
         self.emitted += other.emitted
         self.batch_forwards += other.batch_forwards
+        self.prefills += other.prefills
         self.ctc_drafted += other.ctc_drafted
         self.ctc_accepted += other.ctc_accepted
         self.ctc_steps += other.ctc_steps
@@ -67,6 +70,7 @@ class SpecStats:
         return {"num_drafts": self.num_drafts, "tokens_per_forward": self.tokens_per_forward,
                 "chained_acceptance": self.chained_acceptance(), "mean_accepted_length": self.mean_accepted_length(),
                 "verify_forwards": self.forwards, "emitted_tokens": self.emitted, "batch_forwards": self.batch_forwards,
+                "prefills": self.prefills,
                 "ctc_drafted": self.ctc_drafted, "ctc_accepted": self.ctc_accepted, "ctc_steps": self.ctc_steps,
                 "ctc_acceptance": self.ctc_acceptance}
 

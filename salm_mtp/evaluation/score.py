@@ -78,7 +78,7 @@ def summarise(totals: Totals, num_depths: int, settings: DecodeSettings = Decode
             "spec_tokens_per_forward": spec.tokens_per_forward,
             "spec_chained_acceptance": [finite(a) for a in spec.chained_acceptance()],
             "spec_mean_accepted_length": spec.mean_accepted_length(),
-            "spec_row_forwards": rows + spec.forwards,
+            "spec_row_forwards": spec.prefills + spec.forwards,
             "greedy_row_forwards": totals.greedy_row_forwards,
             "greedy_decode_seconds": totals.greedy_seconds,
             "spec_decode_seconds": totals.spec_seconds,
