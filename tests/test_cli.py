@@ -115,7 +115,7 @@ NESTED_HELP = {  # subcommand argv -> a docstring line of a nested key (Lightnin
                                   DATA_HELP),
 }
 OPTION_HELP = {  # subcommands whose parser salm_mtp/options.py generates -> one option's help
-    "evaluate": "--decode {greedy,mtp} greedy, or mtp: also MTP self-speculative decoding",
+    "evaluate": "--decode {greedy,mtp,ctc,ctc+mtp,auto} greedy, or also self-speculative decoding",
     "export": "--mtp-depths MTP_DEPTHS export only the MTP head's first N depths",
     "validate-data": "MANIFEST lhotse CutSet manifest(s)",
     "make-demo-data": "--num-train NUM_TRAIN train utterances (default: 4000)",

@@ -430,3 +430,25 @@ def test_modes_need_what_they_draft_with(tok_dir, ctc_module):
         speculative_decode(_module(tok_dir, mtp_layers=0, ctc_weight=0.3), batch, "ctc+mtp", 4)
     with pytest.raises(ValueError, match="decode mode 'fast'"):
         speculative_decode(ctc_module, batch, "fast", 4)
+
+
+@pytest.mark.parametrize("decode", ["ctc", "auto"])
+def test_evaluate_decode_ctc_modes(ctc_module, sine_corpus, tmp_path, decode):
+    """evaluate(decode="ctc" | "auto") writes greedy's hypotheses, the CTC draft figures and RTFx; auto picks ctc+mtp
+    on a model with both heads."""
+    from salm_mtp.evaluation.report import format_table
+    from salm_mtp.evaluation.run import evaluate
+
+    manifest = str(sine_corpus(n=5))
+    g = evaluate(ctc_module, manifest, str(tmp_path / "g"), batch_size=3, max_new_tokens=6, progress=False)
+    m = evaluate(ctc_module, manifest, str(tmp_path / "m"), batch_size=3, max_new_tokens=6, progress=False,
+                 decode=decode)
+    assert (tmp_path / "g" / "hyps.jsonl").read_text() == (tmp_path / "m" / "hyps.jsonl").read_text()
+    assert m["decode"] == ("ctc" if decode == "ctc" else "ctc+mtp") and m["spec_identical_to_greedy"] is True
+    asr = sum(json.loads(line)["task"] == "asr" for line in (tmp_path / "m" / "hyps.jsonl").read_text().splitlines())
+    assert m["spec_ctc_drafted"] >= asr > 0 and 0 <= m["spec_ctc_acceptance"] <= 1
+    assert m["rtfx"] > 0 and m["spec_rtfx"] > 0 and m["greedy_rtfx"] > 0
+    assert "CTC draft acceptance (live)" in format_table(m)
+    with pytest.raises(ValueError, match="--decode ctc needs a model with a CTC head"):
+        evaluate(_module(ctc_module.salm_arguments["tokenizer_path"], mtp_layers=1), manifest, str(tmp_path / "x"),
+                 decode="ctc", progress=False)

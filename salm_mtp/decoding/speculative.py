@@ -345,6 +345,20 @@ MODES = ("mtp", "ctc", "ctc+mtp")
 (the CTC draft while the answer follows it, the head's after the first disagreement)."""
 
 
+def supported_modes(module) -> list[str]:
+    """The decode modes ``module`` can run: greedy, then each speculative mode it has the drafts for."""
+    has_ctc = getattr(module.audio, "ctc_head", None) is not None
+    return ["greedy"] + [m for m in MODES if ("mtp" not in m or module.num_mtp_depths)
+                         and (not m.startswith("ctc") or has_ctc)]
+
+
+def auto_mode(module) -> str:
+    """``--decode auto``: the mode that drafts the most, ctc+mtp when the model has both heads, then ctc, mtp,
+    greedy (every mode gives greedy's tokens; on the demo ctc and ctc+mtp are the fastest, bench/decode.py)."""
+    supported = supported_modes(module)
+    return next(m for m in ("ctc+mtp", "ctc", "mtp", "greedy") if m in supported)
+
+
 def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
                       batched: bool, stats: SpecStats, drafter=None,
                       answers: list[list[int] | None] | None = None) -> torch.Tensor:

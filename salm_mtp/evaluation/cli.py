@@ -20,10 +20,10 @@ from salm_mtp.options import option, parse_options
 log = logging.getLogger(__name__)
 
 
-DESCRIPTION = ("Decode a lhotse manifest with a trained SALM model (greedy, or --decode mtp: MTP self-speculative "
-               "decoding as well) and score it; write hyps.jsonl, metrics.json, settings.json and report.png under "
-               "--out. Data, prompt and bad-cut settings come from the run's own config.yaml (found next to the "
-               "checkpoint, or --config); the options below override them.")
+DESCRIPTION = ("Decode a lhotse manifest with a trained SALM model (greedy, or --decode mtp|ctc|ctc+mtp|auto: "
+               "self-speculative decoding as well) and score it; write hyps.jsonl, metrics.json, settings.json and "
+               "report.png under --out. Data, prompt and bad-cut settings come from the run's own config.yaml (found "
+               "next to the checkpoint, or --config); the options below override them.")
 
 
 @dataclass
@@ -70,11 +70,13 @@ class EvaluateOptions:
     """text normaliser applied to references and hypotheses before WER/CER: whisper_english (Whisper's English
     normaliser, as the Open ASR Leaderboard: spoken numbers become digits), basic (lowercase, no punctuation) or none
     (raw text); metrics.json names it and also gives the raw-text WER"""
-    decode: Literal["greedy", "mtp"] = "greedy"
-    """greedy, or mtp: also MTP self-speculative decoding of the same prompts (its hypotheses are written), with its
-    live acceptance, forwards and wall time against greedy"""
+    decode: Literal["greedy", "mtp", "ctc", "ctc+mtp", "auto"] = "greedy"
+    """greedy, or also self-speculative decoding of the same prompts (its hypotheses are written, with its live
+    acceptance, forwards, RTFx and wall time against greedy; the output equals greedy's): mtp (the MTP head drafts),
+    ctc (ASR rows: the encoder's CTC transcript drafts the whole answer), ctc+mtp (both), auto (the one that drafts
+    the most that the model has)"""
     num_drafts: int | None = None
-    """--decode mtp: drafts per step (1..the head's depths; default all of them)"""
+    """--decode mtp / ctc+mtp: MTP drafts per step (1..the head's depths; default all of them)"""
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model is None):

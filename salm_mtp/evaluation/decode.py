@@ -4,6 +4,7 @@ head, the main head's accuracy; how to decode in ``DecodeSettings`` (fixed for a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from salm_mtp import metrics
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.data.policy import BadCut
-from salm_mtp.decoding.speculative import SpecStats, mtp_decode
+from salm_mtp.decoding.speculative import SpecStats, speculative_decode
 from salm_mtp.generate import decode_text, device_of, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
 
@@ -23,9 +24,12 @@ class DecodeSettings:
     max_new_tokens: int = 64
     """Most tokens generated per row."""
     decode: str = "greedy"
-    """greedy, or mtp: MTP self-speculative decoding as well (hypotheses from it, timed against greedy)."""
+    """greedy, or a speculative mode (mtp, ctc, ctc+mtp: salm_mtp.decoding.speculative.MODES) decoded as well
+    (hypotheses from it, timed against greedy)."""
     num_drafts: int | None = None
-    """mtp: drafts per step (None: every depth of the head)."""
+    """mtp drafts per step (None: every depth of the head)."""
+    answer_ids: Callable[[str], list[int]] | None = None
+    """ctc modes: a transcript -> the answer's tokens as the run's prompt formatter makes them (None: plain)."""
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Totals:
     num_failed: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    audio_seconds: float = 0.0
+    """Seconds of audio decoded (RTFx = audio_seconds / decode seconds)."""
     acc_hits: list[float] = field(default_factory=list)
     acc_count: list[int] = field(default_factory=list)
     chain_hits: list[int] = field(default_factory=list)
@@ -86,12 +92,13 @@ def evaluate_batch(module, batch: dict, settings: DecodeSettings, totals: Totals
     batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     _sync(dev)
     t0 = time.perf_counter()
-    prompt = encode_prompts(module, batch)
+    prompt, *audio = encode_prompts(module, batch, with_audio=True)
     _sync(dev)
     t_enc = time.perf_counter() - t0
     max_new_tokens = settings.max_new_tokens
-    if settings.decode == "mtp":
-        tokens, lengths = _greedy_and_mtp(module, batch, prompt, settings, totals)
+    totals.audio_seconds += float(batch["audio_lens"].sum()) / module.features.config.sample_rate
+    if settings.decode != "greedy":
+        tokens, lengths = _greedy_and_spec(module, batch, prompt, audio, settings, totals)
         totals.seconds += t_enc + totals.last_spec_seconds
     else:
         tokens, lengths = greedy_decode(module, batch, max_new_tokens=max_new_tokens, prompt=prompt)
@@ -134,9 +141,9 @@ def add_failed(totals: Totals, skipped: list[BadCut]) -> None:
             totals.num_failed += 1
 
 
-def _greedy_and_mtp(module, batch: dict, prompt, settings: DecodeSettings, totals: Totals):
-    """Greedy and MTP decoding of the same encoded prompts (which runs first alternates per batch); the
-    MTP tokens, timings and counts go to ``totals``."""
+def _greedy_and_spec(module, batch: dict, prompt, audio, settings: DecodeSettings, totals: Totals):
+    """Greedy and speculative decoding of the same encoded prompts (which runs first alternates per batch); the
+    speculative tokens, timings and counts go to ``totals``."""
     dev = device_of(module)
     order = ("greedy", "mtp") if totals.batches % 2 == 0 else ("mtp", "greedy")
     totals.batches += 1
@@ -147,8 +154,9 @@ def _greedy_and_mtp(module, batch: dict, prompt, settings: DecodeSettings, total
         if which == "greedy":
             out["greedy"] = greedy_decode(module, batch, max_new_tokens=settings.max_new_tokens, prompt=prompt)
         else:
-            out["mtp"] = mtp_decode(module, batch, max_new_tokens=settings.max_new_tokens,
-                                    num_drafts=settings.num_drafts, prompt=prompt)
+            out["mtp"] = speculative_decode(module, batch, settings.decode, settings.max_new_tokens,
+                                            num_drafts=settings.num_drafts, prompt=prompt, audio=audio,
+                                            answer_ids=settings.answer_ids)
         _sync(dev)
         dt = time.perf_counter() - t0
         if which == "greedy":

@@ -44,16 +44,22 @@ def format_table(m: dict) -> str:
         rows.append(("mean accepted length (teacher-forced, tokens/forward)",
                      fmt(m["teacher_forced_mean_accepted_length"])))
     rows += [("tokens/s", fmt(m["tokens_per_s"])), ("decode seconds", fmt(m["decode_seconds"]))]
-    if m.get("decode") == "mtp":
-        rows += [("MTP decoding: drafts per step", fmt(m["spec_num_drafts"])),
+    if m.get("rtfx") is not None:
+        rows.append(("RTFx (audio seconds per decode second)", fmt(m["rtfx"])))
+    mode = m.get("decode", "greedy")
+    if mode != "greedy":
+        rows += [(f"{mode} decoding: MTP drafts per step", fmt(m["spec_num_drafts"])),
                  ("  tokens per verification forward", fmt(m["spec_tokens_per_forward"]))]
         for k, a in enumerate(m["spec_chained_acceptance"], start=1):
             rows.append((f"  chained acceptance depth {k} (live)", fmt(a, pct=True)))
+        if m.get("spec_ctc_drafted"):
+            rows.append(("  CTC draft acceptance (live)", fmt(m["spec_ctc_acceptance"], pct=True)))
         rows += [("  mean accepted length (live)", fmt(m["spec_mean_accepted_length"])),
-                 ("  backbone forwards greedy / mtp", f"{m['greedy_row_forwards']} / {m['spec_row_forwards']}"),
-                 ("  decode seconds greedy / mtp",
+                 (f"  backbone forwards greedy / {mode}", f"{m['greedy_row_forwards']} / {m['spec_row_forwards']}"),
+                 (f"  decode seconds greedy / {mode}",
                   f"{fmt(m['greedy_decode_seconds'])} / {fmt(m['spec_decode_seconds'])}"),
-                 ("  speedup (greedy / mtp wall)", fmt(m["spec_speedup"])),
+                 (f"  RTFx greedy / {mode}", f"{fmt(m['greedy_rtfx'])} / {fmt(m['spec_rtfx'])}"),
+                 (f"  speedup (greedy / {mode} wall)", fmt(m["spec_speedup"])),
                  ("  identical to greedy", "yes" if m["spec_identical_to_greedy"] else
                   f"NO ({m['spec_mismatched_rows']} rows differ)")]
     width = max(len(r[0]) for r in rows)

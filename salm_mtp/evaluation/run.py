@@ -8,6 +8,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, replace
+from functools import partial
 
 from tqdm import tqdm
 
@@ -17,6 +18,7 @@ from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, eval_datamodule, eval_loader, manifest_index,
                                       turn_index)
+from salm_mtp.decoding.speculative import auto_mode, supported_modes
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
 from salm_mtp.evaluation.score import summarise
@@ -34,8 +36,9 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
 
     ``data``: the run's data settings (None: DataConfig's defaults; ``prompt`` replaces its prompt), batched by
     ``eval_datamodule`` with ``batch_size`` cuts (None: the run's data.max_cuts, else 16); ``run_config``: the file
-    they came from (recorded in settings.json). ``decode``: "greedy", or "mtp" (also MTP self-speculative decoding
-    with ``num_drafts`` drafts per step, default all the head's depths; its hypotheses are written).
+    they came from (recorded in settings.json). ``decode``: "greedy", a speculative mode (mtp, ctc, ctc+mtp: decoded
+    as well and timed against greedy, its hypotheses written; mtp with ``num_drafts`` drafts per step, default all
+    the head's depths) or auto (the one that drafts the most: salm_mtp.decoding.speculative.auto_mode).
     ``input_type``: cuts (a lhotse manifest), conversations or text (JSONL as ``data.inputs`` reads them: every
     assistant turn is generated given the reference history before it, and scored: turn_wer, turn_exact_match,
     main_loss, main_acc), or auto (salm_mtp.data.mix.detect_source_type). ``normalizer``: the text normaliser
@@ -50,10 +53,11 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     metrics.get_normalizer(normalizer)  # an unknown name fails before any decoding
-    if decode not in ("greedy", "mtp"):
-        raise ValueError(f"--decode must be greedy or mtp, got {decode!r}")
-    if decode == "mtp" and not module.num_mtp_depths:
-        raise ValueError("--decode mtp needs a model with an MTP head (this one has none); use --decode greedy")
+    supported = supported_modes(module)
+    decode = auto_mode(module) if decode == "auto" else decode
+    if decode not in supported:
+        raise ValueError(f"--decode {decode} needs a model with {'an MTP head' if 'mtp' in decode else 'a CTC head'} "
+                         f"(this one can decode with {', '.join(supported)}); use one of those or --decode auto")
     if prompt is not None:
         data = replace(data if data is not None else DataConfig(), prompt=prompt)
     if input_type == "auto":
@@ -65,7 +69,8 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
     index = manifest_index(manifest, limit) if input_type == "cuts" else turn_index(manifest, input_type, limit)
     loader = eval_loader(dm, manifest, input_type, limit)
-    settings = DecodeSettings(max_new_tokens, decode, num_drafts)
+    formatter = dm.get_dataset().formatter
+    settings = DecodeSettings(max_new_tokens, decode, num_drafts, partial(formatter.answer_ids, "asr"))
     totals = Totals()
     was_training = module.training
     module.eval()

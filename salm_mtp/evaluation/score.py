@@ -67,12 +67,12 @@ def summarise(totals: Totals, num_depths: int, settings: DecodeSettings = Decode
         "generated_tokens": totals.tokens,
         "decode_seconds": totals.seconds,
         "tokens_per_s": totals.tokens / totals.seconds if totals.seconds > 0 else math.nan,
+        "rtfx": totals.audio_seconds / totals.seconds if totals.seconds > 0 else math.nan,
         "max_new_tokens": settings.max_new_tokens,
         "decode": settings.decode,
     }
-    if settings.decode == "mtp":
+    if settings.decode != "greedy":
         spec = totals.spec or SpecStats(settings.num_drafts or num_depths)
-        rows = len(ok)
         out.update({
             "spec_num_drafts": spec.num_drafts,
             "spec_tokens_per_forward": spec.tokens_per_forward,
@@ -84,6 +84,9 @@ def summarise(totals: Totals, num_depths: int, settings: DecodeSettings = Decode
             "spec_decode_seconds": totals.spec_seconds,
             "spec_speedup": totals.greedy_seconds / totals.spec_seconds if totals.spec_seconds > 0 else math.nan,
             "spec_identical_to_greedy": totals.spec_mismatched_rows == 0,
+            "spec_ctc_drafted": spec.ctc_drafted, "spec_ctc_acceptance": finite(spec.ctc_acceptance),
+            "greedy_rtfx": totals.audio_seconds / totals.greedy_seconds if totals.greedy_seconds > 0 else math.nan,
+            "spec_rtfx": totals.audio_seconds / totals.spec_seconds if totals.spec_seconds > 0 else math.nan,
             "spec_mismatched_rows": totals.spec_mismatched_rows,
         })
     return {k: finite(v) for k, v in out.items()}
