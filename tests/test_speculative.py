@@ -440,7 +440,7 @@ def test_evaluate_decode_ctc_modes(ctc_module, sine_corpus, tmp_path, decode):
     from salm_mtp.evaluation.run import evaluate
 
     manifest = str(sine_corpus(n=5))
-    g = evaluate(ctc_module, manifest, str(tmp_path / "g"), batch_size=3, max_new_tokens=6, progress=False)
+    evaluate(ctc_module, manifest, str(tmp_path / "g"), batch_size=3, max_new_tokens=6, progress=False)
     m = evaluate(ctc_module, manifest, str(tmp_path / "m"), batch_size=3, max_new_tokens=6, progress=False,
                  decode=decode)
     assert (tmp_path / "g" / "hyps.jsonl").read_text() == (tmp_path / "m" / "hyps.jsonl").read_text()
