@@ -8,6 +8,7 @@
     salm-mtp plan --config conf/nemotron3_super.yaml --world_size 8 ...   (per-rank memory: salm_mtp/plan/)
     salm-mtp validate-data data/demo/train_cuts.jsonl.gz                   (salm_mtp/data/validate.py)
     salm-mtp pretrain-encoder fit --config conf/encoder_ctc.yaml           (salm_mtp/pretrain.py)
+    salm-mtp transcribe --model exports/demo clips/ talk.flac               (salm_mtp/transcribe.py)
     salm-mtp make-demo-data --out data/demo                                (salm_mtp/demo/cli.py)
 
 ``salm-mtp --help`` lists them (SUBCOMMANDS); ``salm-mtp SUB --help`` shows every option of one.
@@ -70,6 +71,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable]] = {
                       _call("salm_mtp.data.validate:main")),
     "pretrain-encoder": ("CTC-pretrain the Parakeet encoder (LightningCLI, conf/encoder_ctc.yaml) -> HF directory",
                          _pretrain),
+    "transcribe": ("audio files or directories -> one line of text each, no manifest (--decode auto: CTC/MTP drafts)",
+                   _call("salm_mtp.transcribe:main")),
     "make-demo-data": ("make the spoken demo corpus (espeak-ng + sox) and its tokenizer",
                        _call("salm_mtp.demo.cli:main")),
 }

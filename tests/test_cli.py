@@ -173,7 +173,7 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert set(SUBCOMMANDS) == {"fit", "validate", "test", "predict", "evaluate", "export", "plan", "validate-data",
-                                "pretrain-encoder", "make-demo-data"}
+                                "pretrain-encoder", "transcribe", "make-demo-data"}
     for name, (text, _) in SUBCOMMANDS.items():
         assert sum(line.split()[:1] == [name] for line in lines) == 1, name  # one line each
         assert f"  {name}" in out.stdout and text in out.stdout

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "training": ("salm_mtp.salm", "salm_mtp.model", "salm_mtp.guard", "salm_mtp.step_metrics", "salm_mtp.objective", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
                  "salm_mtp.provenance", "salm_mtp.io.sharded"),
     "apps": ("salm_mtp.io", "salm_mtp.evaluation", "salm_mtp.plan", "salm_mtp.pretrain", "salm_mtp.trainer_cli",
-             "salm_mtp.cli", "salm_mtp.report", "salm_mtp.run_config", "salm_mtp.sweep"),
+             "salm_mtp.cli", "salm_mtp.report", "salm_mtp.run_config", "salm_mtp.sweep", "salm_mtp.transcribe"),
 }
 """Each module's layer: the longest prefix that names it."""
 ALLOWED: dict[str, set[str]] = {
