@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
               "salm_mtp.generate", "salm_mtp.decoding", "salm_mtp.optim", "salm_mtp.optim_state",
               "salm_mtp.checkpointing", "salm_mtp.resume"),
     "demo": ("salm_mtp.demo",),
-    "training": ("salm_mtp.salm", "salm_mtp.model", "salm_mtp.guard", "salm_mtp.step_metrics", "salm_mtp.objective", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
+    "training": ("salm_mtp.salm", "salm_mtp.model", "salm_mtp.guard", "salm_mtp.live_spec", "salm_mtp.step_metrics", "salm_mtp.objective", "salm_mtp.parallel", "salm_mtp.strategy", "salm_mtp.callbacks",
                  "salm_mtp.provenance", "salm_mtp.io.sharded"),
     "apps": ("salm_mtp.io", "salm_mtp.evaluation", "salm_mtp.plan", "salm_mtp.pretrain", "salm_mtp.trainer_cli",
              "salm_mtp.cli", "salm_mtp.report", "salm_mtp.run_config", "salm_mtp.sweep", "salm_mtp.transcribe"),

@@ -1,0 +1,112 @@
+"""Live acceptance while training: at every validation the real speculative decoder runs on the first validation
+utterances and logs what it accepts, beside the teacher-forced figures (``val_mtp_acc/depth_k``).
+
+    trainer:
+      callbacks:
+        - class_path: salm_mtp.live_spec.LiveAcceptance
+          init_args: {utterances: 16, mode: auto}
+
+Logged (rank 0's utterances on one process; every rank's own and summed under DDP): ``val_spec/tokens_per_forward``
+(answer tokens per verification forward), ``val_spec/chained_acceptance/depth_k`` (the head's drafts as the decoder
+meets them), ``val_spec/ctc_acceptance`` (accepted / proposed CTC draft tokens, ctc modes) and
+``val_spec/identical`` (1 when the speculative answers equal greedy's: they always should). The decoding is greedy
+(no random numbers) in eval mode under no_grad, so training is unchanged by it (tests/test_live_spec.py compares the
+losses with it on and off). A model sharded by FSDP2 is skipped with one warning: its ranks would take different
+numbers of forwards (each accepts differently) and every forward is a collective there.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from salm_mtp.decoding.speculative import auto_mode, speculative_decode, supported_modes
+from salm_mtp.decoding.stats import SpecStats
+from salm_mtp.generate import greedy_decode
+from salm_mtp.parallel import all_reduce_sum
+
+
+CLIP_KEYS = ("audios", "audio_lens", "clip_rows", "ctc_ids", "ctc_lens")
+"""Batch entries with one row per audio clip (salm_mtp/data/dataset.py); the others have one per example."""
+
+
+def first_rows(batch: dict, n: int) -> dict:
+    """The collated batch cut to its first ``n`` examples and their clips."""
+    clips = batch["clip_rows"] < n
+    return {k: (v[clips] if k in CLIP_KEYS else v[:n] if isinstance(v, (torch.Tensor, list)) else v)
+            for k, v in batch.items()}
+
+
+class LiveAcceptance(L.Callback):
+    """Speculative decoding of the first ``utterances`` validation rows at each validation (see the module
+    docstring)."""
+
+    def __init__(self, utterances: int = 16, mode: str = "auto", max_new_tokens: int = 64) -> None:
+        """
+        Args:
+            utterances: validation rows decoded per validation (the first ones of the first loader).
+            mode: mtp, ctc, ctc+mtp or auto (the one that drafts the most that the model has).
+            max_new_tokens: most tokens per answer.
+        """
+        if utterances < 1:
+            raise ValueError(f"LiveAcceptance.utterances must be >= 1, got {utterances}")
+        self.utterances, self.mode, self.max_new_tokens = utterances, mode, max_new_tokens
+        self.stats: SpecStats | None = None
+        self.seen = self.mismatched = 0
+        self._skipped = False
+
+    def _usable_mode(self, pl_module) -> str | None:
+        if any(type(p).__name__ == "DTensor" for p in pl_module.parameters()):
+            if not self._skipped:
+                rank_zero_warn("LiveAcceptance: the model is sharded (FSDP2); live acceptance is measured on "
+                               "unsharded runs only (one process or DDP)")
+                self._skipped = True
+            return None
+        mode = auto_mode(pl_module) if self.mode == "auto" else self.mode
+        if mode not in supported_modes(pl_module) or mode == "greedy":
+            if not self._skipped:
+                rank_zero_warn(f"LiveAcceptance: mode {mode!r} is not one this model drafts with "
+                               f"({', '.join(supported_modes(pl_module)[1:]) or 'none'}); nothing measured")
+                self._skipped = True
+            return None
+        return mode
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.stats, self.seen, self.mismatched = None, 0, 0
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking or dataloader_idx != 0 or self.seen >= self.utterances:
+            return
+        mode = self._usable_mode(pl_module)
+        rows = min(self.utterances - self.seen, batch["input_ids"].shape[0])
+        if mode is None or rows == 0:
+            return
+        part = first_rows(batch, rows)
+        tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens)
+        ref, ref_len = greedy_decode(pl_module, part, self.max_new_tokens)
+        self.mismatched += int(not (torch.equal(tokens, ref) and torch.equal(lengths, ref_len)))
+        if self.stats is None:
+            self.stats = SpecStats(stats.num_drafts)
+        self.stats.add(stats)
+        self.seen += rows
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        s = self.stats
+        if trainer.sanity_checking or s is None:
+            return
+        sums = torch.tensor([s.emitted, s.forwards, s.ctc_accepted, s.ctc_drafted, self.mismatched, *s.hits, *s.pairs],
+                            dtype=torch.float64, device=pl_module.device)
+        sums = all_reduce_sum(sums, trainer)  # DDP: every rank decoded its own rows (one process: as it is)
+        emitted, forwards, ctc_acc, ctc_drafted, mismatched = sums[:5].tolist()
+        D = s.num_drafts
+        hits, pairs = sums[5: 5 + D].tolist(), sums[5 + D:].tolist()
+        out = {"val_spec/tokens_per_forward": emitted / forwards if forwards else float("nan"),
+               "val_spec/identical": float(mismatched == 0)}
+        for k, (h, n) in enumerate(zip(hits, pairs), start=1):
+            out[f"val_spec/chained_acceptance/depth_{k}"] = h / n if n else float("nan")
+        if ctc_drafted:
+            out["val_spec/ctc_acceptance"] = ctc_acc / ctc_drafted
+        for name, value in out.items():
+            pl_module.log(name, value, sync_dist=False)
