@@ -11,7 +11,7 @@ the outputs are identical.
 Per batch size: the utterances are batched in manifest order (as `salm-mtp evaluate` does), their prompts
 encoded once (not timed: both decoders share it), one untimed warm-up pass, then ``--repeats``
 repetitions; in each, every batch is decoded by greedy (salm_mtp.generate.greedy_decode, the cached
-decoder) and by each of ``--decoders`` (salm_mtp.decoding.speculative.speculative_decode: mtp, ctc, ctc+mtp;
+decoder) and by each of ``--decoders`` (salm_mtp.decoding.modes.speculative_decode: mtp, ctc, ctc+mtp;
 default those the model can draft with) for each ``--num-drafts``, the order
 rotating from batch to batch and repetition to repetition. Wall time is the median over repetitions of
 the summed decode time; speedup = greedy wall / MTP wall, the median over repetitions of that ratio
@@ -46,7 +46,8 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 
 from common import MEMORY_MEASURES, add_device_arg, parse_device_args, process_peak, sync  # noqa: E402
 
-from salm_mtp.decoding.speculative import MODES, SpecStats, decode_row_groups, speculative_decode  # noqa: E402
+from salm_mtp.decoding.modes import MODES, decode_row_groups, speculative_decode  # noqa: E402
+from salm_mtp.decoding.stats import SpecStats  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
     _eos_id, _lengths_after_eos, _pad_id, device_of, encode_prompts, greedy_decode, inference, left_padding_exact,
 )

@@ -7,7 +7,7 @@
     metrics.mtp_acceptance(tokens, drafts, valid)                  # per-depth acceptance
 
 MTP self-speculative decoding (the same tokens from fewer backbone forwards) is
-salm_mtp.decoding.speculative.mtp_decode.
+salm_mtp.decoding.modes.mtp_decode.
 
 The batch layout is salm_mtp.data.dataset's; only the prompt part of each row is used
 (``input_ids[b, :prompt_lens[b]]``, with its one audio placeholder), so a batch that also holds

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from salm_mtp.decoding.speculative import auto_mode, speculative_decode, supported_modes
+from salm_mtp.decoding.modes import auto_mode, speculative_decode, supported_modes
 from salm_mtp.decoding.stats import SpecStats
 from salm_mtp.generate import greedy_decode
 from salm_mtp.parallel import all_reduce_sum

@@ -13,7 +13,7 @@ Audio: whatever libsndfile reads (wav, flac, ogg; mp3 with libsndfile >= 1.1), a
 model's with a polyphase filter), several channels (averaged). Directories are searched for those extensions
 (sorted). Prompts: the task's instruction (``--task asr|ast``) from the run's own config.yaml when one is found next to
 the model (data.prompt), else the defaults; ``--prompt TEXT`` replaces the instruction. Decoding: ``--decode auto``
-(default) drafts with what the model has (salm_mtp.decoding.speculative.auto_mode); every mode gives greedy's
+(default) drafts with what the model has (salm_mtp.decoding.modes.auto_mode); every mode gives greedy's
 tokens. A file that cannot be read is reported (stderr, and its row's ``error``) and skipped.
 """
 
@@ -103,7 +103,7 @@ class Transcriber:
     @property
     def mode(self) -> str:
         if not self._mode:
-            from salm_mtp.decoding.speculative import auto_mode, supported_modes
+            from salm_mtp.decoding.modes import auto_mode, supported_modes
 
             supported = supported_modes(self.model)
             self._mode = auto_mode(self.model) if self.decode == "auto" else self.decode
@@ -132,7 +132,7 @@ class Transcriber:
     def generate(self, clips: list[np.ndarray] | np.ndarray, sample_rate: int | None = None, task: str = "asr",
                  instruction: str | None = None) -> list[str]:
         """Answers for clips given as arrays (one array: one clip) at ``sample_rate`` (default the model's)."""
-        from salm_mtp.decoding.speculative import speculative_decode
+        from salm_mtp.decoding.modes import speculative_decode
         from salm_mtp.generate import decode_text, greedy_decode
 
         rate = self.model.features.config.sample_rate

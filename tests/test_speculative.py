@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import tiny
-from salm_mtp.decoding.speculative import SpecStats, SpeculativeDecoder, mtp_decode, speculative_decode, step_counts
+from salm_mtp.decoding.modes import mtp_decode, speculative_decode
+from salm_mtp.decoding.speculative import SpeculativeDecoder
+from salm_mtp.decoding.stats import SpecStats, step_counts
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
 from salm_mtp.generate import _append_answers, encode_prompts, greedy_decode, inference, left_pad, mtp_drafts
 

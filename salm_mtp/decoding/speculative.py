@@ -1,7 +1,7 @@
 """Self-speculative decoding of a SALM (salm_mtp/salm.py): greedy's exact tokens from fewer backbone forwards, the
 drafts from its MTP head, its encoder's CTC transcript, or both (docs/design.md §9).
 
-    from salm_mtp.decoding.speculative import mtp_decode, speculative_decode
+    from salm_mtp.decoding.modes import mtp_decode, speculative_decode      # the calls (decoding/modes.py)
     tokens, lengths, stats = mtp_decode(module, batch, max_new_tokens=64)   # == greedy_decode(module, batch)
     tokens, lengths, stats = speculative_decode(module, batch, "ctc+mtp")    # the same tokens
     stats.tokens_per_forward, stats.chained_acceptance()                   # measured while decoding
@@ -52,14 +52,9 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
-from salm_mtp.decoding.ctc import answer_drafts
 from salm_mtp.decoding.states import MambaRecorder, commit, crop_attention
 from salm_mtp.decoding.stats import SpecStats, step_counts
-from salm_mtp.generate import (
-    _eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference, left_pad, left_padding_exact,
-    next_token_logits,
-)
-from salm_mtp.modules.merge import MergedInputs
+from salm_mtp.generate import _lengths_after_eos, left_pad, next_token_logits
 
 
 # ------------------------------------------------------------------------------------------ decoder
@@ -337,103 +332,3 @@ class SpeculativeDecoder:
         stats.add(SpecStats(self.D, ctc_drafted=self.ctc.ctc_drafted, ctc_accepted=self.ctc.ctc_accepted,
                             ctc_steps=self.ctc.ctc_steps))
         return tokens, stats
-
-
-# ------------------------------------------------------------------------------------------ entry points
-MODES = ("mtp", "ctc", "ctc+mtp")
-"""Speculative decoding modes: drafts from the MTP head, from the encoder's CTC transcript (ASR rows), or both
-(the CTC draft while the answer follows it, the head's after the first disagreement)."""
-
-
-def supported_modes(module) -> list[str]:
-    """The decode modes ``module`` can run: greedy, then each speculative mode it has the drafts for."""
-    has_ctc = getattr(module.audio, "ctc_head", None) is not None
-    return ["greedy"] + [m for m in MODES if ("mtp" not in m or module.num_mtp_depths)
-                         and (not m.startswith("ctc") or has_ctc)]
-
-
-def auto_mode(module) -> str:
-    """``--decode auto``: the mode that drafts the most, ctc+mtp when the model has both heads, then ctc, mtp,
-    greedy (every mode gives greedy's tokens; on the demo ctc and ctc+mtp are the fastest, bench/decode.py)."""
-    supported = supported_modes(module)
-    return next(m for m in ("ctc+mtp", "ctc", "mtp", "greedy") if m in supported)
-
-
-def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
-                      batched: bool, stats: SpecStats, drafter=None,
-                      answers: list[list[int] | None] | None = None) -> torch.Tensor:
-    """Speculative decoding of every row group of ``prompt`` (one group when left padding is exact);
-    adds each group's figures to ``stats`` and returns tokens (B, max_new_tokens), pad after each row's end.
-
-    ``drafter(decoder, rows)``, if given, returns the ``draft_token(k, h)`` replacing the head's drafts
-    (bench/decode.py's oracle feeds greedy's own tokens through it). ``answers``: per row, a whole-answer draft
-    (decoding/ctc.py) or None.
-    """
-    B, dev = prompt.lengths.numel(), prompt.inputs_embeds.device
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    for rows in _row_groups(prompt.lengths, batched):
-        group_answers = [answers[r] for r in rows.tolist()] if answers is not None else None
-        with SpeculativeDecoder(module, D, max_new_tokens, eos_id, pad_id, group_answers) as dec:
-            if drafter is not None:
-                dec.draft_token = drafter(dec, rows)
-            dec.prefill(prompt.inputs_embeds[rows], prompt.lengths[rows])
-            while not dec.finished:
-                dec.step()
-            t, s = dec.result()
-        tokens[rows] = t
-        stats.add(s)
-    return tokens
-
-
-def speculative_decode(module, batch: dict, mode: str = "mtp", max_new_tokens: int = 64,
-                       num_drafts: int | None = None, stop_at_eos: bool = True, batched: bool | None = None,
-                       answer_ids=None, prompt: MergedInputs | None = None, audio: tuple | None = None):
-    """Greedy answer tokens of every row of ``batch`` by self-speculative decoding (``mode``: MODES).
-
-    Args mirror :func:`salm_mtp.generate.greedy_decode`; ``num_drafts`` = D, the MTP drafts per step (the
-    head's first D depths; default all of them); ``answer_ids``: text -> answer tokens as training formatted
-    them, for the CTC drafts (decoding/ctc.py; default the plain format). ``prompt`` and ``audio`` (encoder
-    output, lengths): what ``encode_prompts(module, batch, with_audio=True)`` gives, when the caller has it.
-
-    Returns:
-        tokens (B, L), lengths (B,) exactly as ``greedy_decode`` returns them, and a :class:`SpecStats`.
-    """
-    if mode not in MODES:
-        raise ValueError(f"decode mode {mode!r}: use one of {', '.join(MODES)}")
-    depths = module.num_mtp_depths
-    use_mtp, use_ctc = "mtp" in mode, mode.startswith("ctc")
-    if use_mtp and depths == 0:
-        raise ValueError(f"--decode {mode}: the model has no MTP head to draft with; use "
-                         f"{'ctc' if use_ctc else 'greedy'}")
-    if use_ctc and getattr(module.audio, "ctc_head", None) is None:
-        raise ValueError(f"--decode {mode} needs the encoder's CTC head (this model has none: model.ctc_weight=0 and "
-                         f"no CTC head in model.encoder.path): use {'mtp' if use_mtp else 'greedy'}")
-    D = (depths if num_drafts is None else num_drafts) if use_mtp else 0
-    if use_mtp and not 1 <= D <= depths:
-        raise ValueError(f"num_drafts must be in 1..{depths} (the head's depths), got {num_drafts}; set --num-drafts")
-    eos_id = _eos_id(module) if stop_at_eos else None
-    pad_id = _pad_id(module)
-    stats = SpecStats(D)
-    with inference(module):
-        if prompt is None or (use_ctc and audio is None):
-            prompt, *audio = encode_prompts(module, batch, with_audio=True)
-        B = prompt.lengths.numel()
-        dev = prompt.inputs_embeds.device
-        if B == 0 or max_new_tokens <= 0:
-            return (torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
-                    stats)
-        answers = answer_drafts(module, batch, *audio, answer_ids) if use_ctc else None
-        if batched is None:
-            batched = left_padding_exact(module.llm)
-        tokens = decode_row_groups(module, prompt, D, max_new_tokens, eos_id, pad_id, batched, stats,
-                                   answers=answers)
-        lengths = _lengths_after_eos(tokens, eos_id)
-        L = int(lengths.max())
-        tokens = tokens[:, :L].masked_fill(torch.arange(L, device=dev)[None, :] >= lengths[:, None], pad_id)
-    return tokens, lengths, stats
-
-
-def mtp_decode(module, batch: dict, max_new_tokens: int = 64, num_drafts: int | None = None,
-               stop_at_eos: bool = True, prompt: MergedInputs | None = None, batched: bool | None = None):
-    """``speculative_decode`` with MTP drafts only (``prompt``: the encoded prompts, when the caller has them)."""
-    return speculative_decode(module, batch, "mtp", max_new_tokens, num_drafts, stop_at_eos, batched, prompt=prompt)

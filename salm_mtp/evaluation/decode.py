@@ -12,7 +12,8 @@ import torch
 from salm_mtp import metrics
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.data.policy import BadCut
-from salm_mtp.decoding.speculative import SpecStats, speculative_decode
+from salm_mtp.decoding.modes import speculative_decode
+from salm_mtp.decoding.stats import SpecStats
 from salm_mtp.generate import decode_text, device_of, encode_prompts, greedy_decode, inference, mtp_drafts
 from salm_mtp.modules.merge import IGNORE_INDEX
 
@@ -24,7 +25,7 @@ class DecodeSettings:
     max_new_tokens: int = 64
     """Most tokens generated per row."""
     decode: str = "greedy"
-    """greedy, or a speculative mode (mtp, ctc, ctc+mtp: salm_mtp.decoding.speculative.MODES) decoded as well
+    """greedy, or a speculative mode (mtp, ctc, ctc+mtp: salm_mtp.decoding.modes.MODES) decoded as well
     (hypotheses from it, timed against greedy)."""
     num_drafts: int | None = None
     """mtp drafts per step (None: every depth of the head)."""

@@ -18,7 +18,7 @@ from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, eval_datamodule, eval_loader, manifest_index,
                                       turn_index)
-from salm_mtp.decoding.speculative import auto_mode, supported_modes
+from salm_mtp.decoding.modes import auto_mode, supported_modes
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
 from salm_mtp.evaluation.score import summarise
@@ -38,7 +38,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     ``eval_datamodule`` with ``batch_size`` cuts (None: the run's data.max_cuts, else 16); ``run_config``: the file
     they came from (recorded in settings.json). ``decode``: "greedy", a speculative mode (mtp, ctc, ctc+mtp: decoded
     as well and timed against greedy, its hypotheses written; mtp with ``num_drafts`` drafts per step, default all
-    the head's depths) or auto (the one that drafts the most: salm_mtp.decoding.speculative.auto_mode).
+    the head's depths) or auto (the one that drafts the most: salm_mtp.decoding.modes.auto_mode).
     ``input_type``: cuts (a lhotse manifest), conversations or text (JSONL as ``data.inputs`` reads them: every
     assistant turn is generated given the reference history before it, and scored: turn_wer, turn_exact_match,
     main_loss, main_acc), or auto (salm_mtp.data.mix.detect_source_type). ``normalizer``: the text normaliser
