@@ -19,6 +19,9 @@ the summed decode time; speedup = greedy wall / MTP wall, the median over repeti
 "mtp oracle" row, in the same rotation, whose drafts are the greedy tokens themselves (the head still
 runs): the ceiling of the decoder on this model and data, every draft accepted.
 
+``--group-tasks``: the ASR cuts are batched apart from the others, each group in manifest order (what
+``salm-mtp evaluate --decode ctc*`` does): a batch whose rows all carry a CTC draft can finish in one forward.
+
 ``--device cuda`` (default cpu): the model on the GPU, every decode timed between torch.cuda.synchronize() calls.
 
 Writes DIR/decode.json: the headline (first batch size, first D) as tokens_per_forward, speedup,
@@ -112,14 +115,38 @@ def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_
     return tokens, stats
 
 
+def task_grouped_batches(manifest: str, tokenizer, batch_size: int, limit: int) -> tuple[list[dict], int]:
+    """The first ``limit`` cuts batched with their own task: ASR cuts (a CTC draft each) apart from the others, each
+    group in manifest order (``--group-tasks``)."""
+    import tempfile
+
+    from salm_mtp.data.manifest import load_cuts
+    from salm_mtp.evaluation.data import batches
+
+    cuts = load_cuts(manifest).subset(first=limit)  # audio paths resolved
+    data, n = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, keep in (("asr", True), ("other", False)):
+            group = cuts.filter(lambda c, keep=keep: ((c.supervisions[0].custom or {}).get("task", "asr") == "asr") == keep)
+            path = os.path.join(tmp, f"{name}.jsonl.gz")
+            group.to_file(path)
+            it, count = batches(path, tokenizer, batch_size)
+            data += [b for b in it if b["input_ids"].shape[0]]
+            n += count
+    return data, n
+
+
 def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
                      max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0,
-                     decoders: tuple[str, ...] = ("mtp",)) -> list[dict]:
+                     decoders: tuple[str, ...] = ("mtp",), group_tasks: bool = False) -> list[dict]:
     """Rows of the table for one batch size (see the module docstring)."""
     from salm_mtp.evaluation.data import batches
 
-    it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
-    data = [b for b in it if b["input_ids"].shape[0]]
+    if group_tasks:
+        data, n_utts = task_grouped_batches(manifest, module.tokenizer, batch_size, limit)
+    else:
+        it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
+        data = [b for b in it if b["input_ids"].shape[0]]
     encoded = [encode_prompts(module, b, with_audio=True) for b in data]
     prompts = [e[0] for e in encoded]
     audio_seconds = sum(float(b["audio_lens"].sum()) for b in data) / module.features.config.sample_rate
@@ -223,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoders", default=None,
                    help="comma-separated speculative modes among mtp, ctc, ctc+mtp (default: every one the model "
                         "can draft with: mtp with an MTP head, ctc with an encoder CTC head)")
+    p.add_argument("--group-tasks", action="store_true",
+                   help="batch ASR cuts apart from the others (each group in manifest order): a batch of rows that all "
+                        "carry a CTC draft can finish in one forward")
     p.add_argument("--oracle", action="store_true", help="also decode with oracle drafts (the ceiling)")
     p.add_argument("--oracle-acceptance", type=float, default=1.0,
                    help="--oracle: the probability that an oracle draft is right (default 1: every draft); e.g. the "
@@ -257,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bs in (int(b) for b in a.batch_sizes.split(",")):
         rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle,
-                                 a.oracle_acceptance, decoders)
+                                 a.oracle_acceptance, decoders, a.group_tasks)
     head = next(r for r in rows if r["decoder"] == decoders[-1])
     result = {
         "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
         "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads(), "device": a.device,
         "memory": MEMORY_MEASURES[a.device], "peak_mib": round(process_peak(a.device), 1),
+        "group_tasks": a.group_tasks,
         "oracle_acceptance": a.oracle_acceptance if a.oracle else None,
         "headline": {"batch_size": head["batch_size"], "decoder": head["decoder"], "num_drafts": head["num_drafts"]},
         "tokens_per_forward": head["tokens_per_forward"], "speedup": head["speedup"], "identical": head["identical"],

@@ -270,3 +270,12 @@ def test_loader_built_before_the_restore_is_flagged(corpus, tmp_path):
     )  # fmt: skip
     with pytest.warns(UserWarning, match="before the checkpoint was restored"):
         trainer.fit(_StepsFromLoader(), make_dm(corpus), ckpt_path=tmp_path / "ck" / "epoch=0-step=3.ckpt")
+
+
+def test_reorder_serves_the_cuts_sorted_stably(sine_corpus):
+    """evaluate --decode ctc* batches ASR cuts first (a batch whose rows all carry a CTC draft can finish in one
+    forward): reorder sorts a split's cuts by a key, manifest order kept among equal keys."""
+    manifest = str(sine_corpus(n=7))  # c002 and c005 are ast cuts
+    dm = SALMDataModule(test_manifest=manifest)
+    dm.reorder("test", key=lambda cut: cut.supervisions[0].custom["task"] != "asr")
+    assert [c.id for c in dm._cutset("test")] == ["c000", "c001", "c003", "c004", "c006", "c002", "c005"]

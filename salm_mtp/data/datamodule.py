@@ -155,6 +155,10 @@ class SALMDataModule(pl.LightningDataModule):
             raise ValueError(f"--limit must be >= 1, got {n}")
         self._cuts[split] = self._cutset(split).subset(first=n)
 
+    def reorder(self, split: str, key) -> None:
+        """Serve ``split``'s cuts sorted by ``key(cut)``, stable (manifest order among equal keys)."""
+        self._cuts[split] = CutSet.from_cuts(sorted(self._cutset(split), key=key))
+
     def _on_bad(self, bad: BadCut) -> None:
         handle(bad, self.cfg.on_bad_cut, self.skip_log)
 

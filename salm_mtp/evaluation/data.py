@@ -118,6 +118,11 @@ def eval_loader(dm: SALMDataModule, manifest: str, input_type: str = "cuts", lim
     return dm.source_dataloader(eval_source(manifest, input_type), per_turn=True, limit=limit)
 
 
+def cut_task(cut) -> str:
+    """A cut's task (``supervision.custom["task"]``, default asr; "" without a supervision)."""
+    return ((cut.supervisions[0].custom or {}).get("task", "asr")) if cut.supervisions else ""
+
+
 def cut_groups(cut) -> dict[str, str]:
     """The evaluation groups a cut carries: ``supervision.custom["groups"]`` ({name: value}), as strings."""
     groups = ((cut.supervisions[0].custom or {}).get("groups") if cut.supervisions else None) or {}
