@@ -17,7 +17,8 @@ rotating from batch to batch and repetition to repetition. Wall time is the medi
 the summed decode time; speedup = greedy wall / MTP wall, the median over repetitions of that ratio
 (both timed in the same repetition: the machine's speed drifts between repetitions). ``--oracle`` adds an
 "mtp oracle" row, in the same rotation, whose drafts are the greedy tokens themselves (the head still
-runs): the ceiling of the decoder on this model and data, every draft accepted.
+runs): the ceiling of the decoder on this model and data, every draft accepted; and a "ctc oracle" row whose ASR
+rows' answer drafts are greedy's own answers (what a right CTC transcript gives; no head).
 
 ``--group-tasks``: the ASR cuts are batched apart from the others, each group in manifest order (what
 ``salm-mtp evaluate --decode ctc*`` does): a batch whose rows all carry a CTC draft can finish in one forward.
@@ -115,6 +116,29 @@ def oracle_decode(module, prompt, truth: torch.Tensor, max_new_tokens: int, num_
     return tokens, stats
 
 
+def ctc_oracle_decode(module, prompt, batch: dict, truth: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
+                      acceptance: float = 1.0, seed: int = 0):
+    """CTC-draft decoding (no head) whose ASR rows' answer drafts are greedy's own answers ``truth``: all accepted.
+    ``acceptance`` < 1: each draft token is instead wrong (and the rest of that draft useless) with probability
+    1 - acceptance (seeded). Returns (tokens (B, max_new_tokens), SpecStats)."""
+    eos_id, pad_id = _eos_id(module), _pad_id(module)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = module.llm.config.vocab_size
+    answers = []
+    for r, task in enumerate(batch["tasks"]):
+        draft = truth[r, : int(lengths[r])].tolist() if task == "asr" else None
+        for j in range(len(draft or [])):
+            if acceptance < 1.0 and float(torch.rand(1, generator=gen)) >= acceptance:
+                draft[j] = (draft[j] + 1) % vocab
+                break
+        answers.append(draft)
+    stats = SpecStats(0)
+    with inference(module):
+        tokens = decode_row_groups(module, prompt, 0, max_new_tokens, eos_id, pad_id, left_padding_exact(module.llm),
+                                   stats, answers=answers)
+    return tokens, stats
+
+
 def task_grouped_batches(manifest: str, tokenizer, batch_size: int, limit: int) -> tuple[list[dict], int]:
     """The first ``limit`` cuts batched with their own task: ASR cuts (a CTC draft each) apart from the others, each
     group in manifest order (``--group-tasks``)."""
@@ -151,7 +175,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
     prompts = [e[0] for e in encoded]
     audio_seconds = sum(float(b["audio_lens"].sum()) for b in data) / module.features.config.sample_rate
     deciders = (["greedy"] + [(m, 0 if m == "ctc" else d) for m in decoders for d in (drafts if m != "ctc" else [0])]
-                + ([("mtp oracle", d) for d in drafts] if oracle else []))
+                + ([("mtp oracle", d) for d in drafts] + [("ctc oracle", 0)] if oracle else []))
     ref: list = [None] * len(data)
     times = {k: [] for k in deciders}
     stats: dict = {}
@@ -168,6 +192,9 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
         elif name[0] in MODES:
             tokens, lengths, s = speculative_decode(module, b, name[0], max_new_tokens, num_drafts=name[1] or None,
                                                     prompt=p, audio=encoded[i][1:])
+        elif name[0] == "ctc oracle":
+            tokens, s = ctc_oracle_decode(module, p, b, ref[i][0], ref[i][1], max_new_tokens, oracle_acceptance, seed=i)
+            tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
         else:
             tokens, s = oracle_decode(module, p, ref[i][0], max_new_tokens, name[1], oracle_acceptance, seed=i)
             tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
