@@ -26,6 +26,7 @@ from salm_mtp.evaluation.score import summarise
 from salm_mtp.io.export import export_hf
 from salm_mtp.io.checkpoints import load_lightning_checkpoint
 from salm_mtp.evaluation.cli import main as evaluate_main
+from salm_mtp.evaluation.run import evaluate as evaluate_run
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"num_utterances", "num_failed", "skipped_cuts", "wer", "cer", "num_empty_refs", "num_empty_hyps",
@@ -327,3 +328,14 @@ def test_evaluate_reports_wer_per_group_with_the_normaliser_named(tmp_path, tok_
     assert basic["normalizer"] == "basic" and basic["wer_by_group"]["text=unseen"]["wer"] == 3 / 6
     with pytest.raises(ValueError, match="unknown normalizer"):
         E.evaluate(module, str(manifest), str(tmp_path / "bad"), normalizer="nemo", progress=False)
+
+
+def test_a_manifest_without_examples_is_an_error_not_a_result(tmp_path, tok_dir):
+    """0 cuts: evaluate used to exit 0 with every metric n/a; now one line naming the file, exit 2, nothing written."""
+    from lhotse import CutSet
+
+    empty = tmp_path / "empty_cuts.jsonl.gz"
+    CutSet.from_cuts([]).to_file(empty)
+    with pytest.raises(SalmError, match=r"--manifest '.*empty_cuts.jsonl.gz' holds no example to evaluate \(0 read\)"):
+        evaluate_run(tiny.build(tok_dir), str(empty), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "metrics.json").exists()

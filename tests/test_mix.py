@@ -77,8 +77,11 @@ def test_config_errors_name_the_key_and_fix(data):
         DataConfig(inputs=inputs(data)[:1] * 2)
     with pytest.raises(ValueError, match=r"data.inputs\['x'\].type must be one of cuts, conversations, text"):
         DataConfig(inputs=[{"name": "x", "type": "video", "path": data["cuts"]}])
-    with pytest.raises(ValueError, match=r"data.inputs\['x'\].weight must be > 0"):
-        DataConfig(inputs=[{"name": "x", "path": data["cuts"], "weight": 0}])
+    for weight in (0, -1.0, float("inf"), float("nan")):  # inf would pass a '> 0' check and fail at the first batch
+        with pytest.raises(ValueError, match=r"data.inputs\['x'\].weight must be a finite number > 0"):
+            DataConfig(inputs=[{"name": "x", "path": data["cuts"], "weight": weight}])
+    with pytest.raises(ValueError, match=r"read as the boolean False .*quote it, e.g. name: \"off\""):
+        DataConfig(inputs=[{"name": False, "path": data["cuts"]}])  # what YAML makes of `name: off`
     with pytest.raises(FileNotFoundError, match=r"data.inputs\['x'\]: no such file '/nope.jsonl'"):
         DataConfig(inputs=[{"name": "x", "path": "/nope.jsonl"}])
     with pytest.raises(ValueError, match="data.max_tokens must be >= 1"):

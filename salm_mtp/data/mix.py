@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -76,14 +77,17 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         key = f"data.inputs[{self.name!r}]"
+        if isinstance(self.name, bool):
+            raise ValueError(f"data.inputs: a source name was read as the boolean {self.name} (YAML reads off, no, yes, "
+                             "on, true, false as booleans); quote it, e.g. name: \"off\"")
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"data.inputs: each source needs a name without '/', got {self.name!r}")
         if self.type not in SOURCE_TYPES:
             raise ValueError(f"{key}.type must be one of {', '.join(SOURCE_TYPES)}, got {self.type!r}")
         if (self.path is None) == (not self.paths):
             raise ValueError(f"{key}: set exactly one of path and paths")
-        if not self.weight > 0:
-            raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"{key}.weight must be a finite number > 0, got {self.weight}")
         if self.loss_turns not in LOSS_TURNS:
             raise ValueError(f"{key}.loss_turns must be one of {', '.join(LOSS_TURNS)}, got {self.loss_turns!r}")
         if self.type == "cuts" and (self.system_prompt is not None or self.loss_turns != "all"):

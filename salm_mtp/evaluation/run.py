@@ -21,6 +21,7 @@ from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, cut_task, eval_da
 from salm_mtp.decoding.modes import auto_mode, supported_modes
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
+from salm_mtp.errors import SalmError
 from salm_mtp.evaluation.score import summarise
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     skip: SkipRows = dm.skip_log
     skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
     index = manifest_index(manifest, limit) if input_type == "cuts" else turn_index(manifest, input_type, limit)
+    if not index.rows:  # every metric would be n/a while the run exits 0: a result that looks fine but is not
+        raise SalmError(f"--manifest {manifest!r} holds no example to evaluate (0 read); check the file "
+                        f"(`salm-mtp validate-data {manifest}`)")
     loader = eval_loader(dm, manifest, input_type, limit)
     formatter = dm.get_dataset().formatter
     settings = DecodeSettings(max_new_tokens, decode, num_drafts, partial(formatter.answer_ids, "asr"))
