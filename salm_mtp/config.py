@@ -21,6 +21,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key} {msg}; set --{key}")
 
 
+def check_positive(value: int, key: str) -> int:
+    """``value`` when it is >= 1; else ValueError naming ``key`` (a value is never bent into range)."""
+    _check(value >= 1, key, f"must be >= 1, got {value}")
+    return value
+
+
 def check_pattern(pattern: str, key: str) -> str:
     """Validate a block pattern such as ``"M*E-"`` and return it."""
     bad = sorted(set(pattern) - set(BLOCK_SYMBOLS))

@@ -223,6 +223,8 @@ def linear_ce(
             uniq.append(w)
             j = len(uniq) - 1
         widx.append(j)
-    meta = {"K": K, "widx": widx, "chunk": max(1, int(chunk_size)), "grad": torch.is_grad_enabled(),
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size} (model.lm_head_chunk_size)")
+    meta = {"K": K, "widx": widx, "chunk": int(chunk_size), "grad": torch.is_grad_enabled(),
             "ratios": None if ratios is None else [float(r) for r in ratios]}
     return _LinearCE.apply(meta, *hs, *targets, *uniq)

@@ -17,16 +17,8 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
-from salm_mtp.config import (
-    AdapterConfig,
-    EncoderConfig,
-    FreezeConfig,
-    LLMConfig,
-    LoRAConfig,
-    MTPConfig,
-    OptimConfig,
-    ParallelConfig,
-)
+from salm_mtp.config import (AdapterConfig, EncoderConfig, FreezeConfig, LLMConfig, LoRAConfig, MTPConfig, OptimConfig,
+                             ParallelConfig, check_positive)
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.dataset import failed_row, hyp_rows
 from salm_mtp.guard import NonFiniteGuard
@@ -110,7 +102,7 @@ class SALMModule(SALM, L.LightningModule):
         if self.hparams.get("tokenizer_path"):
             self.hparams["tokenizer_path"] = tokenizer_path
         self.cfg_optim = optim
-        self.lm_head_chunk_size = lm_head_chunk_size
+        self.lm_head_chunk_size = check_positive(lm_head_chunk_size, "model.lm_head_chunk_size")  # no clamping
         self.guard = NonFiniteGuard(max_nonfinite_steps)  # nan/inf steps skipped; a bad update stops the run
 
         self.balancer = MoEBalancer(parts["moe_balance"])

@@ -339,3 +339,22 @@ def test_a_manifest_without_examples_is_an_error_not_a_result(tmp_path, tok_dir)
     with pytest.raises(SalmError, match=r"--manifest '.*empty_cuts.jsonl.gz' holds no example to evaluate \(0 read\)"):
         evaluate_run(tiny.build(tok_dir), str(empty), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_export_never_writes_beside_old_files(tmp_path, tok_dir, sine_corpus):
+    """`salm-mtp export --out` into a non-empty directory is refused (nothing touched); with --force the directory is
+    replaced whole (the stale file is gone); a file as --out is named."""
+    ckpt = _fit_tiny(tmp_path, tok_dir, sine_corpus(n=4))
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("stale")
+    res = run_cli(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    assert res.returncode == 2 and f"error: --out '{out}' is not empty" in res.stderr and "--force" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors"]  # untouched
+    res = run_cli(["export", "--ckpt", str(ckpt), "--out", str(out), "--force"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert "adapter_model.safetensors" not in names and {"llm", "encoder", "salm_config.json"} <= set(names)
+    assert not (tmp_path / "exp.exporting").exists()
+    res = run_cli(["export", "--ckpt", str(ckpt), "--out", str(out / "salm_config.json")])
+    assert res.returncode == 2 and "is a file; pass a directory" in res.stderr

@@ -111,3 +111,9 @@ def test_interleaved_weights_keep_each_heads_rows_in_order(ratios):
     got = torch.autograd.grad((coef * ce).sum(), [*hs, W, W2])
     ref = torch.autograd.grad((coef * ref_ce).sum(), [*hs, W, W2])
     _close(got, ref)
+
+
+def test_chunk_size_below_one_is_refused():
+    h, w, t = torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"chunk_size must be >= 1, got 0 \(model.lm_head_chunk_size\)"):
+        linear_ce([h], [w], [t], chunk_size=0)

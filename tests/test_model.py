@@ -80,3 +80,12 @@ def test_precision_settings_that_would_round_fp32_tensors_are_refused(tok_dir):
     with pytest.raises(ValueError, match=r"frozen_dtype=bfloat16 without FSDP2 needs autocast.*bf16-mixed"):
         check_precision(m, SimpleNamespace(precision="32-true", strategy=object()))
     check_precision(m, SimpleNamespace(precision="bf16-mixed", strategy=object()))
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_lm_head_chunk_size_below_one_is_refused_not_clamped(tok_dir, size):
+    from salm_mtp.model import SALMModule
+
+    with pytest.raises(ValueError, match=rf"model.lm_head_chunk_size must be >= 1, got {size}; set "
+                                         r"--model.lm_head_chunk_size"):
+        SALMModule(**tiny.tiny_kwargs(tok_dir, lm_head_chunk_size=size))

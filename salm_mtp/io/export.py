@@ -159,13 +159,15 @@ class ExportOptions:
     lora: Literal["merge", "adapter"] = "merge"
     """merge: LoRA adapters merged into OUT/llm; adapter: merged, and the backbone's adapters alone in peft's format
     under OUT/lora_adapter"""
+    force: bool = False
+    """replace a non-empty --out (refused otherwise: stale files beside the new ones would be read by loaders)"""
 
 
 def export_main(argv: list[str] | None = None) -> int:
     """``salm-mtp export``: a checkpoint -> the HF-format export directory (layout in the module docstring)."""
     import shutil
 
-    from salm_mtp.errors import check_ckpt_path
+    from salm_mtp.errors import SalmError, check_ckpt_path
     from salm_mtp.options import parse_options
     from salm_mtp.run_config import find_run_config
 
@@ -174,10 +176,21 @@ def export_main(argv: list[str] | None = None) -> int:
         "with its mtp.* head, tokenizer; config.json in the released Nemotron-3 form), OUT/encoder (Parakeet), "
         "OUT/adapter.safetensors, OUT/salm_config.json and the run's config.yaml."))
     check_ckpt_path(args.ckpt, "--ckpt")
-    paths = export_checkpoint(args.ckpt, args.out, mtp_depths=args.mtp_depths, lora=args.lora)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SalmError(f"--out {args.out!r} is a file; pass a directory (new or empty)")
+    if os.path.isdir(out) and os.listdir(out) and not args.force:
+        raise SalmError(f"--out {args.out!r} is not empty: an export beside old files leaves stale ones that loaders "
+                        "read (an adapter, a shard index); pass a new or empty directory, or --force to replace it")
+    staging = out + ".exporting"  # written whole, then moved into place: --out is never half an export
+    shutil.rmtree(staging, ignore_errors=True)
+    paths = export_checkpoint(args.ckpt, staging, mtp_depths=args.mtp_depths, lora=args.lora)
     run_config = find_run_config(args.ckpt)
     if run_config is not None:
-        paths["config"] = shutil.copyfile(run_config, os.path.join(args.out, "config.yaml"))
+        paths["config"] = shutil.copyfile(run_config, os.path.join(staging, "config.yaml"))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(staging, out)
     for name, path in paths.items():
-        print(f"{name:12s} {path}")
+        print(f"{name:12s} {out + path[len(staging):] if path.startswith(staging) else path}")
     return 0
