@@ -24,7 +24,7 @@ echo "== joint: backbone + D=2 CE head, $STEPS steps"
 "$PY" -m salm_mtp.cli fit --config conf/demo.yaml "${SEEDED[@]}" --trainer.default_root_dir="$OUT/joint" \
   --trainer.max_steps="$STEPS" --model.encoder.path="$ENC" --model.mtp.num_layers=2 2>&1 | tee "$OUT/joint.log"
 JOINT=$(ckpt_of "$OUT/joint.log")
-"$PY" -m salm_mtp.cli export --ckpt "$JOINT" --out "$OUT/joint_export"
+"$PY" -m salm_mtp.cli export --ckpt "$JOINT" --out "$OUT/joint_export" --force  # a re-run replaces its own export
 "$PY" -m salm_mtp.cli evaluate --ckpt "$JOINT" --manifest "$TEST" --out "$OUT/eval_joint_ce"
 
 E="$OUT/joint_export"
