@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from salm_mtp.decoding.modes import auto_mode, speculative_decode, supported_modes
+from salm_mtp.decoding.modes import resolve_mode, speculative_decode
 from salm_mtp.decoding.stats import SpecStats
 from salm_mtp.generate import greedy_decode
 from salm_mtp.parallel import all_reduce_sum
@@ -63,11 +63,13 @@ class LiveAcceptance(L.Callback):
                                "unsharded runs only (one process or DDP)")
                 self._skipped = True
             return None
-        mode = auto_mode(pl_module) if self.mode == "auto" else self.mode
-        if mode not in supported_modes(pl_module) or mode == "greedy":
+        try:
+            mode = resolve_mode(pl_module, self.mode)
+            if mode == "greedy":
+                raise ValueError("the model has neither an MTP head nor a CTC head to draft with")
+        except ValueError as e:
             if not self._skipped:
-                rank_zero_warn(f"LiveAcceptance: mode {mode!r} is not one this model drafts with "
-                               f"({', '.join(supported_modes(pl_module)[1:]) or 'none'}); nothing measured")
+                rank_zero_warn(f"LiveAcceptance: {e}; nothing measured")
                 self._skipped = True
             return None
         return mode

@@ -59,16 +59,22 @@ def audio_files(paths: list[str]) -> list[str]:
     return out
 
 
+def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Float32 ``samples`` at ``rate`` resampled to ``target`` (polyphase filter; the same array when equal)."""
+    if rate == target:
+        return samples
+    from scipy.signal import resample_poly
+
+    g = np.gcd(int(rate), int(target))
+    return resample_poly(samples, int(target) // g, int(rate) // g).astype(np.float32)
+
+
 def read_audio(path: str, sample_rate: int) -> np.ndarray:
     """Mono float32 samples of ``path`` at ``sample_rate`` (channels averaged, resampled)."""
     import soundfile as sf
-    from scipy.signal import resample_poly
 
     data, rate = sf.read(path, dtype="float32", always_2d=True)  # (samples, channels)
-    mono = data.mean(axis=1)
-    if rate != sample_rate:
-        g = np.gcd(int(rate), int(sample_rate))
-        mono = resample_poly(mono, sample_rate // g, int(rate) // g).astype(np.float32)
+    mono = resample(data.mean(axis=1), rate, sample_rate)
     if mono.size == 0:
         raise ValueError("no samples")
     return mono
@@ -103,12 +109,9 @@ class Transcriber:
     @property
     def mode(self) -> str:
         if not self._mode:
-            from salm_mtp.decoding.modes import auto_mode, supported_modes
+            from salm_mtp.decoding.modes import resolve_mode
 
-            supported = supported_modes(self.model)
-            self._mode = auto_mode(self.model) if self.decode == "auto" else self.decode
-            if self._mode not in supported:
-                raise ValueError(f"--decode {self._mode}: this model decodes with {', '.join(supported)}")
+            self._mode = resolve_mode(self.model, self.decode)
         return self._mode
 
     def _batch(self, clips: list[np.ndarray], task: str, instruction: str | None) -> dict:
@@ -138,12 +141,7 @@ class Transcriber:
         rate = self.model.features.config.sample_rate
         if isinstance(clips, np.ndarray) and clips.ndim == 1:
             clips = [clips]
-        clips = [np.asarray(c, dtype=np.float32).reshape(-1) for c in clips]
-        if sample_rate is not None and sample_rate != rate:
-            from scipy.signal import resample_poly
-
-            g = np.gcd(int(sample_rate), int(rate))
-            clips = [resample_poly(c, rate // g, int(sample_rate) // g).astype(np.float32) for c in clips]
+        clips = [resample(np.asarray(c, dtype=np.float32).reshape(-1), sample_rate or rate, rate) for c in clips]
         batch = self._batch(clips, task, instruction)
         if self.mode == "greedy":
             tokens, lengths = greedy_decode(self.model, batch, self.max_new_tokens)

@@ -13,7 +13,8 @@ import torch
 from salm_mtp.decoding.ctc import answer_drafts
 from salm_mtp.decoding.speculative import SpeculativeDecoder
 from salm_mtp.decoding.stats import SpecStats
-from salm_mtp.generate import _eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference, left_padding_exact
+from salm_mtp.generate import (_eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference,
+                               left_padding_exact)
 from salm_mtp.modules.merge import MergedInputs
 
 MODES = ("mtp", "ctc", "ctc+mtp")
@@ -33,6 +34,16 @@ def auto_mode(module) -> str:
     greedy (every mode gives greedy's tokens; on the demo ctc and ctc+mtp are the fastest, bench/decode.py)."""
     supported = supported_modes(module)
     return next(m for m in ("ctc+mtp", "ctc", "mtp", "greedy") if m in supported)
+
+
+def resolve_mode(module, requested: str) -> str:
+    """``requested`` (greedy, a MODES entry, or auto) as the mode ``module`` runs; ValueError naming what it lacks."""
+    mode = auto_mode(module) if requested == "auto" else requested
+    supported = supported_modes(module)
+    if mode not in supported:
+        raise ValueError(f"--decode {mode} needs a model with {'an MTP head' if 'mtp' in mode else 'a CTC head'} "
+                         f"(this one can decode with {', '.join(supported)}); use one of those or --decode auto")
+    return mode
 
 
 def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,

@@ -87,8 +87,7 @@ class SpeculativeDecoder:
         # the cache layer that sizes depth k's attention masks: its first attention sublayer (None: no attention)
         self.attn_idx = [None] + [next((blk.layer_idx for blk in self.head.depth_blocks(k)
                                         if blk.block_type == "full_attention"), None) for k in range(1, num_drafts + 1)]
-        self.steps: list[tuple[torch.Tensor, ...]] = []  # (accepted, lens before, active, drafted by the head)
-        self.ctc = SpecStats(num_drafts)  # the CTC draft counts
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (accepted, lens before, active)
 
     def __enter__(self) -> SpeculativeDecoder:
         """Install the Mamba state recording (states.py) for the decode; ``with`` is required."""
@@ -209,10 +208,7 @@ class SpeculativeDecoder:
         self.done = done
         self.lens = torch.where(done, acc + 1, acc)  # the others: their accepted drafts, fed at the prefill
         has = L > 0
-        self.verified = (acc, has)  # a verification forward for the rows with a draft (not the head's drafts)
-        self.ctc.ctc_steps += int(has.sum())
-        self.ctc.ctc_drafted += int(L.sum())
-        self.ctc.ctc_accepted += int(acc.sum())
+        self.verified = (acc, L)  # a verification of each row's answer draft (none where L is 0): not the head's
         self.batch_forwards += 1
         self.prefills += int((~has).sum())  # for a row without a draft this forward was its prefill
         return x, mask, h, out.past_key_values, acc == L
@@ -270,7 +266,7 @@ class SpeculativeDecoder:
         self.need_mask |= not bool(new_cols.all())
         self.mask = torch.cat([self.mask, new_cols], 1)
 
-        self.steps.append((acc, self.lens.clone(), active, torch.ones_like(active)))
+        self.steps.append((acc, self.lens.clone(), active))
         cols = self.lens[:, None] + torch.arange(W + 1, device=dev)[None, :]  # rows that are done write past their end
         self.tokens.scatter_(1, cols.clamp(max=self.tokens.shape[1] - 1), g)
         stopped = torch.zeros_like(self.done)
@@ -322,13 +318,14 @@ class SpeculativeDecoder:
         lengths = _lengths_after_eos(tokens, self.eos_id)
         stats = SpecStats(self.D, batch_forwards=self.batch_forwards, prefills=self.prefills)
         if self.verified is not None:
-            acc, has = self.verified
+            acc, L = self.verified
+            has = L > 0
             stats.add(step_counts(acc[None], torch.zeros_like(acc)[None], has[None], lengths, self.D,
-                                  torch.zeros_like(has)[None]))
+                                  torch.zeros_like(has)[None]))  # no head drafts in it: no per-depth figures
+            stats.add(SpecStats(self.D, ctc_steps=int(has.sum()), ctc_drafted=int(L.sum()),
+                                ctc_accepted=int(acc.sum())))
         if self.steps:
-            acc, before, active, by_head = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
+            acc, before, active = (torch.stack(t) for t in zip(*self.steps))  # (S, b) each
             live_lengths = lengths if self.whole is None else lengths[self.whole[1]]
-            stats.add(step_counts(acc, before, active, live_lengths, self.D, by_head))
-        stats.add(SpecStats(self.D, ctc_drafted=self.ctc.ctc_drafted, ctc_accepted=self.ctc.ctc_accepted,
-                            ctc_steps=self.ctc.ctc_steps))
+            stats.add(step_counts(acc, before, active, live_lengths, self.D))
         return tokens, stats

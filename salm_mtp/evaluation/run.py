@@ -18,7 +18,7 @@ from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, cut_task, eval_datamodule, eval_loader, manifest_index,
                                       turn_index)
-from salm_mtp.decoding.modes import auto_mode, supported_modes
+from salm_mtp.decoding.modes import resolve_mode
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
 from salm_mtp.errors import SalmError
@@ -54,11 +54,7 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     metrics.get_normalizer(normalizer)  # an unknown name fails before any decoding
-    supported = supported_modes(module)
-    decode = auto_mode(module) if decode == "auto" else decode
-    if decode not in supported:
-        raise ValueError(f"--decode {decode} needs a model with {'an MTP head' if 'mtp' in decode else 'a CTC head'} "
-                         f"(this one can decode with {', '.join(supported)}); use one of those or --decode auto")
+    decode = resolve_mode(module, decode)
     if prompt is not None:
         data = replace(data if data is not None else DataConfig(), prompt=prompt)
     if input_type == "auto":
