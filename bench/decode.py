@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 
 import torch
 
@@ -50,7 +51,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 
 from common import MEMORY_MEASURES, add_device_arg, parse_device_args, process_peak, sync  # noqa: E402
 
-from salm_mtp.decoding.modes import MODES, decode_row_groups, speculative_decode  # noqa: E402
+from salm_mtp.decoding.modes import MODES, decode_row_groups, speculative_decode, supported_modes  # noqa: E402
 from salm_mtp.decoding.stats import SpecStats  # noqa: E402
 from salm_mtp.generate import (  # noqa: E402
     _eos_id, _lengths_after_eos, _pad_id, device_of, encode_prompts, greedy_decode, inference, left_padding_exact,
@@ -139,38 +140,27 @@ def ctc_oracle_decode(module, prompt, batch: dict, truth: torch.Tensor, lengths:
     return tokens, stats
 
 
-def task_grouped_batches(manifest: str, tokenizer, batch_size: int, limit: int) -> tuple[list[dict], int]:
-    """The first ``limit`` cuts batched with their own task: ASR cuts (a CTC draft each) apart from the others, each
-    group in manifest order (``--group-tasks``)."""
-    import tempfile
+def bench_batches(module, manifest: str, data, batch_size: int, limit: int, group_tasks: bool):
+    """(the collated batches of the first ``limit`` cuts, as ``salm-mtp evaluate`` reads them with the run's data
+    settings ``data``: with ``group_tasks`` ASR cuts first, as evaluate serves them to a CTC mode; the ASR answer
+    format of those settings, for the CTC drafts)."""
+    from salm_mtp.evaluation.data import asr_first, eval_datamodule
 
-    from salm_mtp.data.manifest import load_cuts
-    from salm_mtp.evaluation.data import batches
-
-    cuts = load_cuts(manifest).subset(first=limit)  # audio paths resolved
-    data, n = [], 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, keep in (("asr", True), ("other", False)):
-            group = cuts.filter(lambda c, keep=keep: ((c.supervisions[0].custom or {}).get("task", "asr") == "asr") == keep)
-            path = os.path.join(tmp, f"{name}.jsonl.gz")
-            group.to_file(path)
-            it, count = batches(path, tokenizer, batch_size)
-            data += [b for b in it if b["input_ids"].shape[0]]
-            n += count
-    return data, n
+    dm = eval_datamodule(module.tokenizer, manifest, data, batch_size, limit, 0, module.audio_positions_per_second())
+    if group_tasks:
+        asr_first(dm)
+    return ([b for b in dm.test_dataloader() if b["input_ids"].shape[0]],
+            partial(dm.get_dataset().formatter.answer_ids, "asr"))
 
 
 def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts: list[int], repeats: int,
                      max_new_tokens: int, oracle: bool, oracle_acceptance: float = 1.0,
-                     decoders: tuple[str, ...] = ("mtp",), group_tasks: bool = False) -> list[dict]:
-    """Rows of the table for one batch size (see the module docstring)."""
-    from salm_mtp.evaluation.data import batches
-
-    if group_tasks:
-        data, n_utts = task_grouped_batches(manifest, module.tokenizer, batch_size, limit)
-    else:
-        it, n_utts = batches(manifest, module.tokenizer, batch_size, limit)
-        data = [b for b in it if b["input_ids"].shape[0]]
+                     decoders: tuple[str, ...] = ("mtp",), group_tasks: bool = False,
+                     data_config=None) -> list[dict]:
+    """Rows of the table for one batch size (see the module docstring); ``data_config``: the run's DataConfig
+    (None: the defaults)."""
+    data, answer_ids = bench_batches(module, manifest, data_config, batch_size, limit, group_tasks)
+    n_utts = sum(b["input_ids"].shape[0] for b in data)
     encoded = [encode_prompts(module, b, with_audio=True) for b in data]
     prompts = [e[0] for e in encoded]
     audio_seconds = sum(float(b["audio_lens"].sum()) for b in data) / module.features.config.sample_rate
@@ -191,7 +181,7 @@ def bench_batch_size(module, manifest: str, limit: int, batch_size: int, drafts:
             s = None
         elif name[0] in MODES:
             tokens, lengths, s = speculative_decode(module, b, name[0], max_new_tokens, num_drafts=name[1] or None,
-                                                    prompt=p, audio=encoded[i][1:])
+                                                    answer_ids=answer_ids, prompt=p, audio=encoded[i][1:])
         elif name[0] == "ctc oracle":
             tokens, s = ctc_oracle_decode(module, p, b, ref[i][0], ref[i][1], max_new_tokens, oracle_acceptance, seed=i)
             tokens, lengths = tokens[:, : ref[i][0].shape[1]], ref[i][1]
@@ -278,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated speculative modes among mtp, ctc, ctc+mtp (default: every one the model "
                         "can draft with: mtp with an MTP head, ctc with an encoder CTC head)")
     p.add_argument("--group-tasks", action="store_true",
-                   help="batch ASR cuts apart from the others (each group in manifest order): a batch of rows that all "
-                        "carry a CTC draft can finish in one forward")
+                   help="serve ASR cuts first, as `salm-mtp evaluate --decode ctc*` does (each in manifest order): a "
+                        "batch of rows that all carry a CTC draft can finish in one forward")
     p.add_argument("--oracle", action="store_true", help="also decode with oracle drafts (the ceiling)")
     p.add_argument("--oracle-acceptance", type=float, default=1.0,
                    help="--oracle: the probability that an oracle draft is right (default 1: every draft); e.g. the "
@@ -296,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         from salm_mtp.io.checkpoints import load_model
 
         module, source = load_model(a.ckpt or a.model), a.ckpt or a.model
+        data_config = run_data_settings(source)
     else:
+        data_config = None
         if a.llm_pattern:
             module = untrained_demo_model(a.llm_pattern, a.tokenizer)
             source = f"untrained {DEMO_CONF} model (seed 0), backbone pattern {a.llm_pattern!r}"
@@ -304,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             module, source = untrained_demo_model(tokenizer=a.tokenizer), f"untrained {DEMO_CONF} model (seed 0)"
     module = module.to(a.device)
     module.eval()
-    has_ctc = getattr(module.audio, "ctc_head", None) is not None
-    supported = [m for m in MODES if ("mtp" not in m or module.num_mtp_depths) and (not m.startswith("ctc") or has_ctc)]
+    supported = supported_modes(module)[1:]
     decoders = tuple(a.decoders.split(",")) if a.decoders else tuple(supported)
     unknown = [m for m in decoders if m not in supported]
     if unknown or not decoders:
@@ -314,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bs in (int(b) for b in a.batch_sizes.split(",")):
         rows += bench_batch_size(module, a.manifest, a.limit, bs, drafts, a.repeats, a.max_new_tokens, a.oracle,
-                                 a.oracle_acceptance, decoders, a.group_tasks)
+                                 a.oracle_acceptance, decoders, a.group_tasks, data_config)
     head = next(r for r in rows if r["decoder"] == decoders[-1])
     result = {
         "model": source, "manifest": a.manifest, "limit": a.limit, "repeats": a.repeats,
@@ -336,6 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"\nwrote {path}")
     return 0 if all(r["identical"] for r in rows) else 1
+
+
+def run_data_settings(src: str):
+    """The data settings of the run that wrote ``src`` (its config.yaml), as ``salm-mtp evaluate`` reads them; the
+    defaults (with a warning) when there is none."""
+    from salm_mtp.evaluation.data import not_evaluated
+    from salm_mtp.run_config import data_config_from_run, find_run_config
+
+    run_config = find_run_config(src)
+    if run_config is None:
+        print(f"warning: no run config next to {src!r}: the data and prompt settings are the defaults",
+              file=sys.stderr)
+    return data_config_from_run(run_config, **not_evaluated())
 
 
 def logging_quiet() -> None:

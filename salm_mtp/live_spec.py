@@ -17,6 +17,8 @@ numbers of forwards (each accepts differently) and every forward is a collective
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -36,6 +38,15 @@ def first_rows(batch: dict, n: int) -> dict:
     clips = batch["clip_rows"] < n
     return {k: (v[clips] if k in CLIP_KEYS else v[:n] if isinstance(v, (torch.Tensor, list)) else v)
             for k, v in batch.items()}
+
+
+def answer_ids_of(trainer):
+    """text -> ASR answer tokens as this run's data formats them (its data module's prompt formatter: a chat
+    template's turn markers included); None (the default format) when the run has no SALM data module."""
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None or not hasattr(dm, "get_dataset"):
+        return None
+    return partial(dm.get_dataset().formatter.answer_ids, "asr")
 
 
 class LiveAcceptance(L.Callback):
@@ -86,7 +97,8 @@ class LiveAcceptance(L.Callback):
         if mode is None or rows == 0:
             return
         part = first_rows(batch, rows)
-        tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens)
+        tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens,
+                                                    answer_ids=answer_ids_of(trainer))
         ref, ref_len = greedy_decode(pl_module, part, self.max_new_tokens)
         self.mismatched += int(not (torch.equal(tokens, ref) and torch.equal(lengths, ref_len)))
         if self.stats is None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salm_mtp.decoding.ctc import answer_drafts, collapse, ctc_labels, plain_answer_ids
+from salm_mtp.decoding.ctc import answer_drafts, collapse, ctc_labels
+from salm_mtp.decoding.modes import default_answer_ids
 
 BLANK = 9
 
@@ -56,11 +57,12 @@ def test_asr_rows_get_the_transcript_as_answer_tokens(tokenizer):
     paths = torch.tensor([path, path, path])
     batch = {"tasks": ["asr", "ast", "asr"], "clip_rows": torch.tensor([0, 1, 2])}
     enc, lens = torch.zeros(3, len(path), 4), torch.tensor([len(path), len(path), 1])
-    drafts = answer_drafts(_Model(tokenizer, paths), batch, enc, lens)
-    assert drafts[0] == plain_answer_ids(tokenizer)("one two") == words + [tokenizer.eos_token_id]
+    ids = default_answer_ids(tokenizer)
+    drafts = answer_drafts(_Model(tokenizer, paths), batch, enc, lens, ids)
+    assert drafts[0] == ids("one two") == words + [tokenizer.eos_token_id]
     assert drafts[1] is None  # AST: the transcript is not the answer
     assert drafts[2] == [tokenizer.eos_token_id]  # one frame, a blank: an empty transcript
-    assert answer_drafts(_Model(tokenizer, None), batch, enc, lens) == [None] * 3  # no CTC head
+    assert answer_drafts(_Model(tokenizer, None), batch, enc, lens, ids) == [None] * 3  # no CTC head
 
 
 def test_another_vocabulary_goes_through_its_text(tokenizer):
@@ -81,4 +83,6 @@ def test_rows_with_two_clips_get_no_draft(tokenizer):
     blank = len(tokenizer)
     paths = torch.full((3, 4), blank)
     batch = {"tasks": ["asr", "conversation"], "clip_rows": torch.tensor([0, 1, 1])}
-    assert answer_drafts(_Model(tokenizer, paths), batch, torch.zeros(3, 4, 4), torch.full((3,), 4))[1] is None
+    drafts = answer_drafts(_Model(tokenizer, paths), batch, torch.zeros(3, 4, 4), torch.full((3,), 4),
+                           default_answer_ids(tokenizer))
+    assert drafts[1] is None

@@ -13,7 +13,8 @@ PACKAGE = os.path.join(ROOT, "salm_mtp")
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("salm_mtp", "salm_mtp.errors", "salm_mtp.config", "salm_mtp.malloc", "salm_mtp.mesh", "salm_mtp.metrics",
              "salm_mtp.options", "salm_mtp.lightning_private",
-             "salm_mtp.data.tokenizer"),
+             "salm_mtp.data.tokenizer", "salm_mtp.data.prompt"),  # the token format of a task and its answer:
+    # the data writes it, decoding reads it (a CTC transcript becomes an answer in it)
     "data": ("salm_mtp.data",),
     "parts": ("salm_mtp.modules", "salm_mtp.io.weights", "salm_mtp.io.fill", "salm_mtp.materialize", "salm_mtp.linear_ce", "salm_mtp.loss",
               "salm_mtp.generate", "salm_mtp.decoding", "salm_mtp.optim", "salm_mtp.optim_state",

@@ -47,3 +47,25 @@ def test_utterances_must_be_positive():
 
     with pytest.raises(ValueError, match="utterances must be >= 1"):
         LiveAcceptance(utterances=0)
+
+
+def test_ctc_drafts_take_the_runs_answer_format():
+    """A chat template that ends the assistant's turn with its own marker: the live decoder's CTC drafts are built
+    by the run's data module formatter (marker included), not by the default plain format (text + eos)."""
+    from types import SimpleNamespace
+
+    from test_prompt import word_tokenizer
+
+    from salm_mtp.data.prompt import PromptConfig, PromptFormatter
+    from salm_mtp.decoding.modes import default_answer_ids
+    from salm_mtp.live_spec import answer_ids_of
+
+    tok = word_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} "
+                         "{% if m.role == 'assistant' %}<|user|> {% endif %}</s> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    fmt = PromptFormatter(tok, PromptConfig(use_chat_template=True))
+    dm = SimpleNamespace(get_dataset=lambda: SimpleNamespace(formatter=fmt))
+    assert answer_ids_of(SimpleNamespace(datamodule=dm))("three") == [11, 15, 2]  # three <|user|> </s>
+    assert default_answer_ids(word_tokenizer())("three") == [11, 2]
+    assert answer_ids_of(SimpleNamespace(datamodule=None)) is None

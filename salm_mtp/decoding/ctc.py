@@ -1,13 +1,13 @@
 """CTC drafts: the encoder's CTC greedy transcript proposed as a whole ASR answer (docs/design.md §9).
 
-    drafts = answer_drafts(model, batch, enc, enc_lens)   # per row: LLM token ids of the answer, or None
+    drafts = answer_drafts(model, batch, enc, enc_lens, answer_ids)   # per row: LLM token ids of the answer, or None
     tokens, lengths, stats = speculative_decode(model, batch, mode="ctc+mtp")   # salm_mtp/decoding/speculative.py
 
 The encoder already runs for the prompt; its CTC head (``model.audio.ctc_head``, trained by ``model.ctc_weight``
 or shipped with a Parakeet CTC checkpoint) gives a transcript for free: the greedy path, repeats merged and blanks
 dropped (``collapse``), is text in the CTC head's own labels (``label_text``: the LLM tokenizer's ids for a head
 trained with it, any vocabulary otherwise), which becomes LLM tokens in the trained answer's format
-(``answer_ids``: the data's prompt formatter, default the plain ``encode(text) + eos``). The speculative decoder
+(``answer_ids``: the run's ``data.prompt.PromptFormatter.answer_ids``, the one place that format is written). The speculative decoder
 verifies such a draft in the prompt's own forward and keeps only what greedy would have produced: a wrong draft
 costs speed, never a token.
 
@@ -38,18 +38,8 @@ def ctc_labels(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[
     return [collapse(row[: int(n)], blank) for row, n in zip(best, lengths.tolist())]
 
 
-def plain_answer_ids(tokenizer) -> Callable[[str], list[int]]:
-    """The answer format without a chat template (data.prompt.PromptFormatter.answer_ids): text tokens + eos."""
-    eos = tokenizer.eos_token_id
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False)) + [eos]
-
-    return ids
-
-
 def answer_drafts(model, batch: dict, enc: torch.Tensor, enc_lens: torch.Tensor,
-                  answer_ids: Callable[[str], list[int]] | None = None,
+                  answer_ids: Callable[[str], list[int]],
                   label_text: Callable[[list[int]], str] | None = None) -> list[list[int] | None]:
     """Per batch row, the CTC draft of its whole answer (LLM token ids, end token included), or None (not an ASR
     row, or a model without a CTC head).
@@ -58,7 +48,8 @@ def answer_drafts(model, batch: dict, enc: torch.Tensor, enc_lens: torch.Tensor,
         model: a SALM (its ``audio.ctc_head``, ``tokenizer``).
         batch: the collated batch (``clip_rows``, ``tasks``).
         enc: (N, F', He) encoder output of the batch's clips; ``enc_lens`` (N,) valid frames.
-        answer_ids: text -> the answer's token ids as training formatted them (default ``plain_answer_ids``).
+        answer_ids: text -> the ASR answer's token ids as training formatted them (the data module's
+            ``PromptFormatter.answer_ids`` for task "asr").
         label_text: CTC labels -> text (default: the model tokenizer's ``decode``: the head's classes are its
             ids plus a last blank).
     """
@@ -70,7 +61,6 @@ def answer_drafts(model, batch: dict, enc: torch.Tensor, enc_lens: torch.Tensor,
     if label_text is None:
         def label_text(ids: list[int]) -> str:
             return model.tokenizer.decode(ids, skip_special_tokens=True)
-    answer_ids = answer_ids or plain_answer_ids(model.tokenizer)
     rows = batch["clip_rows"].tolist()
     clips_of = Counter(rows)
     out: list[list[int] | None] = [None] * B

@@ -8,8 +8,11 @@ where the algorithm is described).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from salm_mtp.data.prompt import PromptConfig, PromptFormatter
 from salm_mtp.decoding.ctc import answer_drafts
 from salm_mtp.decoding.speculative import SpeculativeDecoder
 from salm_mtp.decoding.stats import SpecStats
@@ -20,6 +23,12 @@ from salm_mtp.modules.merge import MergedInputs
 MODES = ("mtp", "ctc", "ctc+mtp")
 """Speculative decoding modes: drafts from the MTP head, from the encoder's CTC transcript (ASR rows), or both
 (the CTC draft while the answer follows it, the head's after the first disagreement)."""
+
+
+def default_answer_ids(tokenizer):
+    """text -> ASR answer tokens in the default data.prompt format (a run with its own prompt settings passes its
+    data module's ``PromptFormatter.answer_ids`` instead)."""
+    return partial(PromptFormatter(tokenizer, PromptConfig()).answer_ids, "asr")
 
 
 def supported_modes(module) -> list[str]:
@@ -78,8 +87,8 @@ def speculative_decode(module, batch: dict, mode: str = "mtp", max_new_tokens: i
     """Greedy answer tokens of every row of ``batch`` by self-speculative decoding (``mode``: MODES).
 
     Args mirror :func:`salm_mtp.generate.greedy_decode`; ``num_drafts`` = D, the MTP drafts per step (the
-    head's first D depths; default all of them); ``answer_ids``: text -> answer tokens as training formatted
-    them, for the CTC drafts (decoding/ctc.py; default the plain format). ``prompt`` and ``audio`` (encoder
+    head's first D depths; default all of them); ``answer_ids``: text -> ASR answer tokens as training formatted
+    them, for the CTC drafts (decoding/ctc.py; default: a ``PromptFormatter`` with the default data.prompt). ``prompt`` and ``audio`` (encoder
     output, lengths): what ``encode_prompts(module, batch, with_audio=True)`` gives, when the caller has it.
 
     Returns:
@@ -109,6 +118,8 @@ def speculative_decode(module, batch: dict, mode: str = "mtp", max_new_tokens: i
         if B == 0 or max_new_tokens <= 0:
             return (torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                     stats)
+        if use_ctc and answer_ids is None:
+            answer_ids = default_answer_ids(module.tokenizer)
         answers = answer_drafts(module, batch, *audio, answer_ids) if use_ctc else None
         if batched is None:
             batched = left_padding_exact(module.llm)

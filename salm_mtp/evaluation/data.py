@@ -123,6 +123,12 @@ def cut_task(cut) -> str:
     return ((cut.supervisions[0].custom or {}).get("task", "asr")) if cut.supervisions else ""
 
 
+def asr_first(dm: SALMDataModule) -> None:
+    """Serve ``dm``'s test cuts with the ASR ones first (each in manifest order): with CTC drafts, a batch whose rows
+    all carry one can finish in its prompt's forward. Rows are put back in manifest order by the index."""
+    dm.reorder("test", key=lambda cut: cut_task(cut) != "asr")
+
+
 def cut_groups(cut) -> dict[str, str]:
     """The evaluation groups a cut carries: ``supervision.custom["groups"]`` ({name: value}), as strings."""
     groups = ((cut.supervisions[0].custom or {}).get("groups") if cut.supervisions else None) or {}
@@ -184,9 +190,12 @@ def turn_index(manifest: str, input_type: str, limit: int | None = None) -> Mani
 
 def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
             prompt: PromptConfig | None = None, num_workers: int = 0,
-            data: DataConfig | None = None) -> tuple[Iterator[dict], int]:
-    """(iterator over collated batches in manifest order, number of cuts): ``eval_datamodule``'s test loader."""
+            data: DataConfig | None = None, asr_first_order: bool = False) -> tuple[Iterator[dict], int]:
+    """(iterator over collated batches in manifest order, or ASR cuts first as ``salm-mtp evaluate --decode ctc*``
+    serves them when ``asr_first_order``, number of cuts): ``eval_datamodule``'s test loader."""
     if prompt is not None:
         data = replace(data if data is not None else DataConfig(), prompt=prompt)
     dm = eval_datamodule(tokenizer, manifest, data, batch_size, limit, num_workers)
+    if asr_first_order:
+        asr_first(dm)
     return iter(dm.test_dataloader()), len(manifest_index(manifest, limit).rows)

@@ -16,7 +16,7 @@ from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
 from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
-from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, cut_task, eval_datamodule, eval_loader, manifest_index,
+from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, asr_first, eval_datamodule, eval_loader, manifest_index,
                                       turn_index)
 from salm_mtp.decoding.modes import resolve_mode
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
@@ -61,8 +61,8 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
         input_type = detect_source_type(manifest) if os.path.isfile(manifest) else "cuts"
     dm = eval_datamodule(module.tokenizer, manifest, data, batch_size, limit, num_workers,
                          module.audio_positions_per_second(), input_type)
-    if decode.startswith("ctc") and input_type == "cuts":  # a batch of rows that all carry a CTC draft can finish
-        dm.reorder("test", key=lambda cut: cut_task(cut) != "asr")  # in one forward: ASR cuts first (rows re-sorted)
+    if decode.startswith("ctc") and input_type == "cuts":
+        asr_first(dm)
     os.makedirs(out_dir, exist_ok=True)
     skip: SkipRows = dm.skip_log
     skip.set_path(os.path.join(out_dir, "skipped_cuts.jsonl"))
