@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from salm_mtp.errors import config_error
+
 BLOCK_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 """Block-type symbols of Nemotron-H patterns, backbone (``model.llm.pattern``) and MTP head (``model.mtp.pattern``)
 alike (the ``hybrid_override_pattern`` notation): symbol -> transformers block type."""
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
+    """ConfigError ``key: msg; set --key`` unless ``cond``."""
     if not cond:
-        raise ValueError(f"{key} {msg}; set --{key}")
+        raise config_error(key, msg)
 
 
 def check_positive(value: int, key: str) -> int:
@@ -31,10 +34,8 @@ def check_pattern(pattern: str, key: str) -> str:
     """Validate a block pattern such as ``"M*E-"`` and return it."""
     bad = sorted(set(pattern) - set(BLOCK_SYMBOLS))
     if not pattern or bad:
-        raise ValueError(
-            f"{key}={pattern!r} is not a block pattern: use the symbols M (Mamba2), * (attention), "
-            f"- (MLP), E (MoE){f'; unknown symbols {bad}' if bad else ''}; set --{key}"
-        )
+        raise config_error(key, f"{pattern!r} is not a block pattern{f' (unknown symbols {bad})' if bad else ''}",
+                           f"use the symbols M (Mamba2), * (attention), - (MLP), E (MoE) in --{key}")
     return pattern
 
 

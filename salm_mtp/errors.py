@@ -24,6 +24,50 @@ class SalmError(Exception):
     exit_code: int = 2
 
 
+class ConfigError(SalmError, ValueError):
+    """A configuration value (a YAML key, a ``--key`` override or a command's option) is wrong. The message reads
+    ``<key>: <what is wrong>; <what to do>`` (``config_error``); a ValueError, so code that validates values
+    raises it where it reads them."""
+
+
+def config_error(key: str, problem: str, fix: str | None = None) -> ConfigError:
+    """``ConfigError("<key>: <problem>; <fix>")``; the fix defaults to ``set --<key>``."""
+    return ConfigError(f"{key}: {problem}; {fix or f'set --{key}'}")
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def as_config_error(exc: BaseException) -> SalmError | None:
+    """The configuration mistake behind ``exc``, raised while a command line was read and its classes built: the
+    SalmError in its chain (``__cause__`` / ``__context__``; jsonargparse wraps what a dataclass check raises in
+    union and instantiation errors), else the innermost ValueError / TypeError / FileNotFoundError that this
+    package raised (its message names the key and the fix) as a ConfigError; None when neither is there (a bug:
+    the traceback is kept)."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, SalmError):
+            return e
+    for e in reversed(chain):  # the innermost first: the check that failed, not its wrappers
+        if isinstance(e, (ValueError, TypeError, FileNotFoundError)) and _raised_here(e):
+            return ConfigError(str(e).strip())
+    return None
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by a function of this package (its traceback's last frame is in salm_mtp/)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
 class CheckpointReadError(SalmError):
     """``--ckpt_path`` cannot be read."""
 
@@ -52,6 +96,11 @@ def check_ckpt_path(path: str | None, key: str = "--ckpt_path") -> None:
     if not os.path.exists(path):
         raise CheckpointReadError(f"{key} {path!r} does not exist; {fix}")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "salm_config.json")) and os.path.isdir(os.path.join(path, "llm")):
+            raise CheckpointReadError(
+                f"{key} {path!r} is an export (`salm-mtp export`), not a training checkpoint: to train on from it "
+                f"use --model.llm.path={os.path.join(path, 'llm')} --model.encoder.path={os.path.join(path, 'encoder')}"
+                f" (no --ckpt_path); to evaluate or transcribe it pass --model {path}")
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointReadError(
                 f"{key} {path!r} is a directory without .metadata: not a complete sharded checkpoint "

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from salm_mtp.errors import NonFiniteError
+from salm_mtp.errors import NonFiniteError, config_error
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sum of a tensor over the data-parallel group (identity in one process)."""
@@ -28,8 +28,7 @@ class NonFiniteGuard:
 
     def __init__(self, max_consecutive: int = 20) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_consecutive}; set "
-                             "--model.max_nonfinite_steps")
+            raise config_error("model.max_nonfinite_steps", f"must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.skipped = 0
         """Training steps skipped for a non-finite loss in this process's run (not restored on resume)."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from salm_mtp.errors import config_error
 from salm_mtp.linear_ce import linear_ce
 from salm_mtp.modules.merge import IGNORE_INDEX, shift_left
 
@@ -142,7 +143,7 @@ def token_distill(hidden: torch.Tensor, teacher: torch.Tensor, weight: torch.Ten
         groups, num_groups: per-row group ids as in ``token_ce`` (per-group sums are of the divergence).
     """
     if kind not in ("kl", "lk"):
-        raise ValueError(f"model.mtp.loss must be one of {MTP_LOSSES}, got {kind!r}; set --model.mtp.loss")
+        raise config_error("model.mtp.loss", f"must be one of {MTP_LOSSES}, got {kind!r}")
     valid = targets != IGNORE_INDEX  # (B, T)
     h, hp, t = hidden[valid], teacher.detach()[valid], targets[valid]  # (N, H), (N, H), (N,)
     g = _group_ids(groups, valid)

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from salm_mtp.config import OptimConfig
+from salm_mtp.errors import config_error
 from salm_mtp.optim_state import register_by_name_loading
 
 
@@ -52,10 +53,9 @@ def build_optimizer(module, o: OptimConfig) -> dict:
     # restored (losing the resumable loader's position) and the lhotse loader has no length anyway.
     total = o.decay_steps or module.trainer.max_steps
     if total is None or total < 1:
-        raise ValueError(
-            "the cosine schedule needs a length: set --trainer.max_steps or --model.optim.decay_steps "
-            f"(got max_steps={module.trainer.max_steps}, decay_steps={o.decay_steps})"
-        )
+        raise config_error("trainer.max_steps", f"the cosine schedule needs a length (got max_steps="
+                           f"{module.trainer.max_steps}, decay_steps={o.decay_steps})",
+                           "set --trainer.max_steps or --model.optim.decay_steps")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, o.warmup_steps, total, o.min_lr_ratio)
     )

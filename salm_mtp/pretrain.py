@@ -22,6 +22,7 @@ import os
 import lightning as L
 import torch
 
+from salm_mtp.errors import config_error
 from salm_mtp.io.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.datamodule import SALMDataModule
@@ -82,8 +83,8 @@ class CTCPretrainModule(L.LightningModule):
         enc_cfg, _ = encoder_config_from(encoder)
         self.audio = AudioEncoder(enc_cfg, len(self.tokenizer) + 1)
         if target_wer is not None and not 0.0 <= target_wer <= 1.0:
-            raise ValueError(f"model.target_wer must be in [0, 1] (a fraction), got {target_wer}; "
-                             "set --model.target_wer=0.15 or null")
+            raise config_error("model.target_wer", f"must be in [0, 1] (a fraction), got {target_wer}",
+                               "set --model.target_wer=0.15 or null")
         self.cfg_encoder, self.cfg_optim, self.export_dir = encoder, optim, export_dir
         self.target_wer = target_wer
         self.last_val_wer: float | None = None

@@ -121,16 +121,25 @@ def changes_line(changes: list) -> str:
         f"model.{k} {old!r} -> {new!r}" for k, old, new in changes)
 
 
-def checkpoint_hparams(path: str) -> dict | None:
-    """The model settings recorded in a ``.ckpt`` file or a sharded directory's ``meta.pt`` (None: none)."""
+def checkpoint_record(path: str) -> dict | None:
+    """What a ``.ckpt`` file (memory-mapped: its tensors are not read) or a sharded directory's ``meta.pt`` holds
+    besides the weights' values (hyperparameters, ``global_step``, loops); None when it cannot be read."""
     import torch
 
     file = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         return None
     try:
-        ckpt = torch.load(file, weights_only=True, map_location="cpu")
+        return torch.load(file, weights_only=True, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001  (unreadable files are check_ckpt_path's to report)
+        return None
+
+
+def checkpoint_hparams(path: str, record: dict | None = None) -> dict | None:
+    """The model settings recorded in a ``.ckpt`` file or a sharded directory's ``meta.pt`` (None: none);
+    ``record``: its ``checkpoint_record`` when the caller has read it."""
+    ckpt = record if record is not None else checkpoint_record(path)
+    if not ckpt:
         return None
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)

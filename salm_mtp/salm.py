@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from salm_mtp.errors import config_error
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -97,7 +98,7 @@ class SALM(torch.nn.Module):
         encoder, adapter, llm, mtp = (absolute_paths(parts[k]) if k != "mtp" else parts[k]
                                       for k in ("encoder", "adapter", "llm", "mtp"))
         if ctc_weight < 0:
-            raise ValueError(f"model.ctc_weight must be >= 0, got {ctc_weight}; set --model.ctc_weight")
+            raise config_error("model.ctc_weight", f"must be >= 0, got {ctc_weight}")
         tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else tokenizer_path
         self.cfg_encoder, self.cfg_llm, self.cfg_mtp, self.cfg_adapter = encoder, llm, mtp, adapter
         self.cfg_freeze, self.cfg_parallel, self.cfg_lora = parts["freeze"], parts["parallel"], parts["lora"]

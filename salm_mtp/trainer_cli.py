@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -49,8 +50,25 @@ class SALMCLI(LightningCLI):
     """LightningCLI that reports where a fit wrote its logs and checkpoints, and writes predictions."""
 
     def parse_arguments(self, parser, args) -> None:
+        """Parse the command line; a mistake in it is one ``error: <key>: ...`` line (``parse_error``)."""
         self._raw_args = args  # kept to tell explicit settings from defaults (_parse_ckpt_path)
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as e:  # noqa: BLE001 - the parser raises (exit_on_error=False) instead of printing usage
+            raise parse_error(e) from None
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data module and trainer; what their configuration checks raise (wrapped by jsonargparse
+        in union and instantiation errors) is one ``error: <key>: ...`` line, exit 2 (errors.as_config_error)."""
+        from salm_mtp.errors import as_config_error
+
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # noqa: BLE001
+            found = as_config_error(e)
+            if found is None:
+                raise
+            raise found from None
 
     def _explicit_model_keys(self, sub: str) -> set[str] | None:
         """The model keys the user gave (in --config files or as flags), re-parsed without defaults; None when
@@ -79,7 +97,10 @@ class SALMCLI(LightningCLI):
         if not sub:
             return
         path = self.config[sub].get("ckpt_path")
-        saved = resume.checkpoint_hparams(path) if path else None
+        record = resume.checkpoint_record(path) if path else None
+        if sub == "fit" and record:
+            check_steps_left(self.config[sub].get("trainer", {}).get("max_steps"), record.get("global_step"), path)
+        saved = resume.checkpoint_hparams(path, record) if record else None
         if not saved:
             return
         current = resume.flatten(self.config[sub]["model"])
@@ -105,6 +126,8 @@ class SALMCLI(LightningCLI):
         root = cfg.get("trainer", {}).get("default_root_dir")
         if root and int(os.environ.get("RANK", "0")) == 0:
             check_writable_dir(str(root), "trainer.default_root_dir")
+        if self.subcommand == "fit":
+            check_steps_left(cfg.get("trainer", {}).get("max_steps"), None, "")
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with a checkpoint reader that takes sharded directories in one process too."""
@@ -131,6 +154,66 @@ class SALMCLI(LightningCLI):
         rank_zero_info("\n".join(["", "salm-mtp fit finished", *lines]))
 
 
+def check_steps_left(max_steps: int | None, step: int | None, ckpt_path: str) -> None:
+    """ConfigError when ``trainer.max_steps`` leaves nothing to train: 0 or below -1 (one process trains nothing,
+    then reports another run's checkpoint as this one's), or at / below the step ``--ckpt_path`` resumes from."""
+    from salm_mtp.errors import config_error
+
+    if max_steps is None or max_steps == -1:
+        return
+    if max_steps < 1:
+        raise config_error("trainer.max_steps", f"{max_steps} trains nothing",
+                           "set --trainer.max_steps to the number of optimizer steps (or -1 with "
+                           "--trainer.max_epochs and --model.optim.decay_steps)")
+    if step is not None and step >= max_steps:
+        raise config_error("trainer.max_steps", f"{max_steps} is not above step {step} of --ckpt_path {ckpt_path!r}: "
+                           "nothing would be trained", f"raise --trainer.max_steps above {step} to train on")
+
+
+def parse_error(exc: BaseException):
+    """The one-line ConfigError of a command line jsonargparse refused: a check of ours inside it, else the parser's
+    innermost complaint under the keys that lead to it (``data.inputs: name: Expected a <class 'str'>. Got value:
+    False``), without its union alternatives and value dumps."""
+    from salm_mtp.errors import ConfigError, as_config_error
+
+    found = as_config_error(exc)
+    if found is not None:
+        return found
+    text = str(exc)
+    keys = re.findall(r'Parser key "([^"]+)":', text)
+    lines = [ln.strip() for ln in text.splitlines()]
+    last = max((i for i, ln in enumerate(lines) if ln.startswith("Parser key")), default=-1)
+    noise = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Parser key")
+    what = next((ln.lstrip("- ") for ln in lines[last + 1:] if ln and not ln.startswith(noise)), lines[0])
+    fix = "see `salm-mtp fit --help` for the keys and their types"
+    if re.search(r"Expected a <class 'str'>\. Got value: (True|False)$", what):
+        fix = "YAML reads off, no, yes, on, true and false as booleans: quote the value, e.g. name: \"off\""
+    return ConfigError(": ".join([*keys[:1], *([".".join(keys[1:])] if len(keys) > 1 else []), what]) + f"; {fix}")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config FILE`` of the command line must be a readable UTF-8 text file; ConfigError names it
+    (jsonargparse's own failure on a binary file is a UnicodeDecodeError that names no file)."""
+    from salm_mtp.errors import ConfigError
+
+    for i, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
+        if path is None:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path!r}: no such file; pass a YAML config (e.g. conf/demo.yaml)") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {path!r}: not a UTF-8 text file (byte {e.start}: {e.reason}); pass a YAML "
+                              "config (e.g. conf/demo.yaml)") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path!r}: cannot be read ({e.strerror or e}); pass a readable YAML "
+                              "config") from None
+
+
 def run_trainer_cli(args: list[str] | None) -> None:
     """``salm-mtp fit|validate|test|predict ...`` (``args``: the command line after ``salm-mtp``; None: sys.argv)."""
     bound_malloc_caching()
@@ -140,10 +223,11 @@ def run_trainer_cli(args: list[str] | None) -> None:
     # Our logged values are already reduced over the data-parallel group (SALMModule.summarise):
     # Lightning's advice to add sync_dist=True would average them a second time.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(")
+    check_config_files(list(args) if args is not None else sys.argv[1:])
     SALMCLI(
         SALMModule,
         SALMDataModule,
-        parser_kwargs={"parser_mode": "omegaconf+", "prog": "salm-mtp"},
+        parser_kwargs={"parser_mode": "omegaconf+", "prog": "salm-mtp", "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,

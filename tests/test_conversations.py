@@ -235,16 +235,17 @@ def test_bad_lines_are_skipped_named_and_counted(tmp_path, tok_dir):
     rows = [json.loads(line) for line in open(tmp_path / "skipped_cuts.jsonl")]
     found = {(r["cut_id"], r["reason"], r["line"]) for r in rows}
     assert found == {(None, "manifest_not_json", 4), ("robot", "bad_conversation", 3),
-                     ("missing", "unreadable_audio", None)}
+                     ("missing", "unreadable_audio", 2)}  # every row names its manifest line
     (missing,) = [r for r in rows if r["cut_id"] == "missing"]
-    assert missing["file"].endswith("nowhere.flac") and missing["detail"] == "no such file"
+    assert missing["file"].endswith("conv.jsonl")  # the manifest; the audio file is in the detail
+    assert missing["detail"].startswith("no such file (") and missing["detail"].endswith("nowhere.flac)")
 
 
 def test_bad_lines_raise_naming_line_and_reason(tmp_path, tok_dir):
     manifest = _bad_manifest(tmp_path)
     dm = _dm(tmp_path, tok_dir, manifest, "raise")
     dm.set_audio_rate(6.25)
-    with pytest.raises(BadCutError, match=r"cut 'missing' \(.*nowhere\.flac\): unreadable_audio: no such file"):
+    with pytest.raises(BadCutError, match=r"cut 'missing' \(.*conv\.jsonl:2\): unreadable_audio: no such file \(.*nowhere\.flac\)"):
         dm.train_dataloader()  # the precheck reads the audio headers of every turn
     with pytest.raises(BadCutError, match=r"cut 'robot' \(.*conv\.jsonl:3\): bad_conversation: turn 0: unknown"):
         list(ConversationCuts(manifest, on_bad_line=lambda bad: handle(bad, "raise")))

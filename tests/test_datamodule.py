@@ -50,7 +50,7 @@ def ids_of(loader, n=None):
     [("max_duration", -1), ("max_duration", 0), ("num_buckets", 0), ("num_workers", -1), ("max_cuts", 0)],
 )
 def test_bad_values_name_the_key_and_flag(key, value):
-    with pytest.raises(ValueError, match=rf"data\.{key} must be .*got {value}; set --data\.{key}"):
+    with pytest.raises(ValueError, match=rf"data\.{key}: must be .*got {value}; set --data\.{key}"):
         DataConfig(**{key: value})
 
 

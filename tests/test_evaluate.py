@@ -194,7 +194,7 @@ def test_missing_inputs_are_one_paragraph_errors(tmp_path):
     with pytest.raises(SalmError, match=r"no manifest to evaluate: pass --manifest"):
         evaluate_main(["--ckpt", str(ckpt), *out])  # no config.yaml, so no data.test_manifest either
     (tmp_path / "config.yaml").write_text("data:\n  max_duration: -1\n")
-    with pytest.raises(SalmError, match=r"data.max_duration must be > 0, got -1.0.*Override the key"):
+    with pytest.raises(SalmError, match=r"data.max_duration: must be > 0, got -1.0.*Override the key"):
         evaluate_main(["--ckpt", str(ckpt), "--manifest", str(ckpt), *out])
 
 

@@ -83,7 +83,7 @@ def test_config_errors_name_the_key(kw, key):
 
 
 def test_unknown_target_module_names_the_key_and_the_layers(tok_dir):
-    with pytest.raises(ValueError, match=r"model\.lora\.target_modules=\['qkv'\] matches no Linear.*q_proj"):
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules: \['qkv'\] matches no Linear.*q_proj"):
         SALMModule(**tiny.tiny_kwargs(tok_dir, lora=LoRAConfig(r=R, target_modules=["qkv"])))
 
 

@@ -75,16 +75,16 @@ def test_config_errors_name_the_key_and_fix(data):
         DataConfig(inputs=inputs(data))
     with pytest.raises(ValueError, match=r"source names must be unique, repeated: \['asr'\]"):
         DataConfig(inputs=inputs(data)[:1] * 2)
-    with pytest.raises(ValueError, match=r"data.inputs\['x'\].type must be one of cuts, conversations, text"):
+    with pytest.raises(ValueError, match=r"data.inputs\['x'\].type: must be one of cuts, conversations, text"):
         DataConfig(inputs=[{"name": "x", "type": "video", "path": data["cuts"]}])
     for weight in (0, -1.0, float("inf"), float("nan")):  # inf would pass a '> 0' check and fail at the first batch
-        with pytest.raises(ValueError, match=r"data.inputs\['x'\].weight must be a finite number > 0"):
+        with pytest.raises(ValueError, match=r"data.inputs\['x'\].weight: must be a finite number > 0"):
             DataConfig(inputs=[{"name": "x", "path": data["cuts"], "weight": weight}])
     with pytest.raises(ValueError, match=r"read as the boolean False .*quote it, e.g. name: \"off\""):
         DataConfig(inputs=[{"name": False, "path": data["cuts"]}])  # what YAML makes of `name: off`
     with pytest.raises(FileNotFoundError, match=r"data.inputs\['x'\]: no such file '/nope.jsonl'"):
         DataConfig(inputs=[{"name": "x", "path": "/nope.jsonl"}])
-    with pytest.raises(ValueError, match="data.max_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="data.max_tokens: must be >= 1"):
         DataConfig(max_tokens=0)
 
 
@@ -249,7 +249,8 @@ def test_an_example_over_the_budget_is_a_bad_cut(tok_dir, data):
 
 def test_a_source_with_no_usable_example_stops_the_run(tok_dir, data):
     dm = make_dm(tok_dir, data, max_tokens=26)  # every cut is longer: only text would be left
-    with pytest.raises(SalmError, match=r"data.inputs\['asr'\] holds no usable example"):
+    with pytest.raises(SalmError, match=r"data.inputs\['asr'\] \[.*\]: all 12 examples are too_long_sequence: the "
+                                        r"smallest needs (\d+) LLM .* raise --data.max_tokens to at least \1$"):
         sampler_batches(dm, 30)
 
 

@@ -44,7 +44,7 @@ def test_freeze_patterns(tok_dir):
 
 
 def test_negative_ctc_weight_names_the_key(tok_dir):
-    with pytest.raises(ValueError, match=r"model.ctc_weight must be >= 0, got -1; set --model.ctc_weight"):
+    with pytest.raises(ValueError, match=r"model.ctc_weight: must be >= 0, got -1; set --model.ctc_weight"):
         _module(tok_dir, ctc_weight=-1)
 
 
@@ -86,6 +86,6 @@ def test_precision_settings_that_would_round_fp32_tensors_are_refused(tok_dir):
 def test_lm_head_chunk_size_below_one_is_refused_not_clamped(tok_dir, size):
     from salm_mtp.model import SALMModule
 
-    with pytest.raises(ValueError, match=rf"model.lm_head_chunk_size must be >= 1, got {size}; set "
+    with pytest.raises(ValueError, match=rf"model.lm_head_chunk_size: must be >= 1, got {size}; set "
                                          r"--model.lm_head_chunk_size"):
         SALMModule(**tiny.tiny_kwargs(tok_dir, lm_head_chunk_size=size))

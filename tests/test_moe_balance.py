@@ -75,5 +75,5 @@ def test_aux_loss_reaches_the_router_weights(tok_dir):
 
 
 def test_negative_rate_names_the_key():
-    with pytest.raises(ValueError, match=r"model\.moe_balance\.bias_update_rate must be >= 0"):
+    with pytest.raises(ValueError, match=r"model\.moe_balance\.bias_update_rate: must be >= 0"):
         MoEBalanceConfig(bias_update_rate=-1)

@@ -107,8 +107,8 @@ def test_init_from_backbone_copies_last_block_of_type(tok_dir):
 @pytest.mark.parametrize(
     "mtp, pattern, match",
     [
-        (dict(num_layers=1, pattern="*X"), "M*E", r"model.mtp.pattern='\*X' is not a block pattern"),
-        (dict(num_layers=-1), "M*E", r"model.mtp.num_layers must be >= 0, got -1"),
+        (dict(num_layers=1, pattern="*X"), "M*E", r"model.mtp.pattern: '\*X' is not a block pattern"),
+        (dict(num_layers=-1), "M*E", r"model.mtp.num_layers: must be >= 0, got -1"),
         (dict(num_layers=1, pattern="*E"), "M*-", r"uses block types \['E'\] that the backbone \('M\*-'\)"),
     ],
 )

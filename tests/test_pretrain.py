@@ -58,7 +58,7 @@ def test_an_unreachable_target_trains_to_the_cap_and_is_refused(tmp_path, tok_di
 def test_target_outside_0_1_is_refused(tok_dir):
     from salm_mtp.pretrain import CTCPretrainModule
 
-    with pytest.raises(ValueError, match="model.target_wer must be in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="model.target_wer: must be in \\[0, 1\\]"):
         CTCPretrainModule(tokenizer_path=tok_dir, target_wer=10.0)
 
 

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 from lhotse.cut import Cut
 
 from salm_mtp.data.conversation import conversation_of, is_conversation
 from salm_mtp.data.policy import BadCut, source_of
+
+
+def located(bad: BadCut | None, cut) -> BadCut | None:
+    """``bad`` with the manifest and line of a conversation / text example when the check that found it (a clip's
+    audio, a duration) did not know them (the audio file goes into the detail): every skipped row of such a source
+    names its line."""
+    if bad is None or bad.line is not None or not is_conversation(cut):
+        return bad
+    conv = conversation_of(cut)
+    if conv.file and bad.file and bad.file != conv.file:  # an audio file of the conversation: named in the detail
+        return replace(bad, detail=f"{bad.detail} ({bad.file})", file=conv.file, line=conv.line)
+    return replace(bad, file=conv.file or bad.file, line=conv.line)
 
 
 def reference_answer(cut: Cut) -> tuple[str, str]:
@@ -102,17 +115,18 @@ class CutChecker:
                           if m["role"] == "assistant")
             if longest > self.max_target_tokens:
                 return BadCut(cut.id, "too_many_target_tokens", f"an assistant turn of {longest} tokens > "
-                              f"data.max_target_tokens={self.max_target_tokens}", src, conv.line)
-        return self._check_positions(cut, src)
+                              f"data.max_target_tokens={self.max_target_tokens}", src, conv.line, longest,
+                              "data.max_target_tokens")
+        return self._check_positions(cut, src, line=conv.line)
 
-    def _check_positions(self, cut, src: str, with_seq_len: bool = True) -> BadCut | None:
+    def _check_positions(self, cut, src: str, with_seq_len: bool = True, line: int | None = None) -> BadCut | None:
         limits = ((self.max_seq_len if with_seq_len else None, "data.max_seq_len"), (self.max_tokens, "data.max_tokens"))
         for limit, key in limits:
             if limit is not None:
                 total = self.positions(cut)
                 if total > limit:
                     return BadCut(cut.id, "too_long_sequence", f"{total} LLM positions (text tokens + audio "
-                                  f"positions) > {key}={limit}", src)
+                                  f"positions) > {key}={limit}", src, line, total, key)
         return None
 
     def check_text(self, cut) -> BadCut | None:
@@ -135,14 +149,15 @@ class CutChecker:
         n_answer = len(self.formatter.answer_ids(task, answer))  # includes the final eos
         if self.max_target_tokens is not None and n_answer - 1 > self.max_target_tokens:
             return BadCut(cut.id, "too_many_target_tokens",
-                          f"{n_answer - 1} answer tokens > data.max_target_tokens={self.max_target_tokens}", src)
+                          f"{n_answer - 1} answer tokens > data.max_target_tokens={self.max_target_tokens}", src,
+                          amount=n_answer - 1, limit="data.max_target_tokens")
         if self.max_seq_len is not None:
             audio = math.ceil(cut.duration * self.audio_positions_per_second) if self.audio_positions_per_second else 0
             total = len(prompt) - 1 + audio + n_answer
             if total > self.max_seq_len:
                 return BadCut(cut.id, "too_long_sequence",
                               f"{total} positions (prompt {len(prompt) - 1} + audio {audio} + answer {n_answer}) > "
-                              f"data.max_seq_len={self.max_seq_len}", src)
+                              f"data.max_seq_len={self.max_seq_len}", src, amount=total, limit="data.max_seq_len")
         if self.max_tokens is not None:
             return self._check_positions(cut, src, with_seq_len=False)
         return None
@@ -152,7 +167,8 @@ class CutChecker:
         max_duration = self.max_duration if self.max_tokens is None else None  # the token budget replaces it
         for limit, key in ((self.max_cut_duration, "data.max_cut_duration"), (max_duration, "data.max_duration")):
             if limit is not None and cut.duration > limit:
-                return BadCut(cut.id, "too_long_audio", f"{cut.duration:.2f} s > {key}={limit}", source_of(cut))
+                return BadCut(cut.id, "too_long_audio", f"{cut.duration:.2f} s > {key}={limit}", source_of(cut),
+                              amount=math.ceil(cut.duration * 100) / 100, limit=key)
         return None
 
     def check_header(self, cut) -> BadCut | None:
@@ -224,4 +240,5 @@ class CutChecker:
 
     def check_metadata(self, cut, with_header: bool = False) -> BadCut | None:
         """Every check that needs no decoding: duration, text, and (``with_header``) audio headers."""
-        return self.check_duration(cut) or self.check_text(cut) or (self.check_header(cut) if with_header else None)
+        return located(self.check_duration(cut) or self.check_text(cut)
+                       or (self.check_header(cut) if with_header else None), cut)

@@ -16,6 +16,7 @@ from pathlib import Path
 from salm_mtp.data.mix import InputConfig, as_inputs
 from salm_mtp.data.policy import POLICIES
 from salm_mtp.data.prompt import PromptConfig
+from salm_mtp.errors import MissingInputError, config_error
 
 MAKE_DEMO = "salm-mtp make-demo-data"
 
@@ -89,46 +90,42 @@ class DataConfig:
         self.inputs = as_inputs(self.inputs, "data.inputs") or None
         self.val_inputs = as_inputs(self.val_inputs, "data.val_inputs") or None
         if self.inputs and self.train_manifest is not None:
-            raise ValueError("data.inputs and data.train_manifest are both set: list the manifest in data.inputs "
-                             "(type: cuts) and set --data.train_manifest=null")
+            raise config_error("data.inputs", "data.inputs and data.train_manifest are both set",
+                               "list the manifest in data.inputs (type: cuts) and set --data.train_manifest=null")
         if self.val_inputs and self.val_manifest is not None:
-            raise ValueError("data.val_inputs and data.val_manifest are both set: list the manifest in "
-                             "data.val_inputs (type: cuts) and set --data.val_manifest=null")
+            raise config_error("data.val_inputs", "data.val_inputs and data.val_manifest are both set",
+                               "list the manifest in data.val_inputs (type: cuts) and set --data.val_manifest=null")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"data.max_tokens must be >= 1 or null, got {self.max_tokens}; set --data.max_tokens")
+            raise config_error("data.max_tokens", f"must be >= 1 or null, got {self.max_tokens}")
         if self.bucket_window < 0:
-            raise ValueError(f"data.bucket_window must be >= 0, got {self.bucket_window}; set --data.bucket_window")
+            raise config_error("data.bucket_window", f"must be >= 0, got {self.bucket_window}")
         text_like = [i.name for i in (self.inputs or []) + (self.val_inputs or []) if i.type != "cuts"]
         if text_like and self.max_tokens is None:
-            raise ValueError(f"sources {text_like} are conversations / text: their batches need a token budget; set "
-                             "--data.max_tokens (LLM positions per batch, e.g. 4096)")
+            raise config_error("data.max_tokens", f"sources {text_like} are conversations / text: their batches need "
+                               "a token budget", "set --data.max_tokens (LLM positions per batch, e.g. 4096)")
         if self.on_bad_cut not in POLICIES:
-            raise ValueError(f"data.on_bad_cut must be 'skip' or 'raise', got {self.on_bad_cut!r}; set --data.on_bad_cut")
+            raise config_error("data.on_bad_cut", f"must be 'skip' or 'raise', got {self.on_bad_cut!r}")
         for key in ("max_cut_duration", "max_target_tokens", "max_seq_len"):
             val = getattr(self, key)
             if val is not None and not val > 0:
-                raise ValueError(f"data.{key} must be > 0 or null, got {val}; set --data.{key}")
+                raise config_error(f"data.{key}", f"must be > 0 or null, got {val}")
         if not self.max_duration > 0:
-            raise ValueError(
-                f"data.max_duration must be > 0, got {self.max_duration}; set --data.max_duration"
-            )
+            raise config_error("data.max_duration", f"must be > 0, got {self.max_duration}")
         if self.num_buckets < 2:  # lhotse's DynamicBucketingSampler asserts num_buckets > 1
-            raise ValueError(f"data.num_buckets must be >= 2, got {self.num_buckets}; set --data.num_buckets")
+            raise config_error("data.num_buckets", f"must be >= 2, got {self.num_buckets}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}; set --data.num_workers")
+            raise config_error("data.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.max_cuts is not None and self.max_cuts < 1:
-            raise ValueError(
-                f"data.max_cuts must be >= 1 or null, got {self.max_cuts}; set --data.max_cuts"
-            )
+            raise config_error("data.max_cuts", f"must be >= 1 or null, got {self.max_cuts}")
         for key in ("train_manifest", "val_manifest", "test_manifest"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"data.{key}: no such file {path!r}; set --data.{key}, or make the demo "
                     f"corpus with `{MAKE_DEMO}`"
                 )
         if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"data.tokenizer_path: no such directory {self.tokenizer_path!r}; set "
                 f"--data.tokenizer_path (the demo tokenizer is made by `{MAKE_DEMO}`)"
             )

@@ -33,7 +33,9 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import fields
+from functools import partial
 from itertools import islice
 
 import lightning.pytorch as pl
@@ -46,12 +48,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from salm_mtp.data.dataset import SALMDataset
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prepared, as_inputs, mix, source_cuts
-from salm_mtp.data.checks import CutChecker
+from salm_mtp.data.checks import CutChecker, located
 from salm_mtp.data.config import MAKE_DEMO, DataConfig, takes_settings_of
 from salm_mtp.data.loader import ResumableDataLoader, ResumableSampler, ignore_stop_signals
-from salm_mtp.data.policy import BadCut, SkipLog, handle
+from salm_mtp.data.policy import BadCut, SkipLog, handle, why_unusable
 from salm_mtp.data.prompt import PromptFormatter
-from salm_mtp.errors import check_ckpt_path, check_writable_dir
+from salm_mtp.errors import SalmError, check_ckpt_path, check_writable_dir
 from salm_mtp.lightning_private import fit_epoch, injects_distributed_sampler, prefetched_batches
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class SALMDataModule(pl.LightningDataModule):
         """Cuts skipped by this process (samplers, precheck) and reported by the training loop's batches."""
         self.audio_positions_per_second: float | None = None
         self._bad_ids: set[tuple[str, str]] = set()  # (set key, cut id) found bad by the precheck
+        self._checked: dict[str, tuple[int, Counter, dict]] = {}  # set key -> (cuts read, bad per reason, least bad)
         self._prechecked = False
 
     @classmethod
@@ -172,7 +175,7 @@ class SALMDataModule(pl.LightningDataModule):
         checker = self.checker()
 
         def check(cut) -> BadCut | None:
-            return checker.check_duration(cut) or (checker.check_text(cut) if with_text else None)
+            return located(checker.check_duration(cut) or (checker.check_text(cut) if with_text else None), cut)
 
         measure = checker.positions if self.cfg.max_tokens is not None else None
         return CutSet(Prepared(cuts, check, measure, self._on_bad, skip=lambda cut: (key, cut.id) in self._bad_ids))
@@ -217,7 +220,10 @@ class SALMDataModule(pl.LightningDataModule):
         sets = [self._prepared(self._source("train", i), f"train/{s.name}") for i, s in enumerate(specs)]
         if len(sets) == 1:
             return sets[0]
-        streams = [Endless(c, self.cfg.seed, s.name, shuffle=self.cfg.shuffle) for c, s in zip(sets, specs)]
+        streams = [Endless(c, self.cfg.seed, s.name, shuffle=self.cfg.shuffle,
+                           why_empty=partial(self.why_unusable, f"train/{s.name}",
+                                             f"data.inputs[{s.name!r}] {s.files()}"))
+                   for c, s in zip(sets, specs)]
         return mix(streams, [s.weight for s in specs], self.cfg.seed)
 
     def _budget_sampler(self, cuts: CutSet, shuffle: bool, world_size: int, rank: int,
@@ -239,15 +245,27 @@ class SALMDataModule(pl.LightningDataModule):
         self._prechecked = True
         checker = self.checker()
         for key, what, cuts in self._check_sets():
-            n = bad = 0
+            n, reasons, least = 0, Counter(), {}
             for cut in cuts:
                 n += 1
                 found = checker.check_metadata(cut, with_header=True)
                 if found is not None:
                     self._on_bad(found)
                     self._bad_ids.add((key, cut.id))
-                    bad += 1
-            log.info("%s: %d cuts checked, %d bad", what, n, bad)
+                    reasons[found.reason] += 1
+                    prev = least.get(found.reason)
+                    if prev is None or (found.amount or 0) < (prev.amount or 0):
+                        least[found.reason] = found
+            self._checked[key] = (n, reasons, least)
+            log.info("%s: %d cuts checked, %d bad", what, n, sum(reasons.values()))
+
+    def why_unusable(self, key: str, name: str) -> str:
+        """Why the set ``key`` (``_check_sets``; ``name``: its config key) holds no usable example, in one line,
+        from the precheck's counts (salm_mtp.data.policy.why_unusable); the run's skip counts without one."""
+        if key in self._checked:
+            return why_unusable(name, *self._checked[key])
+        return (f"{name} holds no usable example ({self.skip_log.summary()}); `salm-mtp validate-data FILE` says "
+                "what is wrong with each")
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group: batches differ across it, not inside TP."""
@@ -301,8 +319,10 @@ class SALMDataModule(pl.LightningDataModule):
         # lhotse refuses more buckets than cuts: tiny (test) sets get one bucket per cut
         num_buckets = sum(1 for _ in islice(cuts, self.cfg.num_buckets))
         if num_buckets == 0:
-            what = self.cfg.train_manifest if not self.cfg.inputs else [s.name for s in self.cfg.inputs]
-            raise ValueError(f"the training data {what!r} holds no usable cuts")
+            only = (self.cfg.inputs or [None])[0]
+            key, name = (("train", f"data.train_manifest {self.cfg.train_manifest!r}") if only is None else
+                         (f"train/{only.name}", f"data.inputs[{only.name!r}] {only.files()}"))
+            raise SalmError(self.why_unusable(key, name))
         if num_buckets < self.cfg.num_buckets:
             n = num_buckets
             log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)

@@ -49,8 +49,8 @@ from lhotse.cut import Cut
 from transformers import PreTrainedTokenizerBase
 
 from salm_mtp.data.conversation import conversation_of, is_conversation
-from salm_mtp.data.checks import CutChecker, reference_answer  # noqa: F401  (reference_answer: re-exported)
-from salm_mtp.data.policy import BadCut, source_of
+from salm_mtp.data.checks import CutChecker, located, reference_answer  # noqa: F401  (reference_answer: re-exported)
+from salm_mtp.data.policy import BadCut, source_of, warn_skipped
 from salm_mtp.data.prompt import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,10 @@ class SALMDataset(torch.utils.data.Dataset):
             conv = is_conversation(cut)
             item = self.read(cut)
             if isinstance(item, BadCut):
+                item = located(item, cut)
                 if self.policy == "raise":
                     raise item.error()
-                log.warning("skipping %s", item.message())
+                warn_skipped(item)
                 skipped.append(item.to_json())  # counted by the training process (SkipLog)
                 continue
             enc, waves, task, answer = item

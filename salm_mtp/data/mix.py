@@ -44,7 +44,7 @@ from salm_mtp.data.conversation import (
 )
 from salm_mtp.data.manifest import load_cuts, open_maybe_gzipped
 from salm_mtp.data.policy import BadCut
-from salm_mtp.errors import SalmError
+from salm_mtp.errors import MissingInputError, SalmError, config_error
 
 SOURCE_TYPES = ("cuts", "conversations", "text")
 SHUFFLE_BUFFER = 2000
@@ -78,24 +78,28 @@ class InputConfig:
     def __post_init__(self) -> None:
         key = f"data.inputs[{self.name!r}]"
         if isinstance(self.name, bool):
-            raise ValueError(f"data.inputs: a source name was read as the boolean {self.name} (YAML reads off, no, yes, "
-                             "on, true, false as booleans); quote it, e.g. name: \"off\"")
+            raise config_error("data.inputs", f"a source name was read as the boolean {self.name} (YAML reads off, "
+                               "no, yes, on, true, false as booleans)", 'quote it, e.g. name: "off"')
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise ValueError(f"data.inputs: each source needs a name without '/', got {self.name!r}")
+            raise config_error("data.inputs", f"each source needs a name without '/', got {self.name!r}",
+                               "give every entry a name, e.g. {name: asr, type: cuts, path: ...}")
         if self.type not in SOURCE_TYPES:
-            raise ValueError(f"{key}.type must be one of {', '.join(SOURCE_TYPES)}, got {self.type!r}")
+            raise config_error(f"{key}.type", f"must be one of {', '.join(SOURCE_TYPES)}, got {self.type!r}",
+                               "see data/README.md for what each type reads")
         if (self.path is None) == (not self.paths):
-            raise ValueError(f"{key}: set exactly one of path and paths")
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ValueError(f"{key}.weight must be a finite number > 0, got {self.weight}")
+            raise config_error(key, "set exactly one of path and paths", "give one file as path or a list as paths")
+        if isinstance(self.weight, bool) or not (self.weight > 0 and math.isfinite(self.weight)):
+            raise config_error(f"{key}.weight", f"must be a finite number > 0, got {self.weight}",
+                               "give each source a positive share, e.g. weight: 0.5")
         if self.loss_turns not in LOSS_TURNS:
-            raise ValueError(f"{key}.loss_turns must be one of {', '.join(LOSS_TURNS)}, got {self.loss_turns!r}")
+            raise config_error(f"{key}.loss_turns", f"must be one of {', '.join(LOSS_TURNS)}, got {self.loss_turns!r}")
         if self.type == "cuts" and (self.system_prompt is not None or self.loss_turns != "all"):
-            raise ValueError(f"{key}: system_prompt and loss_turns apply to conversations / text sources only")
+            raise config_error(key, "system_prompt and loss_turns apply to conversations / text sources only",
+                               "remove them from this cuts source")
         for p in self.files():
             if not Path(p).is_file():
-                raise FileNotFoundError(f"{key}: no such file {p!r}; fix its path (formats: data/README.md; the demo's "
-                                        "talk_*/text_* sets: `salm-mtp make-demo-data --out data/demo --mix`)")
+                raise MissingInputError(f"{key}: no such file {p!r}; fix its path (formats: data/README.md; the "
+                                        "demo's talk_*/text_* sets: `salm-mtp make-demo-data --out data/demo --mix`)")
 
     def files(self) -> list[str]:
         return [self.path] if self.path is not None else list(self.paths or [])
@@ -127,7 +131,8 @@ def as_inputs(items: Iterable[InputConfig | dict] | None, key: str = "data.input
     names = [i.name for i in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"{key}: source names must be unique, repeated: {dup}")
+        raise config_error(key, f"source names must be unique, repeated: {dup}",
+                           "rename them (names key the logged source/<name>/* metrics)")
     return out
 
 
@@ -212,8 +217,11 @@ class Endless:
     iteration yields the same sequence. A pass with no usable example stops the run (it would spin forever)."""
 
     def __init__(self, cuts: Iterable, seed: int, name: str, shuffle: bool = True,
-                 buffer_size: int = SHUFFLE_BUFFER) -> None:
+                 buffer_size: int = SHUFFLE_BUFFER, why_empty: Callable[[], str] | None = None) -> None:
+        """``why_empty``: the one line that says why the source has no usable example (the data module's
+        precheck counts); default a generic one."""
         self.cuts, self.seed, self.name, self.shuffle, self.buffer_size = cuts, seed, name, shuffle, buffer_size
+        self.why_empty = why_empty
 
     def __iter__(self) -> Iterator:
         p = 0
@@ -226,7 +234,8 @@ class Endless:
                 n += 1
                 yield cut
             if n == 0:
-                raise SalmError(f"data.inputs[{self.name!r}] holds no usable example (all lines bad or the files "
+                raise SalmError(self.why_empty() if self.why_empty is not None else
+                                f"data.inputs[{self.name!r}] holds no usable example (all lines bad or the files "
                                 "empty): fix its files or remove it")
             p += 1
 

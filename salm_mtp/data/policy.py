@@ -62,7 +62,11 @@ class BadCut:
     file: str
     """The audio source of the cut, or the manifest of a bad line."""
     line: int | None = None
-    """1-based manifest line of a bad line."""
+    """1-based manifest line of a bad line (or of the conversation / text line the example came from)."""
+    amount: float | None = None
+    """too_long_* / too_many_*: the measured value over the limit (LLM positions, tokens or seconds)."""
+    limit: str | None = None
+    """too_long_* / too_many_*: the key of the limit it exceeded (e.g. data.max_tokens)."""
 
     def __post_init__(self) -> None:
         assert self.reason in REASONS, self.reason
@@ -85,6 +89,59 @@ class BadCut:
         return asdict(self)
 
 
+MAX_SKIP_LINES = 20
+"""Skipped cuts printed one by one per process; the others are only counted (``skipped_cuts/<reason>``, the run
+summary) and listed in ``skipped_cuts.jsonl``."""
+_printed = 0
+
+
+def warn_skipped(bad: BadCut) -> None:
+    """Log ``skipping <cut>`` for the first MAX_SKIP_LINES skipped cuts of this process, then one line saying the
+    rest are counted and listed, not printed."""
+    global _printed
+    _printed += 1
+    if _printed <= MAX_SKIP_LINES:
+        log.warning("skipping %s", bad.message())
+    if _printed == MAX_SKIP_LINES:
+        log.warning("further skipped cuts are not printed: they are counted (skipped_cuts/<reason>, the summary at "
+                    "the end) and listed in skipped_cuts.jsonl in the run directory")
+
+
+FIXES = {
+    "manifest_not_utf8": "fix the file (`salm-mtp validate-data FILE` lists every bad line)",
+    "manifest_not_json": "fix the file (`salm-mtp validate-data FILE` lists every bad line)",
+    "manifest_not_a_cut": "fix the file (`salm-mtp validate-data FILE` lists every bad line)",
+    "no_supervision": "give each cut a supervision with its text",
+    "bad_task": "set supervision.custom.task to asr or ast (ast needs target_text)",
+    "empty_text": "give each cut a non-empty text",
+    "unreadable_audio": "check the audio paths (relative paths are read from the manifest's directory)",
+    "empty_audio": "replace the empty audio files",
+    "duration_mismatch": "fix the durations (`salm-mtp validate-data FILE`)",
+    "bad_conversation": "fix the lines (formats: data/README.md)",
+}
+"""What to do when every example of a source is bad for one reason (the limits' fixes are built from the key)."""
+
+
+def why_unusable(name: str, checked: int, reasons: Counter, least: dict[str, BadCut]) -> str:
+    """One line saying why ``name`` (a file or ``data.inputs`` source) holds no usable example, from what the
+    checks found: ``checked`` examples read, ``reasons`` counted per reason, ``least`` the bad cut of each reason
+    that missed its limit by the least (the one whose fix is the smallest change)."""
+    if checked == 0:
+        return (f"{name} holds no example: its file is empty or none of its lines is one; check it with "
+                "`salm-mtp validate-data FILE`, or remove the source")
+    if not reasons:
+        return f"{name}: none of its {checked} examples could be loaded; see the skipped cuts above"
+    (top, n), *rest = reasons.most_common()
+    what = (f"all {checked} examples are {top}" if n == checked and not rest else
+            "its examples are " + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) + f" (of {checked})")
+    bad = least.get(top)
+    if bad is not None and bad.limit is not None:
+        return (f"{name}: {what}: the smallest needs {bad.detail}; raise --{bad.limit} to at least "
+                f"{bad.amount:g}")
+    example = f" (e.g. {bad.message()})" if bad is not None else ""
+    return f"{name}: {what}{example}; {FIXES.get(top, 'fix them')}"
+
+
 def handle(bad: BadCut, policy: str, sink: SkipLog | None = None) -> None:
     """Apply ``policy`` to ``bad``: raise its BadCutError, or record it in ``sink`` (logged once)."""
     if policy == "raise":
@@ -92,7 +149,7 @@ def handle(bad: BadCut, policy: str, sink: SkipLog | None = None) -> None:
     if sink is not None:
         sink.record(bad)
     else:
-        log.warning("skipping %s", bad.message())
+        warn_skipped(bad)
 
 
 class SkipLog:
@@ -115,7 +172,7 @@ class SkipLog:
         self._seen.add(bad.key)
         self.counts[bad.reason] += 1
         if warn:
-            log.warning("skipping %s", bad.message())
+            warn_skipped(bad)
         self._pending.append(bad)
         self._flush()
         return True

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from salm_mtp.errors import config_error
+
 LOG_ZERO_GUARD = 2.0**-24
 """Added to the mel power before the log, as ParakeetFeatureExtractor (and NeMo) do."""
 
@@ -194,10 +196,9 @@ class SpecAugmentConfig:
 
     def __post_init__(self) -> None:
         if self.freq_masks < 0 or self.time_masks < 0:
-            raise ValueError(
-                f"spec_augment.freq_masks and time_masks must be >= 0, got {self.freq_masks}, {self.time_masks}; "
-                "set --model.spec_augment.freq_masks / time_masks"
-            )
+            raise config_error("model.spec_augment.freq_masks / time_masks",
+                               f"must be >= 0, got {self.freq_masks}, {self.time_masks}",
+                               "set --model.spec_augment.freq_masks / time_masks")
         if self.freq_width < 1:
             raise ValueError(f"spec_augment.freq_width must be >= 1, got {self.freq_width}; set --model.spec_augment.freq_width")
         if not 0.0 < self.time_width <= 1.0:

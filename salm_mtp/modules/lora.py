@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from salm_mtp.errors import config_error
 from salm_mtp.config import LoRAConfig
 
 ADAPTER_DIR = "lora_adapter"
@@ -66,8 +67,8 @@ def apply_lora(llm: nn.Module, cfg: LoRAConfig, include_head: bool) -> list[str]
     linear = [n for n, m in llm.named_modules() if isinstance(m, nn.Linear) and (include_head or not n.startswith("mtp."))]
     if not any(n == t or n.endswith("." + t) for n in linear for t in cfg.target_modules):  # peft's suffix rule
         names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ValueError(f"model.lora.target_modules={cfg.target_modules} matches no Linear layer of the LLM; its "
-                         f"Linear layers are named {names}; set --model.lora.target_modules")
+        raise config_error("model.lora.target_modules", f"{cfg.target_modules} matches no Linear layer of the LLM",
+                           f"its Linear layers are named {names}; set --model.lora.target_modules")
     before = {n: p.requires_grad for n, p in llm.named_parameters()}
     inject_adapter_in_model(peft_config(cfg, include_head), llm)
     for n, p in llm.named_parameters():

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from salm_mtp.errors import config_error
+
 
 @dataclass
 class MoEBalanceConfig:
@@ -39,8 +41,7 @@ class MoEBalanceConfig:
     def __post_init__(self) -> None:
         for key in ("bias_update_rate", "aux_loss_weight"):
             if getattr(self, key) < 0:
-                raise ValueError(f"model.moe_balance.{key} must be >= 0, got {getattr(self, key)}; "
-                                 f"set --model.moe_balance.{key}")
+                raise config_error(f"model.moe_balance.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
 def is_router(m: nn.Module) -> bool:
