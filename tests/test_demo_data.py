@@ -233,3 +233,24 @@ def test_audio_hash_follows_the_audio(tmp_path):
 def test_real_corpus_records_its_tools(two_runs):
     _, _, metas = two_runs
     assert "eSpeak NG" in metas[0]["tools"]["espeak-ng"] and "SoX" in metas[0]["tools"]["sox"]
+
+
+def test_cli_refuses_a_directory_it_did_not_write(tmp_path):
+    """A user's own directory with a train_cuts.jsonl.gz: refused (exit 2, nothing touched) unless --force."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train_cuts.jsonl.gz").write_bytes(b"my own manifest")
+    args = ["make-demo-data", "--out", str(out), "--num-train", "2", "--num-dev", "1", "--num-test", "1",
+            "--synthetic", "--no-progress"]
+    run = run_cli(args)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: --out {str(out)!r} is not empty and make-demo-data did not write it (no meta.json or "
+        ".salm_demo_corpus): its *_cuts.jsonl.gz, tokenizer/ and audio/*.flac would be overwritten; pass a new or "
+        "empty directory, or --force to write there anyway")
+    assert sorted(p.name for p in out.iterdir()) == ["train_cuts.jsonl.gz"]
+    assert (out / "train_cuts.jsonl.gz").read_bytes() == b"my own manifest"
+    assert run_cli(args + ["--force"]).returncode == 0
+    assert (out / "meta.json").is_file() and not (out / ".salm_demo_corpus").exists()
+    rerun = run_cli(args)  # its own corpus now: reused, no --force needed
+    assert rerun.returncode == 0 and "reusing the demo corpus" in rerun.stdout

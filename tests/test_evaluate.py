@@ -341,6 +341,18 @@ def test_a_manifest_without_examples_is_an_error_not_a_result(tmp_path, tok_dir)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_duplicate_ids_are_refused_not_scored_twice(tmp_path, tok_dir, sine_corpus):
+    from lhotse import CutSet
+
+    cuts = list(CutSet.from_file(sine_corpus(n=3)))
+    dup = tmp_path / "dup_cuts.jsonl.gz"
+    CutSet.from_cuts(cuts + [cuts[1]]).to_file(dup)
+    with pytest.raises(SalmError, match=rf"--manifest '.*dup_cuts.jsonl.gz': 1 ids are used by more than one example "
+                                        rf"\(e.g. '{cuts[1].id}'\); give every example its own id"):
+        evaluate_run(tiny.build(tok_dir), str(dup), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_export_never_writes_beside_old_files(tmp_path, tok_dir, sine_corpus):
     """`salm-mtp export --out` into a non-empty directory is refused (nothing touched); with --force the directory is
     replaced whole (the stale file is gone); a file as --out is named."""

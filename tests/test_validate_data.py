@@ -50,3 +50,41 @@ def test_validate_data_names_each_bad_conversation(tmp_path, tok_dir, capsys):
 def test_validate_data_missing_manifest_is_an_error(tmp_path, tok_dir, capsys):
     assert main([str(tmp_path / "nope.jsonl"), "--tokenizer", tok_dir]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_validate_data_fails_on_an_empty_file(tmp_path, tok_dir, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main([str(empty), "--tokenizer", tok_dir]) == 1
+    assert f"error: no example in {empty}: the files are empty" in capsys.readouterr().err
+
+
+def test_validate_data_lists_duplicate_ids(tmp_path, tok_dir, capsys):
+    line = (EXAMPLES / "cuts.jsonl").read_text().splitlines()[0]
+    first = json.loads(line)
+    for source in first["recording"]["sources"]:  # the copy lives elsewhere: absolute audio paths
+        source["source"] = str(EXAMPLES / source["source"])
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(first) + "\n" + json.dumps(first) + "\n")
+    assert main([str(path), "--tokenizer", tok_dir]) == 1
+    out = capsys.readouterr().out
+    assert f"DUPLICATE id {first['id']!r}: 2 examples ({path})" in out
+    assert "1 ids are used by more than one example" in out
+    assert "2 examples read from 1 manifest(s) (1 cuts): 2 good, 0 bad" in out
+
+
+def test_a_byte_order_mark_is_read_and_a_json_array_is_named(tmp_path, tok_dir, capsys):
+    """A UTF-8 BOM (Windows editors) no longer drops line 1; a JSON array is one error naming the file, not a
+    "not JSON" line per line."""
+    lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    assert main([str(bom), "--tokenizer", tok_dir]) == 0
+    n = sum(1 for ln in lines if ln.strip())
+    assert f"{n} examples read from 1 manifest(s) (1 text): {n} good, 0 bad" in capsys.readouterr().out
+    array = tmp_path / "chat.json"
+    array.write_text("[\n" + ",\n".join(ln for ln in lines if ln.strip()) + "\n]\n")
+    assert main([str(array), "--tokenizer", tok_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: manifest {str(array)!r} is a JSON array, not JSON Lines (one object per line); "
+                           f"convert it, e.g. `jq -c '.[]' {array} > chat.jsonl`")

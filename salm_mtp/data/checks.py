@@ -19,8 +19,8 @@ def located(bad: BadCut | None, cut) -> BadCut | None:
     """``bad`` with the manifest and line of a conversation / text example when the check that found it (a clip's
     audio, a duration) did not know them (the audio file goes into the detail): every skipped row of such a source
     names its line."""
-    if bad is None or bad.line is not None or not is_conversation(cut):
-        return bad
+    if not isinstance(bad, BadCut) or bad.line is not None or not is_conversation(cut):
+        return bad  # (None, or what SALMDataset.read gives for a usable example)
     conv = conversation_of(cut)
     if conv.file and bad.file and bad.file != conv.file:  # an audio file of the conversation: named in the detail
         return replace(bad, detail=f"{bad.detail} ({bad.file})", file=conv.file, line=conv.line)

@@ -23,7 +23,6 @@ and the resumable loader treat it like any cut. ``is_conversation(cut)`` tells t
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from lhotse.cut import MonoCut
 
-from salm_mtp.data.manifest import open_maybe_gzipped
+from salm_mtp.data.manifest import json_line, open_maybe_gzipped
 from salm_mtp.data.policy import BadCut, BadCutError
 from salm_mtp.data.tokenizer import AUDIO_PLACEHOLDER
 
@@ -244,15 +243,7 @@ class ConversationCuts:
                     yield item.to_cut(self.source)
 
     def _parse(self, raw: bytes, lineno: int) -> Conversation | BadCut | None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return BadCut(None, "manifest_not_utf8", f"not UTF-8 text ({e.reason} at byte {e.start})", self.path,
-                          lineno)
-        if not text.strip():
-            return None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            return BadCut(None, "manifest_not_json", f"not JSON ({str(e)[:120]})", self.path, lineno)
+        data = json_line(raw, self.path, lineno)
+        if data is None or isinstance(data, BadCut):
+            return data
         return parse_conversation(data, self.path, lineno, self.kind, self.system_prompt, self.loss_turns)

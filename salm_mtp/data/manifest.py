@@ -22,18 +22,31 @@ from lhotse.cut import Cut
 from salm_mtp.data.policy import BadCut, BadCutError
 
 
-def parse_line(raw: bytes, path: str, lineno: int) -> Cut | BadCut | None:
-    """One manifest line -> a Cut, a BadCut, or None for a blank line. Never raises."""
+def json_line(raw: bytes, path: str, lineno: int):
+    """One JSON Lines line -> its value, a BadCut (not UTF-8, not JSON), or None for a blank line. A UTF-8 byte
+    order mark on line 1 is dropped; a first line that opens a JSON array raises BadCutError for the whole file (it
+    is not JSON Lines: every other line would be a bad line)."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
         return BadCut(None, "manifest_not_utf8", f"not UTF-8 text ({e.reason} at byte {e.start})", path, lineno)
     if not text.strip():
         return None
+    if lineno == 1 and text.lstrip().startswith("["):
+        raise BadCutError(f"manifest {path!r} is a JSON array, not JSON Lines (one object per line); convert it, e.g. "
+                          f"`jq -c '.[]' {path} > {Path(path).stem}.jsonl`")
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         return BadCut(None, "manifest_not_json", f"not JSON ({str(e)[:120]})", path, lineno)
+
+
+def parse_line(raw: bytes, path: str, lineno: int) -> Cut | BadCut | None:
+    """One manifest line -> a Cut, a BadCut, or None for a blank line. Raises only for a file that is a JSON
+    array (``json_line``)."""
+    data = json_line(raw, path, lineno)
+    if data is None or isinstance(data, BadCut):
+        return data
     if not isinstance(data, dict):
         return BadCut(None, "manifest_not_a_cut", f"a JSON {type(data).__name__}, not an object", path, lineno)
     try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +41,7 @@ from lhotse.dataset.sampling.base import CutSampler
 from salm_mtp.data.conversation import (
     LOSS_TURNS, ConversationCuts, conversation_of, is_conversation, turn_examples,
 )
-from salm_mtp.data.manifest import load_cuts, open_maybe_gzipped
+from salm_mtp.data.manifest import json_line, load_cuts, open_maybe_gzipped
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import MissingInputError, SalmError, config_error
 
@@ -110,13 +109,10 @@ def detect_source_type(path: str) -> str:
     (NeMo multimodal conversations) -> "conversations", with ``messages`` -> "text", anything else -> "cuts" (a
     lhotse CutSet manifest; its reader reports what is wrong with it). Gzipped files are read too."""
     with open_maybe_gzipped(path) as f:
-        for raw in f:
-            if not raw.strip():
+        for lineno, raw in enumerate(f, start=1):
+            first = json_line(raw, path, lineno)  # a JSON array raises here, naming the file
+            if first is None:
                 continue
-            try:
-                first = json.loads(raw)
-            except ValueError:
-                return "cuts"
             if isinstance(first, dict) and "conversations" in first:
                 return "conversations"
             if isinstance(first, dict) and "messages" in first:

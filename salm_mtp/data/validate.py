@@ -16,14 +16,14 @@ when every cut is good, 1 otherwise, 2 on unusable arguments.
 from __future__ import annotations
 
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from salm_mtp.data.mix import SOURCE_TYPES
-from salm_mtp.data.checks import CutChecker
+from salm_mtp.data.checks import CutChecker, located
 from salm_mtp.data.policy import BadCut
 from salm_mtp.errors import SalmError
 from salm_mtp.options import option, parse_options
@@ -102,6 +102,7 @@ def _validate(args) -> int:
     durations: list[float] = []
     lengths: list[int] = []
     kinds: Counter = Counter()
+    seen: defaultdict[str, list[str]] = defaultdict(list)  # cut id -> the manifest of each of its examples
     for manifest in args.manifests:
         if not os.path.isfile(manifest):
             raise MissingInputError(f"MANIFEST {manifest!r}: no such file")
@@ -112,7 +113,8 @@ def _validate(args) -> int:
         else:
             cuts = source_cuts(InputConfig(name="validate", type=kind, path=manifest), None, bad.append)
         for cut in cuts:
-            item = checker.check_metadata(cut) or dataset.read(cut)  # text, durations, then the audio itself
+            seen[cut.id].append(manifest)
+            item = checker.check_metadata(cut) or located(dataset.read(cut), cut)  # text, durations, then audio
             if isinstance(item, BadCut):
                 bad.append(item)
                 continue
@@ -120,6 +122,9 @@ def _validate(args) -> int:
             lengths.append(sum(item[0].loss_mask))  # target tokens: the answer(s) and their end tokens
     for b in bad:
         print(f"BAD {b.message()}")
+    duplicates = {cid: where for cid, where in seen.items() if len(where) > 1}
+    for cid, where in duplicates.items():  # evaluation keys hypotheses by id; a mixed stream would weigh them twice
+        print(f"DUPLICATE id {cid!r}: {len(where)} examples ({', '.join(sorted(set(where)))})")
     counts = Counter(b.reason for b in bad)
     read = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
     n = len(durations) + len(bad)  # bad manifest lines included
@@ -129,4 +134,9 @@ def _validate(args) -> int:
     print("\n".join(histogram(durations, unit=" s")))
     print("target tokens (answers + end tokens) of the good examples:")
     print("\n".join(histogram([float(x) for x in lengths])))
-    return 1 if bad else 0
+    if n == 0:
+        print(f"error: no example in {', '.join(args.manifests)}: the files are empty", file=sys.stderr)
+        return 1
+    if duplicates:
+        print(f"{len(duplicates)} ids are used by more than one example: give every example its own id")
+    return 1 if bad or duplicates else 0

@@ -29,7 +29,8 @@ class DemoDataOptions:
     workers: int = 2
     """parallel espeak-ng calls"""
     force: bool = False
-    """regenerate even if meta.json matches the request"""
+    """regenerate even if meta.json matches the request; write into a non-empty --out that make-demo-data did not
+    write (refused without it)"""
     synthetic: bool = False
     """use synthetic tones instead of espeak-ng speech (for tests)"""
     no_progress: bool = False

@@ -58,6 +58,8 @@ from salm_mtp.data.tokenizer import train_tokenizer
 from salm_mtp.demo.texts import (FORMAT_VERSION, HELD_OUT_BASE_VOICE, HELD_OUT_VARIANT, MAX_SECONDS, MIN_SECONDS,
                                   SAMPLE_RATE, SEEN_VOICES, SPLITS, UNSEEN_VOICES, VOCABULARY, Utterance, groups_of,
                                   plan_corpus)
+from salm_mtp.errors import OutputDirError
+
 
 def have_speech_tools() -> bool:
     """True when both espeak-ng and sox are on PATH."""
@@ -184,6 +186,18 @@ def _warm_up(synthetic: bool, scratch: Path) -> None:
     scratch.unlink(missing_ok=True)
 
 
+MARKER = ".salm_demo_corpus"
+"""File make-demo-data writes first into its --out (and removes once meta.json is written): a non-empty directory
+with neither is someone else's."""
+
+
+def not_ours(out: Path) -> bool:
+    """Whether ``out`` is a non-empty directory (or a file) that make-demo-data did not write."""
+    if out.exists() and not out.is_dir():
+        return True
+    return out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file() and not (out / MARKER).is_file()
+
+
 def _can_reuse(out: Path, request: dict, synthetic: bool) -> bool:
     meta_path = out / "meta.json"
     if not meta_path.is_file():
@@ -220,7 +234,8 @@ def make_demo_data(
         num_train, num_dev, num_test: utterances per split.
         seed: RNG seed; same seed -> identical manifests and tokenizer.
         workers: parallel espeak-ng/sox pipelines.
-        force: regenerate even when ``meta.json`` matches the request.
+        force: regenerate even when ``meta.json`` matches the request, and write into a non-empty directory that
+            make-demo-data did not write (refused without it: ``OutputDirError``).
         synthetic: None = espeak-ng when available, else synthetic tones (with a warning);
             True = synthetic tones; False = espeak-ng (error when missing).
         progress: show tqdm progress bars.
@@ -243,6 +258,10 @@ def make_demo_data(
     if not force and _can_reuse(out, request, synthetic):
         print(f"reusing the demo corpus in {out} (meta.json matches; --force regenerates)")
         return json.loads((out / "meta.json").read_text())
+    if not force and not_ours(out):
+        raise OutputDirError(f"--out {str(out)!r} is not empty and make-demo-data did not write it (no meta.json or "
+                             f"{MARKER}): its *_cuts.jsonl.gz, tokenizer/ and audio/*.flac would be overwritten; pass "
+                             "a new or empty directory, or --force to write there anyway")
     if synthetic:
         _loud_warning(
             "espeak-ng or sox not found (or synthetic requested): the demo audio is SYNTHETIC "
@@ -252,6 +271,7 @@ def make_demo_data(
     start = time.time()
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()  # ours from now on: a re-run after an interruption may write here again
     (out / "meta.json").unlink(missing_ok=True)  # the corpus is incomplete until meta.json exists
     plans = plan_corpus(sizes, seed)
     wanted = {f"{u.id}.flac" for utts in plans.values() for u in utts}
@@ -294,6 +314,7 @@ def make_demo_data(
     texts = [t for u in plans["train"] for t in (u.text, u.target_text) if t is not None]
     train_tokenizer(texts, out / "tokenizer")
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / MARKER).unlink(missing_ok=True)  # meta.json says it is ours now
     total = sum(sizes.values())
     elapsed = time.time() - start
     print(f"wrote {total} clips to {out} in {elapsed:.1f} s ({total / elapsed:.0f} clips/s); "

@@ -143,6 +143,15 @@ class ManifestIndex:
     """{row id: (position, task, reference)}: cut ids, or turn ids ``<conversation id>#<k>``."""
     groups: dict[str, dict[str, str]] = field(default_factory=dict)
     """{cut id: its evaluation groups} (``cut_groups``) of the cuts that have any."""
+    duplicates: list[str] = field(default_factory=list)
+    """Row ids met more than once (each after its first): hypotheses are keyed by id, so evaluate refuses them."""
+
+    def add(self, row_id: str, row: tuple[int, str | None, str | None]) -> None:
+        """Index a row; a repeated id is recorded in ``duplicates`` (the first row stays)."""
+        if row_id in self.rows:
+            self.duplicates.append(row_id)
+        else:
+            self.rows[row_id] = row
 
 
 def manifest_index(manifest: str, limit: int | None = None) -> ManifestIndex:
@@ -156,7 +165,7 @@ def manifest_index(manifest: str, limit: int | None = None) -> ManifestIndex:
             task, ref = reference_answer(cut) if cut.supervisions else (None, None)
         except (IndexError, ValueError):
             task, ref = None, None
-        index.rows.setdefault(cut.id, (i, task, ref))
+        index.add(cut.id, (i, task, ref))
         if cut.supervisions and cut_groups(cut):
             index.groups.setdefault(cut.id, cut_groups(cut))
     return index
@@ -184,7 +193,7 @@ def turn_index(manifest: str, input_type: str, limit: int | None = None) -> Mani
         if limit is not None and i >= limit:
             break
         conv = conversation_of(cut)
-        index.rows.setdefault(cut.id, (i, conv.kind, conv.answer))
+        index.add(cut.id, (i, conv.kind, conv.answer))
     return index
 
 

@@ -70,6 +70,10 @@ def evaluate(module, manifest: str, out_dir: str, batch_size: int | None = None,
     if not index.rows:  # every metric would be n/a while the run exits 0: a result that looks fine but is not
         raise SalmError(f"--manifest {manifest!r} holds no example to evaluate (0 read); check the file "
                         f"(`salm-mtp validate-data {manifest}`)")
+    if index.duplicates:  # hypotheses are keyed by id: a repeated one would be scored twice (or overwritten)
+        dup = sorted(set(index.duplicates))
+        raise SalmError(f"--manifest {manifest!r}: {len(dup)} ids are used by more than one example (e.g. "
+                        f"{dup[0]!r}); give every example its own id (`salm-mtp validate-data {manifest}` lists them)")
     loader = eval_loader(dm, manifest, input_type, limit)
     formatter = dm.get_dataset().formatter
     settings = DecodeSettings(max_new_tokens, decode, num_drafts, partial(formatter.answer_ids, "asr"))
