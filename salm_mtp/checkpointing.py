@@ -67,6 +67,15 @@ def point(link: str, target: str) -> None:
     os.replace(tmp, link)
 
 
+def disk_note(path: str) -> str:
+    """What the disk under ``path`` has left, for a failed write's message."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return "is the disk full or a file size limit (ulimit -f) reached?"
+    return f"{free / 2**20:.0f} MiB free on that disk; is it full, or a file size limit (ulimit -f) reached?"
+
+
 def failure_line(final: str, error: BaseException, previous: str | None) -> str:
     """One line: the checkpoint that was not written, why, and what stays resumable."""
     keep = f"the previous checkpoint {previous} stays the one to resume" if previous else "no earlier checkpoint exists"
@@ -164,11 +173,12 @@ def write_file_atomically(write: Callable[[str], None], final: str, saves: SaveT
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     try:
         write(tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as a RuntimeError
         remove_path(tmp)
+        error = e if isinstance(e, OSError) else OSError(f"writing {tmp} failed ({e}); {disk_note(final)}")
         if saves is None:
-            raise
-        saves.start(final, tmp, failed_future(e))
+            raise error from None
+        saves.start(final, tmp, failed_future(error))
         return
     if saves is None:
         publish(tmp, final)

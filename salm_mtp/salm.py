@@ -82,6 +82,18 @@ def absolute_paths(cfg):
     return replace(cfg, path=os.path.abspath(path)) if path else cfg
 
 
+def check_vocabulary(n_tokens: int, placeholder_id: int, llm_vocab: int, tokenizer_path: str | None,
+                     llm_path: str | None) -> None:
+    """ConfigError when the tokenizer has ids the LLM has no embedding for (the audio placeholder aside: audio
+    replaces it before the embedding), found when the model is built instead of at the first batch."""
+    top = max((i for i in (n_tokens - 1, n_tokens - 2) if i != placeholder_id), default=-1)
+    if top >= llm_vocab:
+        where = f"model.llm.path={llm_path!r}'s config.json" if llm_path else "the LLM built from model.llm"
+        raise config_error("model.tokenizer_path", f"{tokenizer_path!r} has {n_tokens} tokens (ids up to {top} besides "
+                           f"the audio placeholder) but {where} embeds {llm_vocab}",
+                           "use the LLM's own tokenizer (model.tokenizer_path=null reads it from model.llm.path)")
+
+
 class SALM(torch.nn.Module):
     """Speech-aware LLM with a Multi-Token Prediction head (module docstring)."""
 
@@ -130,6 +142,8 @@ class SALM(torch.nn.Module):
         with meta_parameters():  # weights come in configure_model: loaded, or initialised per shard
             self.audio = AudioEncoder(enc_cfg, ctc_classes)
             self.llm = build_llm(llm, vocab_size=len(self.tokenizer))
+            check_vocabulary(len(self.tokenizer), self.placeholder_id, self.llm.config.vocab_size,
+                             tokenizer_path or llm.path, llm.path)
             self.adapter = Adapter(adapter, self.audio.hidden_size, self.llm.config.hidden_size)
             self.mtp_shipped = shipped_mtp(self.llm.config) is not None and not mtp.replace_existing_head
             head = build_mtp_head(self.llm, mtp)

@@ -120,3 +120,28 @@ def test_keep_last_n_needs_save_top_k_minus_one():
         SALMCheckpoint(every_n_train_steps=1, keep_last_n=2)
     with pytest.raises(SalmError, match="keep_last_n must be an integer >= 1"):
         SALMCheckpoint(every_n_train_steps=1, keep_last_n=0, save_top_k=-1)
+
+
+def test_a_write_over_the_file_size_limit_names_the_file(tmp_path):
+    """torch.save past a file size limit (ulimit -f; a full disk fails the same way) raises a RuntimeError from its
+    zip writer that names nothing; the save becomes the tracker's one line naming the checkpoint, with the disk's free
+    space, and the half-written file is removed. In a subprocess: the limit is per process."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, torch
+from salm_mtp.checkpointing import SaveTracker, write_file_atomically
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+saves = SaveTracker(warn=print)
+saves.published.append("{tmp_path}/step3.ckpt")
+write_file_atomically(lambda tmp: torch.save({{"w": torch.ones(100_000)}}, tmp), "{tmp_path}/step6.ckpt", saves)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = out.stdout.strip().splitlines()
+    assert line.startswith(f"checkpoint {tmp_path}/step6.ckpt was not saved (OSError: writing ")
+    assert "MiB free on that disk; is it full, or a file size limit (ulimit -f) reached?)" in line
+    assert line.endswith(f"the previous checkpoint {tmp_path}/step3.ckpt stays the one to resume; training goes on")
+    assert sorted(os.listdir(tmp_path)) == []  # no half-written file left

@@ -72,6 +72,42 @@ def test_export_reload_round_trip(tok_dir, tmp_path):
         assert torch.equal(v, via_path.llm.state_dict()[k]), k
 
 
+def test_a_truncated_llm_file_is_named_where_it_is_read(tok_dir, tmp_path):
+    """model.llm.path whose model.safetensors was cut in half: a one-line SalmError naming the file (the CLI prints
+    it as `error: ...`, exit 2), not safetensors' traceback."""
+    from salm_mtp.errors import SalmError
+
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    file = tmp_path / "exp/llm/model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    kw = tiny.tiny_kwargs(tok_dir, mtp=MTPConfig(num_layers=None))
+    kw["llm"], kw["tokenizer_path"] = LLMConfig(path=str(tmp_path / "exp/llm")), None
+    with pytest.raises(SalmError, match=rf"'{file}' is truncated: it holds {len(data) // 2} bytes, its tensors need "
+                                        rf"{len(data)}; re-download or re-export it"):
+        build_module(**kw)
+
+
+def test_a_tokenizer_larger_than_the_llm_is_refused_at_build(tok_dir, tmp_path):
+    """Found when the model is built (it used to surface at the first batch), naming the key and both sizes."""
+    from salm_mtp.data.tokenizer import load_tokenizer
+    from salm_mtp.errors import ConfigError
+    from salm_mtp.salm import check_vocabulary
+
+    export_hf(_super_like(tok_dir), str(tmp_path / "exp"))
+    big = load_tokenizer(tok_dir)
+    big.add_tokens([f"extra{i}" for i in range(5)])
+    big.save_pretrained(str(tmp_path / "big_tok"))
+    kw = tiny.tiny_kwargs(str(tmp_path / "big_tok"), mtp=MTPConfig(num_layers=None))
+    kw["llm"] = LLMConfig(path=str(tmp_path / "exp/llm"))
+    with pytest.raises(ConfigError, match=rf"model.tokenizer_path: '.*big_tok' has {len(big)} tokens .* but "
+                                          r"model.llm.path='.*exp/llm''s config.json embeds \d+; use the LLM's own"):
+        build_module(**kw)
+    check_vocabulary(11, 10, 10, "t", None)  # the placeholder alone past the vocabulary: fine (audio replaces it)
+    with pytest.raises(ConfigError, match=r"has 12 tokens \(ids up to 11 besides the audio placeholder\)"):
+        check_vocabulary(12, 10, 10, "t", None)
+
+
 def _drop_tensor(file, name):
     t = load_file(file)
     del t[name]

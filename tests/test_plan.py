@@ -208,3 +208,21 @@ def test_hsdp_layouts_by_hand():
                           "total_bytes": None}
     assert [(lay["replicate"], lay["shard"], lay["nodes"]) for lay in layouts[1:]] == [(1, 8, 1), (2, 8, 2), (8, 8, 8)]
     assert layouts[1]["total_bytes"] == 80 * gib
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--world_size", "0", "error: --world_size: must be >= 1, got 0; pass --world_size 1 or more"),
+    ("--gpu_memory_gib", "-80", "error: --gpu_memory_gib: must be > 0, got -80.0; pass a positive --gpu_memory_gib"),
+])
+def test_cli_bad_numbers_are_one_line(flag, value, expected):
+    run = run_cli(["plan", *DEMO, flag, value])
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == expected
+
+
+def test_cli_config_mistakes_inside_the_plan_are_one_line():
+    """A check that runs while the planner builds the model (here the encoder's path) ends as one line too."""
+    run = run_cli(["plan", *DEMO, "--world_size", "2", "--model.encoder.path=/nope/parakeet"])
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "error: model.encoder.path='/nope/parakeet' has no config.json: point it at a local HF Parakeet directory")

@@ -30,6 +30,13 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     save_file({"w": torch.ones(64, 8)}, str(f))
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with TensorReader({"w": str(f)}) as r, pytest.raises(CheckpointError, match=r"m\.safetensors.*tensor w is truncated"):
+    with TensorReader({"w": str(f)}) as r, pytest.raises(
+            CheckpointError, match=r"m\.safetensors' is truncated: it holds \d+ bytes, its tensors need \d+; re-down"):
         r.read(Source(("w",)), (0, 0), (64, 8))
+    f.write_bytes(data[:5])  # not even a header; and text that is no safetensors file at all
+    with pytest.raises(CheckpointError, match=r"m\.safetensors' is not a safetensors file \(a 5-byte file announces"):
+        checkpoint_files_of(str(f))
+    f.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12345\n")  # a Git LFS pointer
+    with pytest.raises(CheckpointError, match=r"m\.safetensors' is not a safetensors file"):
+        checkpoint_files_of(str(f))
     assert load_file is not None

@@ -25,12 +25,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from salm_mtp.errors import SalmError
+
 EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
 
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory does not hold what the model needs."""
+class CheckpointError(SalmError, ValueError):
+    """A checkpoint directory does not hold what the model needs, or one of its files cannot be read."""
+
+
+def _safe_open(file: str):
+    """``safe_open(file)``, its failure (a truncated or corrupt file) a CheckpointError naming the file."""
+    safetensors_header(file)  # names a cut-short file before the memory map does
+    try:
+        return safe_open(file, "pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: all mean the file is unusable
+        raise CheckpointError(f"{file!r} is not a readable safetensors file ({type(e).__name__}: {e}); re-download "
+                              "or re-export it") from None
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -42,7 +54,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
+        with _safe_open(single) as f:
             return {k: single for k in f.keys()}
     raise CheckpointError(
         f"{path!r} holds no model.safetensors or model.safetensors.index.json: not a local HF checkpoint directory"
@@ -53,7 +65,7 @@ def checkpoint_files_of(file: str) -> dict[str, str]:
     """Map every tensor name of one safetensors file to that file."""
     if not os.path.isfile(file):
         raise CheckpointError(f"{file!r} does not exist")
-    with safe_open(file, "pt") as f:
+    with _safe_open(file) as f:
         return {k: file for k in f.keys()}
 
 
@@ -76,10 +88,23 @@ SAFETENSORS_DTYPES = {
 
 def safetensors_header(file: str) -> tuple[dict, int]:
     """(the JSON header of a safetensors file, the byte offset where its data starts)."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    fix = "re-download or re-export it"
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{file!r} is not a safetensors file (a {size}-byte file announces a {n}-byte "
+                                      f"header): truncated or another format; {fix}")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{file!r} cannot be read ({e.strerror or e}); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file!r} is not a safetensors file (its header is not JSON: {e}); {fix}") from None
     header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file!r} is truncated: it holds {size} bytes, its tensors need {8 + n + end}; {fix}")
     return header, 8 + n
 
 
@@ -123,7 +148,7 @@ class TensorReader:
     def _handle(self, key: str):
         file = self.files[key]
         if file not in self._open:
-            self._open[file] = safe_open(file, "pt").__enter__()
+            self._open[file] = _safe_open(file).__enter__()
         return self._open[file]
 
     def shape(self, source: Source) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from transformers import ParakeetCTCConfig, ParakeetEncoder, ParakeetEncoderConf
 from transformers.models.parakeet.modeling_parakeet import ParakeetEncoderCTCHead
 
 from salm_mtp.config import AdapterConfig, EncoderConfig
+from salm_mtp.errors import MissingInputError
 
 
 def encoder_config_from(cfg: EncoderConfig) -> tuple[ParakeetEncoderConfig, ParakeetCTCConfig | None]:
@@ -37,7 +38,7 @@ def encoder_config_from(cfg: EncoderConfig) -> tuple[ParakeetEncoderConfig, Para
         return enc, None
     config_file = os.path.join(cfg.path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model.encoder.path={cfg.path!r} has no config.json: point it at a local HF Parakeet directory "
             "(e.g. one written by `salm-mtp pretrain-encoder`) or set --model.encoder.path=null"
         )

@@ -9,6 +9,7 @@ import warnings
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from salm_mtp.config import BLOCK_SYMBOLS, LLMConfig
+from salm_mtp.errors import MissingInputError
 
 
 def llm_config_from(cfg: LLMConfig, vocab_size: int) -> NemotronHConfig:
@@ -19,7 +20,7 @@ def llm_config_from(cfg: LLMConfig, vocab_size: int) -> NemotronHConfig:
     """
     if cfg.path is not None:
         if not os.path.isfile(os.path.join(cfg.path, "config.json")):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.llm.path={cfg.path!r} has no config.json: point it at a local HF Nemotron-H directory "
                 "or set --model.llm.path=null to build a random LLM from model.llm.*"
             )

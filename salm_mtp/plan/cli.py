@@ -5,16 +5,39 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from salm_mtp.errors import as_config_error, config_error
 from salm_mtp.plan.build import build_parser
 from salm_mtp.plan.planner import config_files, plan_from_config
 from salm_mtp.plan.report import format_plan
+
+
+def check_options(cfg) -> None:
+    """The planner's own numbers, checked where they are read (ConfigError naming the option)."""
+    for key, minimum in (("world_size", 1), ("max_world_size", 1), ("gpus_per_node", 1), ("prefetch_units", 0)):
+        value = cfg[key]
+        if value is not None and value < minimum:
+            raise config_error(f"--{key}", f"must be >= {minimum}, got {value}",
+                               f"pass --{key} {max(minimum, 1)} or more")
+    for key in ("gpu_memory_gib", "cut_seconds", "text_tokens_per_second"):
+        if not cfg[key] > 0:
+            raise config_error(f"--{key}", f"must be > 0, got {cfg[key]}", f"pass a positive --{key}")
+    if cfg.overhead_gib < 0:
+        raise config_error("--overhead_gib", f"must be >= 0, got {cfg.overhead_gib}", "pass 0 or more")
 
 
 def main(args: list[str] | None = None) -> dict:
     """``salm-mtp plan``: print the table, write --out; returns the plan."""
     argv = sys.argv[1:] if args is None else list(args)
     cfg = build_parser().parse_args(argv)
-    plan = plan_from_config(cfg, config_files(argv))
+    check_options(cfg)
+    try:
+        plan = plan_from_config(cfg, config_files(argv))
+    except Exception as e:  # noqa: BLE001 - a check of the config inside: one line (salm-mtp prints SalmError)
+        found = as_config_error(e)
+        if found is None:
+            raise
+        raise found from None
     print(format_plan(plan))
     out = cfg.out
     if out:
