@@ -20,8 +20,10 @@ the summed decode time; speedup = greedy wall / MTP wall, the median over repeti
 runs): the ceiling of the decoder on this model and data, every draft accepted; and a "ctc oracle" row whose ASR
 rows' answer drafts are greedy's own answers (what a right CTC transcript gives; no head).
 
-``--group-tasks``: the ASR cuts are batched apart from the others, each group in manifest order (what
-``salm-mtp evaluate --decode ctc*`` does): a batch whose rows all carry a CTC draft can finish in one forward.
+``--group-tasks``: the ASR cuts are served first, then the others, each in manifest order (the order
+``salm-mtp evaluate --decode ctc*`` serves them in: salm_mtp.evaluation.data.asr_first): a batch whose rows all carry
+a CTC draft can finish in one forward. The batches are read as evaluate reads them, with the checkpoint's run's data
+settings (its config.yaml), and the CTC drafts are formatted by that run's prompt formatter.
 
 ``--device cuda`` (default cpu): the model on the GPU, every decode timed between torch.cuda.synchronize() calls.
 
