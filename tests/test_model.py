@@ -89,3 +89,24 @@ def test_lm_head_chunk_size_below_one_is_refused_not_clamped(tok_dir, size):
     with pytest.raises(ValueError, match=rf"model.lm_head_chunk_size: must be >= 1, got {size}; set "
                                          r"--model.lm_head_chunk_size"):
         SALMModule(**tiny.tiny_kwargs(tok_dir, lm_head_chunk_size=size))
+
+
+def test_adapter_stacks_frames_zeroes_padding_and_returns_no_view():
+    """Rows stack k frames each (padded frames never mix in), positions past a row's length are zero, and the output
+    is a tensor of its own: a view from the Linear over 3-D input made FSDP2 warn that an in-place op on it would skip
+    the all-gather hook."""
+    from salm_mtp.config import AdapterConfig
+    from salm_mtp.modules.encoder import Adapter
+
+    torch.manual_seed(0)
+    a = Adapter(AdapterConfig(stack_frames=2, hidden_size=8), 3, 5)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    y, lens = a(x, torch.tensor([5, 2]))
+    assert y.shape == (2, 3, 5) and lens.tolist() == [3, 1]
+    assert y._base is None
+    assert torch.equal(y[1, 1:], torch.zeros(2, 5))  # past row 1's one stacked position
+    stacked = torch.cat([x[0, 4], torch.zeros(3)])  # the last group of row 0: frame 4 and one padded frame
+    torch.testing.assert_close(y[0, 2], a.proj(stacked))
+    torch.testing.assert_close(y[1, 0], a.proj(x[1, :2].reshape(6)))
+    y.sum().backward()
+    assert torch.equal(x.grad[1, 2:], torch.zeros(3, 3))  # padded frames get no gradient

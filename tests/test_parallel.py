@@ -198,6 +198,9 @@ def test_fsdp2_gradients_equal_single_process(runs):
     r = results["fsdp2"]
     check_equivalent(ref, r, "FSDP2")
     assert set(r["param_types"].values()) == {"DTensor"}  # every parameter sharded exactly once
+    # no wrapped module (the adapter's Linear over 3-D input was one) returns a view whose in-place use would drop
+    # FSDP2's pre-backward hook; the gradients above, adapter's included, equal one process's
+    assert r["view_warnings"] == [] and "adapter" in r["fsdp_modules"]
     # validation ran first (sanity check, root gathered without backward), then the exact step above
     assert r["val_losses"][0] == pytest.approx(ref["loss"], rel=1e-6), r["val_losses"]
 

@@ -32,7 +32,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lhotse import CutSet
@@ -82,6 +82,18 @@ class InputConfig:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise config_error("data.inputs", f"each source needs a name without '/', got {self.name!r}",
                                "give every entry a name, e.g. {name: asr, type: cuts, path: ...}")
+        for field_name, ok, want in (("type", isinstance(self.type, str), "a string"),
+                                     ("path", self.path is None or isinstance(self.path, str), "a file path"),
+                                     ("paths", self.paths is None or (isinstance(self.paths, (list, tuple)) and all(
+                                         isinstance(p, str) for p in self.paths)), "a list of file paths"),
+                                     ("weight", isinstance(self.weight, (int, float)) and not isinstance(
+                                         self.weight, bool), "a number"),
+                                     ("system_prompt", self.system_prompt is None or isinstance(self.system_prompt, str),
+                                      "a string"),
+                                     ("loss_turns", isinstance(self.loss_turns, str), "a string")):
+            if not ok:
+                raise config_error(f"{key}.{field_name}", f"must be {want}, got {getattr(self, field_name)!r}",
+                                   f"fix {field_name} in this data.inputs entry")
         if self.type not in SOURCE_TYPES:
             raise config_error(f"{key}.type", f"must be one of {', '.join(SOURCE_TYPES)}, got {self.type!r}",
                                "see data/README.md for what each type reads")
@@ -121,9 +133,23 @@ def detect_source_type(path: str) -> str:
     return "cuts"
 
 
+def _input_config(item, key: str) -> InputConfig:
+    """An InputConfig from one YAML entry; ConfigError for an entry that is not a mapping or has unknown keys."""
+    known = [f.name for f in fields(InputConfig)]
+    if not isinstance(item, dict):
+        raise config_error(key, f"each entry must be a mapping such as {{name: asr, type: cuts, path: FILE}}, got "
+                           f"{item!r}", f"the keys are {', '.join(known)}")
+    unknown = sorted(map(str, set(item) - set(known)))
+    if unknown or "name" not in item:
+        name = item.get("name", "?")
+        problem = f"unknown keys {unknown}" if unknown else "no name"
+        raise config_error(f"{key}[{name!r}]", problem, f"the keys are {', '.join(known)}")
+    return InputConfig(**item)
+
+
 def as_inputs(items: Iterable[InputConfig | dict] | None, key: str = "data.inputs") -> list[InputConfig]:
     """Dicts (YAML, tests) become InputConfig; names must be unique."""
-    out = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in (items or [])]
+    out = [i if isinstance(i, InputConfig) else _input_config(i, key) for i in (items or [])]
     names = [i.name for i in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -107,5 +107,11 @@ class Adapter(nn.Module):
         x = x * valid[..., None]  # zero padded frames: a stacked group may end past the row's length
         pad = (-F) % self.k
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))  # (B, F'+pad, He)
-        x = x.reshape(B, (F + pad) // self.k, He * self.k)
-        return self.proj(x), torch.div(lengths + self.k - 1, self.k, rounding_mode="floor")
+        T = (F + pad) // self.k
+        x = x.reshape(B, T, He * self.k)
+        out_lens = torch.div(lengths + self.k - 1, self.k, rounding_mode="floor")
+        # Zero the padded positions (their projection is the bias alone). A new tensor, too: a Linear over a 3-D input
+        # returns a view, and FSDP2 warns that an in-place op on its wrapped module's view output would skip the
+        # all-gather's pre-backward hook (tests/test_parallel.py: no such warning, gradients equal one process's).
+        keep = torch.arange(T, device=x.device)[None, :] < out_lens[:, None]  # (B, T)
+        return self.proj(x) * keep[..., None], out_lens

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 
@@ -197,7 +198,9 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
     loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     plan_log.lines.clear()
     try:
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader if validate else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader if validate else None)
     except Exception as e:  # noqa: BLE001  (recorded for the test to assert on)
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "plan": list(plan_log.lines)}
     from torch.distributed.fsdp import FSDPModule
@@ -213,6 +216,7 @@ def run_case(spec: dict, case: dict, rank: int, world: int, plan_log: PlanLog) -
         "loss": float(trainer.callback_metrics["loss"]),
         "val_losses": val.losses,
         "plan": list(plan_log.lines),
+        "view_warnings": [str(w.message) for w in caught if "returned a view tensor" in str(w.message)],
         "dp_size": data_parallel(trainer)[0],
         "fsdp_modules": sorted(n or "<root>" for n, m in module.named_modules() if isinstance(m, FSDPModule)),
     }
