@@ -36,6 +36,7 @@ tests.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -99,13 +100,22 @@ def encode_prompts(module, batch: dict, with_audio: bool = False):
     return (merged, enc, enc_lens) if with_audio else merged
 
 
+_MIXERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def mamba_mixers(module: torch.nn.Module) -> list:
+    """The Mamba mixers inside ``module``, found once per module object: walking every submodule is a measurable
+    part of decoding one short utterance on CPU, and decoding never adds or removes mixers."""
+    found = _MIXERS.get(module)
+    if found is None:
+        found = _MIXERS[module] = [m for m in module.modules() if type(m).__name__ == "NemotronHMamba2Mixer"]
+    return found
+
+
 def left_padding_exact(llm) -> bool:
     """Whether a left-padded batched prefill is exact for this Nemotron-H (module docstring):
     true unless some Mamba mixer's ``in_proj`` has a bias."""
-    for m in llm.modules():
-        if type(m).__name__ == "NemotronHMamba2Mixer" and m.in_proj.bias is not None:
-            return False
-    return True
+    return all(m.in_proj.bias is None for m in mamba_mixers(llm))
 
 
 def _row_groups(lengths: torch.Tensor, batched: bool) -> list[torch.Tensor]:

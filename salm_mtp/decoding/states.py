@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.models.nemotron_h import modeling_nemotron_h as nh
 
+from salm_mtp.generate import mamba_mixers
+
 
 @dataclass
 class MambaRecord:
@@ -111,8 +113,7 @@ class MambaRecorder:
     """
 
     def __init__(self, *modules: torch.nn.Module):
-        self.mixers = list({id(m): m for mod in modules for m in mod.modules()
-                            if isinstance(m, nh.NemotronHMamba2Mixer)}.values())
+        self.mixers = list({id(m): m for mod in modules for m in mamba_mixers(mod)}.values())
         self.record: dict[int, MambaRecord] = {}
 
     @contextmanager
