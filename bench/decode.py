@@ -139,6 +139,9 @@ def ctc_oracle_decode(module, prompt, batch: dict, truth: torch.Tensor, lengths:
     with inference(module):
         tokens = decode_row_groups(module, prompt, 0, max_new_tokens, eos_id, pad_id, left_padding_exact(module.llm),
                                    stats, answers=answers)
+    # what speculative_decode does too: a forward that verified a whole draft also wrote the token after its end
+    n = _lengths_after_eos(tokens, eos_id)
+    tokens = tokens.masked_fill(torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= n[:, None], pad_id)
     return tokens, stats
 
 

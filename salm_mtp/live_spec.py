@@ -6,22 +6,26 @@ utterances and logs what it accepts, beside the teacher-forced figures (``val_mt
         - class_path: salm_mtp.live_spec.LiveAcceptance
           init_args: {utterances: 16, mode: auto}
 
-Logged (rank 0's utterances on one process; every rank's own and summed under DDP): ``val_spec/tokens_per_forward``
+Logged (rank 0's utterances on one process and under FSDP2; every rank's own and summed under DDP):
+``val_spec/tokens_per_forward``
 (answer tokens per verification forward), ``val_spec/chained_acceptance/depth_k`` (the head's drafts as the decoder
 meets them), ``val_spec/ctc_acceptance`` (accepted / proposed CTC draft tokens, ctc modes) and
 ``val_spec/identical`` (1 when the speculative answers equal greedy's: they always should). The decoding is greedy
 (no random numbers) in eval mode under no_grad, so training is unchanged by it (tests/test_live_spec.py compares the
-losses with it on and off). A model sharded by FSDP2 is skipped with one warning: its ranks would take different
-numbers of forwards (each accepts differently) and every forward is a collective there.
+losses with it on and off). Under FSDP2 every forward is a collective, so the ranks must take the same forwards:
+every rank decodes rank 0's rows (broadcast), the same computation on the same gathered weights, with the root's own
+parameters (embeddings, lm_head) gathered around the decode (tests/recipes/test_fsdp2_fit.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FSDPModule
 
 from salm_mtp.decoding.modes import resolve_mode, speculative_decode
 from salm_mtp.decoding.stats import SpecStats
@@ -38,6 +42,26 @@ def first_rows(batch: dict, n: int) -> dict:
     clips = batch["clip_rows"] < n
     return {k: (v[clips] if k in CLIP_KEYS else v[:n] if isinstance(v, (torch.Tensor, list)) else v)
             for k, v in batch.items()}
+
+
+def rank_zero_rows(part: dict, device: torch.device) -> dict:
+    """Rank 0's batch on every rank (broadcast through CPU; FSDP2)."""
+    import torch.distributed as dist
+
+    cpu = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in part.items()}]
+    dist.broadcast_object_list(cpu, src=0, device=device if device.type != "cpu" else None)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cpu[0].items()}
+
+
+@contextmanager
+def gathered_root(module: FSDPModule):
+    """The FSDP2 root's own parameters (embeddings, lm_head, final norm, CTC head) gathered for calls outside its
+    forward; the units inside (blocks, encoder layers, adapter, head) gather themselves in their forwards."""
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def answer_ids_of(trainer):
@@ -68,12 +92,6 @@ class LiveAcceptance(L.Callback):
         self._skipped = False
 
     def _usable_mode(self, pl_module) -> str | None:
-        if any(type(p).__name__ == "DTensor" for p in pl_module.parameters()):
-            if not self._skipped:
-                rank_zero_warn("LiveAcceptance: the model is sharded (FSDP2); live acceptance is measured on "
-                               "unsharded runs only (one process or DDP)")
-                self._skipped = True
-            return None
         try:
             mode = resolve_mode(pl_module, self.mode)
             if mode == "greedy":
@@ -93,13 +111,19 @@ class LiveAcceptance(L.Callback):
         if trainer.sanity_checking or dataloader_idx != 0 or self.seen >= self.utterances:
             return
         mode = self._usable_mode(pl_module)
-        rows = min(self.utterances - self.seen, batch["input_ids"].shape[0])
-        if mode is None or rows == 0:
+        if mode is None:
             return
-        part = first_rows(batch, rows)
-        tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens,
-                                                    answer_ids=answer_ids_of(trainer))
-        ref, ref_len = greedy_decode(pl_module, part, self.max_new_tokens)
+        part = first_rows(batch, min(self.utterances - self.seen, batch["input_ids"].shape[0]))
+        sharded = isinstance(pl_module, FSDPModule)
+        if sharded:  # rank 0's rows on every rank: the same forwards in the same order (and the same ``seen``)
+            part = rank_zero_rows(part, pl_module.device)
+        rows = part["input_ids"].shape[0]
+        if rows == 0:
+            return
+        with gathered_root(pl_module) if sharded else nullcontext():
+            tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens,
+                                                        answer_ids=answer_ids_of(trainer))
+            ref, ref_len = greedy_decode(pl_module, part, self.max_new_tokens)
         self.mismatched += int(not (torch.equal(tokens, ref) and torch.equal(lengths, ref_len)))
         if self.stats is None:
             self.stats = SpecStats(stats.num_drafts)
@@ -112,7 +136,9 @@ class LiveAcceptance(L.Callback):
             return
         sums = torch.tensor([s.emitted, s.forwards, s.ctc_accepted, s.ctc_drafted, self.mismatched, *s.hits, *s.pairs],
                             dtype=torch.float64, device=pl_module.device)
-        sums = all_reduce_sum(sums, trainer)  # DDP: every rank decoded its own rows (one process: as it is)
+        # DDP: every rank decoded its own rows (one process: as it is); FSDP2: every rank the same rows, so each sum is
+        # world_size times rank 0's and every logged ratio is rank 0's
+        sums = all_reduce_sum(sums, trainer)
         emitted, forwards, ctc_acc, ctc_drafted, mismatched = sums[:5].tolist()
         D = s.num_drafts
         hits, pairs = sums[5: 5 + D].tolist(), sums[5 + D:].tolist()

@@ -27,6 +27,7 @@ TIMEOUT = 600
 SESSION = os.path.join(ROOT, "tests", "dist", "cli_session.py")
 DUMP = "--trainer.callbacks+=resume_helpers.DumpRestoredState"
 HOLD = "--trainer.callbacks+=resume_helpers.HoldSave"
+LIVE = ("--trainer.callbacks+=salm_mtp.live_spec.LiveAcceptance", "--trainer.callbacks.init_args.utterances=3")
 ENV = {"WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}", "OMP_NUM_THREADS": "1"}
 
 
@@ -87,7 +88,7 @@ def runs(corpus, tok_dir, tmp_path_factory):
     step2 = _ckpt(d["full"], "step2.ckpt")
     two = [
         dict(name="full", args=_fit_args(d["full"], corpus, tok_dir)),
-        dict(name="resume", args=_fit_args(d["resume"], corpus, tok_dir, f"--ckpt_path={step2}")),
+        dict(name="resume", args=_fit_args(d["resume"], corpus, tok_dir, f"--ckpt_path={step2}", *LIVE)),
         dict(name="hold", args=_fit_args(d["hold"], corpus, tok_dir, HOLD),
              env={"SALM_TEST_HOLD_AT": "2", "SALM_TEST_HOLD_LOG": os.path.join(d["hold"], "hold.json")}),
         dict(name="freeze", args=_fit_args(d["freeze"], corpus, tok_dir, f"--ckpt_path={step2}", DUMP,
@@ -122,10 +123,18 @@ def test_fsdp2_fit_writes_sharded_checkpoints_and_logs(runs):
 
 
 def test_fsdp2_resume_continues_exactly(runs):
+    """The resumed run also measures live acceptance (LiveAcceptance: every rank decodes rank 0's rows with the
+    sharded model): its losses are those of the run without it, and the speculative answers equal greedy's."""
+    import csv
+
     full, resumed = logged_losses(runs["full"][0]), logged_losses(runs["resume"][0])
     assert sorted(resumed) == [2, 3]
     for step in (2, 3):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    (path,) = glob.glob(os.path.join(runs["resume"][0], "salm/version_*/metrics.csv"))
+    live = [r for r in csv.DictReader(open(path)) if r.get("val_spec/tokens_per_forward")]
+    assert len(live) == 1  # the validation at step 4
+    assert float(live[0]["val_spec/tokens_per_forward"]) >= 1.0 and float(live[0]["val_spec/identical"]) == 1.0
 
 
 def test_export_consolidates_sharded_checkpoint(runs, tmp_path):
