@@ -55,13 +55,17 @@ def rank_zero_rows(part: dict, device: torch.device) -> dict:
 
 @contextmanager
 def gathered_root(module: FSDPModule):
-    """The FSDP2 root's own parameters (embeddings, lm_head, final norm, CTC head) gathered for calls outside its
-    forward; the units inside (blocks, encoder layers, adapter, head) gather themselves in their forwards."""
-    module.unshard()
+    """The FSDP2 units the decoder calls outside their ``forward`` gathered for the block: the root's own parameters
+    (embeddings, lm_head, final norm, CTC head) and the MTP head (its depths run through ``forward_depth``). The
+    other units (backbone blocks, encoder layers, adapter) gather themselves in their forwards."""
+    units = [m for m in (module, getattr(module, "mtp_head", None)) if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
     try:
         yield
     finally:
-        module.reshard()
+        for unit in units:
+            unit.reshard()
 
 
 def answer_ids_of(trainer):
