@@ -50,7 +50,7 @@ from transformers import PreTrainedTokenizerBase
 
 from salm_mtp.data.conversation import conversation_of, is_conversation
 from salm_mtp.data.checks import CutChecker, located, reference_answer  # noqa: F401  (reference_answer: re-exported)
-from salm_mtp.data.policy import BadCut, source_of, warn_skipped
+from salm_mtp.data.policy import BadCut, SkipLines, source_of
 from salm_mtp.data.prompt import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class SALMDataset(torch.utils.data.Dataset):
         self.formatter = formatter if formatter is not None else PromptFormatter(tokenizer)
         self.ctc_tokenizer = ctc_tokenizer if ctc_tokenizer is not None else tokenizer
         self.checker = checker if checker is not None else CutChecker(self.formatter)
+        self.skip_lines = SkipLines()  # the cuts this dataset (in this loader worker) skips: at most 20 printed
         self.policy = policy
         self.check_text = check_text
         pad = tokenizer.pad_token_id
@@ -206,7 +207,7 @@ class SALMDataset(torch.utils.data.Dataset):
                 item = located(item, cut)
                 if self.policy == "raise":
                     raise item.error()
-                warn_skipped(item)
+                self.skip_lines(item)
                 skipped.append(item.to_json())  # counted by the training process (SkipLog)
                 continue
             enc, waves, task, answer = item

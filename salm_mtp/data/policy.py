@@ -90,21 +90,24 @@ class BadCut:
 
 
 MAX_SKIP_LINES = 20
-"""Skipped cuts printed one by one per process; the others are only counted (``skipped_cuts/<reason>``, the run
-summary) and listed in ``skipped_cuts.jsonl``."""
-_printed = 0
+"""Skipped cuts printed one by one per run and process; the others are only counted (``skipped_cuts/<reason>``, the
+run summary) and listed in ``skipped_cuts.jsonl``."""
 
 
-def warn_skipped(bad: BadCut) -> None:
-    """Log ``skipping <cut>`` for the first MAX_SKIP_LINES skipped cuts of this process, then one line saying the
-    rest are counted and listed, not printed."""
-    global _printed
-    _printed += 1
-    if _printed <= MAX_SKIP_LINES:
-        log.warning("skipping %s", bad.message())
-    if _printed == MAX_SKIP_LINES:
-        log.warning("further skipped cuts are not printed: they are counted (skipped_cuts/<reason>, the summary at "
-                    "the end) and listed in skipped_cuts.jsonl in the run directory")
+class SkipLines:
+    """``skipping <cut>`` log lines for the first MAX_SKIP_LINES skipped cuts, then one line saying the rest are
+    counted and listed, not printed. One per SkipLog and per dataset (each loader worker counts its own)."""
+
+    def __init__(self) -> None:
+        self.printed = 0
+
+    def __call__(self, bad: BadCut) -> None:
+        self.printed += 1
+        if self.printed <= MAX_SKIP_LINES:
+            log.warning("skipping %s", bad.message())
+        if self.printed == MAX_SKIP_LINES:
+            log.warning("further skipped cuts are not printed: they are counted (skipped_cuts/<reason>, the summary "
+                        "at the end) and listed in skipped_cuts.jsonl in the run directory")
 
 
 FIXES = {
@@ -149,7 +152,7 @@ def handle(bad: BadCut, policy: str, sink: SkipLog | None = None) -> None:
     if sink is not None:
         sink.record(bad)
     else:
-        warn_skipped(bad)
+        log.warning("skipping %s", bad.message())
 
 
 class SkipLog:
@@ -160,6 +163,7 @@ class SkipLog:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.lines = SkipLines()
         self.path: str | None = None
         self._seen: set[tuple] = set()
         self._pending: list[BadCut] = []
@@ -172,7 +176,7 @@ class SkipLog:
         self._seen.add(bad.key)
         self.counts[bad.reason] += 1
         if warn:
-            warn_skipped(bad)
+            self.lines(bad)
         self._pending.append(bad)
         self._flush()
         return True
