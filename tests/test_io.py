@@ -255,3 +255,24 @@ def test_checkpoint_loads_from_another_working_directory(tok_dir, tmp_path, sine
     ref = module.state_dict()
     assert set(back.state_dict()) == set(ref)
     assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+
+
+def test_relative_model_paths_are_found_from_the_checkpoint(tmp_path, monkeypatch):
+    """A run started in RUN with model.encoder.path=enc (relative) loads from any working directory: a relative path
+    missing from here is looked up from the checkpoint's directory upwards; absolute, existing and unknown paths stay."""
+    from salm_mtp.config import EncoderConfig
+    from salm_mtp.io.checkpoints import located_paths
+
+    run = tmp_path / "run"
+    (run / "enc").mkdir(parents=True)
+    (run / "tok").mkdir()
+    ckpt = run / "salm/version_0/checkpoints/last.ckpt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = located_paths({"tokenizer_path": "tok", "encoder": EncoderConfig(path="enc"),
+                         "llm": {"path": "missing/llm"}, "ctc_weight": 0.5}, str(ckpt))
+    assert got["tokenizer_path"] == str(run / "tok") and got["encoder"].path == str(run / "enc")
+    assert got["llm"] == {"path": "missing/llm"} and got["ctc_weight"] == 0.5  # not found anywhere: left as it was
+    (elsewhere / "enc").mkdir()  # one that exists from here wins (the run's own cwd)
+    assert located_paths({"encoder": {"path": "enc"}}, str(ckpt))["encoder"]["path"] == "enc"

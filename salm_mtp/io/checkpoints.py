@@ -7,6 +7,7 @@ returns; training builds the ``SALMModule`` recipe in its trainer (``build_modul
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -46,7 +47,33 @@ def build_module(device: str = "cpu", load_pretrained: bool = True, init_new: bo
 def _hyperparameters(saved: dict | None, where: str) -> dict:
     if not saved:
         raise ValueError(f"{where!r} holds no hyper_parameters: cannot rebuild the model")
-    return {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
+    hparams = {k: v for k, v in saved.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
+    return located_paths(hparams, where)
+
+
+def located_paths(hparams: dict, where: str) -> dict:
+    """``hparams`` with each relative model path (tokenizer_path, encoder.path, llm.path: relative to the directory
+    the run was started in) that does not exist from here found from the checkpoint ``where`` upwards (the run's
+    directory is one of its ancestors): a checkpoint loads from any working directory."""
+    anchors = [os.path.dirname(os.path.abspath(where))]
+    while os.path.dirname(anchors[-1]) != anchors[-1]:
+        anchors.append(os.path.dirname(anchors[-1]))
+
+    def find(path):
+        if not isinstance(path, str) or os.path.isabs(path) or os.path.exists(path):
+            return path
+        return next((os.path.join(a, path) for a in anchors if os.path.exists(os.path.join(a, path))), path)
+
+    out = dict(hparams)
+    if "tokenizer_path" in out:
+        out["tokenizer_path"] = find(out["tokenizer_path"])
+    for part in ("encoder", "llm"):
+        cfg = out.get(part)
+        if isinstance(cfg, dict) and "path" in cfg:
+            out[part] = {**cfg, "path": find(cfg["path"])}
+        elif dataclasses.is_dataclass(cfg) and hasattr(cfg, "path"):
+            out[part] = dataclasses.replace(cfg, path=find(cfg.path))
+    return out
 
 
 def load_lightning_checkpoint(path: str) -> SALM:
