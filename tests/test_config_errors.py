@@ -133,7 +133,9 @@ def test_a_source_without_usable_example_says_why(corpus, tok_dir, tmp_path):
     line = _one_error_line(out)
     assert line.startswith(f"error: data.inputs['asr'] ['{corpus}']: all 24 examples are too_long_sequence: the "
                            "smallest needs ")
-    assert line.endswith("> data.max_tokens=2; raise --data.max_tokens to at least " + line.split("needs ")[1].split()[0])
+    need = line.split("needs ")[1].split()[0]
+    assert "> data.max_tokens=2 (" in line and ".flac)" in line  # the cut that needs the least, named by its audio
+    assert line.endswith(f"; raise --data.max_tokens to at least {need}")
     printed = [ln for ln in out.stderr.splitlines() if "skipping cut" in ln]
     assert len(printed) == MAX_SKIP_LINES < 24
     assert "further skipped cuts are not printed" in out.stderr

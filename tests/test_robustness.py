@@ -305,6 +305,7 @@ def test_cli_skip_run_counts_bad_cuts_in_metrics_and_jsonl(sine_corpus, tok_dir,
     rows = [json.loads(line) for line in open(jl)]
     assert sorted(((r["cut_id"] or ""), r["reason"]) for r in rows) == [
         ("", "manifest_not_json"), (BAD, "unreadable_audio"), ("c004", "empty_text")]
+    assert all(r["line"] is not None and r["file"] == train for r in rows), rows  # each at its manifest line
     last = [r for r in _rows(run) if r.get("skipped_cuts/unreadable_audio")][-1]
     assert float(last["skipped_cuts/unreadable_audio"]) == 1.0 and float(last["skipped_cuts/empty_text"]) == 1.0
     assert "skipped cuts: 3 [empty_text=1, manifest_not_json=1, unreadable_audio=1]" in out.stderr + out.stdout
@@ -316,7 +317,9 @@ def test_cli_raise_run_stops_before_training_with_one_paragraph(sine_corpus, tok
     run = str(tmp_path / "run")
     out = _cli("fit", run, tok_dir, f"--data.train_manifest={manifest}", "--data.val_manifest=null", "--data.on_bad_cut=raise")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"error: bad cut '{BAD}' (" in out.stderr and "c003.flac): unreadable_audio: no such file" in out.stderr
+    # named at its manifest line, the audio file in the detail
+    assert f"error: bad cut '{BAD}' ({manifest}:4): unreadable_audio: no such file (" in out.stderr
+    assert "c003.flac). data.on_bad_cut=raise stops here" in out.stderr
     assert "Traceback" not in out.stderr
     assert not glob.glob(os.path.join(run, "salm/version_*/checkpoints/*.ckpt"))
 

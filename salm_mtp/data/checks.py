@@ -12,19 +12,26 @@ from dataclasses import replace
 from lhotse.cut import Cut
 
 from salm_mtp.data.conversation import conversation_of, is_conversation
+from salm_mtp.data.manifest import LINE_KEY
 from salm_mtp.data.policy import BadCut, source_of
 
 
 def located(bad: BadCut | None, cut) -> BadCut | None:
-    """``bad`` with the manifest and line of a conversation / text example when the check that found it (a clip's
-    audio, a duration) did not know them (the audio file goes into the detail): every skipped row of such a source
-    names its line."""
-    if not isinstance(bad, BadCut) or bad.line is not None or not is_conversation(cut):
-        return bad  # (None, or what SALMDataset.read gives for a usable example)
-    conv = conversation_of(cut)
-    if conv.file and bad.file and bad.file != conv.file:  # an audio file of the conversation: named in the detail
-        return replace(bad, detail=f"{bad.detail} ({bad.file})", file=conv.file, line=conv.line)
-    return replace(bad, file=conv.file or bad.file, line=conv.line)
+    """``bad`` with the manifest and line of its example (a conversation / text line, or a cut's line recorded by
+    load_cuts) when the check that found it (the audio, a duration, the text) did not know them; the audio file goes
+    into the detail. Every skipped row then names its manifest line."""
+    if not isinstance(bad, BadCut) or bad.line is not None:
+        return bad  # (None, what SALMDataset.read gives for a usable example, or a manifest line's own)
+    if is_conversation(cut):
+        conv = conversation_of(cut)
+        manifest, line = conv.file, conv.line
+    else:
+        manifest, line = ((cut.custom or {}).get(LINE_KEY) or (None, None))
+    if manifest is None:
+        return bad
+    if bad.file and bad.file != manifest:  # an audio file of the example: named in the detail
+        return replace(bad, detail=f"{bad.detail} ({bad.file})", file=manifest, line=line)
+    return replace(bad, file=manifest, line=line)
 
 
 def reference_answer(cut: Cut) -> tuple[str, str]:

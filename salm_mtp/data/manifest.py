@@ -41,6 +41,11 @@ def json_line(raw: bytes, path: str, lineno: int):
         return BadCut(None, "manifest_not_json", f"not JSON ({str(e)[:120]})", path, lineno)
 
 
+LINE_KEY = "salm_line"
+"""``cut.custom`` key of [manifest path, 1-based line] of every cut read by ``load_cuts``: a bad cut found later (its
+audio, its text) is reported at its line (salm_mtp.data.checks.located)."""
+
+
 def parse_line(raw: bytes, path: str, lineno: int) -> Cut | BadCut | None:
     """One manifest line -> a Cut, a BadCut, or None for a blank line. Raises only for a file that is a JSON
     array (``json_line``)."""
@@ -104,7 +109,7 @@ class ManifestCuts:
                 if isinstance(item, BadCut):
                     self.on_bad_line(item)
                 elif item is not None:
-                    yield item
+                    yield item.with_custom(LINE_KEY, [self.path, lineno])
 
 
 def load_cuts(path: str | Path, on_bad_line: Callable[[BadCut], None] | None = None) -> CutSet:
