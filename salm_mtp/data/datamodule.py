@@ -33,7 +33,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import fields
 from functools import partial
 from itertools import islice
@@ -51,7 +50,8 @@ from salm_mtp.data.mix import BudgetSampler, Endless, InputConfig, PerTurn, Prep
 from salm_mtp.data.checks import CutChecker, located
 from salm_mtp.data.config import MAKE_DEMO, DataConfig, takes_settings_of
 from salm_mtp.data.loader import ResumableDataLoader, ResumableSampler, ignore_stop_signals
-from salm_mtp.data.policy import BadCut, SkipLog, handle, why_unusable
+from salm_mtp.data.policy import BadCut, SkipLog, handle
+from salm_mtp.data.precheck import Precheck
 from salm_mtp.data.prompt import PromptFormatter
 from salm_mtp.errors import SalmError, check_ckpt_path, check_writable_dir
 from salm_mtp.lightning_private import fit_epoch, injects_distributed_sampler, prefetched_batches
@@ -74,9 +74,7 @@ class SALMDataModule(pl.LightningDataModule):
         self.skip_log = SkipLog()
         """Cuts skipped by this process (samplers, precheck) and reported by the training loop's batches."""
         self.audio_positions_per_second: float | None = None
-        self._bad_ids: set[tuple[str, str]] = set()  # (set key, cut id) found bad by the precheck
-        self._checked: dict[str, tuple[int, Counter, dict]] = {}  # set key -> (cuts read, bad per reason, least bad)
-        self._prechecked = False
+        self._precheck = Precheck()  # what the check before training found (salm_mtp/data/precheck.py)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> SALMDataModule:
@@ -178,7 +176,7 @@ class SALMDataModule(pl.LightningDataModule):
             return located(checker.check_duration(cut) or (checker.check_text(cut) if with_text else None), cut)
 
         measure = checker.positions if self.cfg.max_tokens is not None else None
-        return CutSet(Prepared(cuts, check, measure, self._on_bad, skip=lambda cut: (key, cut.id) in self._bad_ids))
+        return CutSet(Prepared(cuts, check, measure, self._on_bad, skip=partial(self._precheck.skips, key)))
 
     # ---- named sources (data.inputs / data.val_inputs) ------------------------------------------
     def source_names(self) -> list[str]:
@@ -240,32 +238,13 @@ class SALMDataModule(pl.LightningDataModule):
 
     def precheck(self) -> None:
         """Check every train and val cut once (manifest lines, durations, text, audio headers), before training."""
-        if self._prechecked or not self.cfg.precheck:
-            return
-        self._prechecked = True
-        checker = self.checker()
-        for key, what, cuts in self._check_sets():
-            n, reasons, least = 0, Counter(), {}
-            for cut in cuts:
-                n += 1
-                found = checker.check_metadata(cut, with_header=True)
-                if found is not None:
-                    self._on_bad(found)
-                    self._bad_ids.add((key, cut.id))
-                    reasons[found.reason] += 1
-                    prev = least.get(found.reason)
-                    if prev is None or (found.amount or 0) < (prev.amount or 0):
-                        least[found.reason] = found
-            self._checked[key] = (n, reasons, least)
-            log.info("%s: %d cuts checked, %d bad", what, n, sum(reasons.values()))
+        if self.cfg.precheck:
+            checker = self.checker()
+            self._precheck.run(partial(checker.check_metadata, with_header=True), self._check_sets(), self._on_bad)
 
     def why_unusable(self, key: str, name: str) -> str:
-        """Why the set ``key`` (``_check_sets``; ``name``: its config key) holds no usable example, in one line,
-        from the precheck's counts (salm_mtp.data.policy.why_unusable); the run's skip counts without one."""
-        if key in self._checked:
-            return why_unusable(name, *self._checked[key])
-        return (f"{name} holds no usable example ({self.skip_log.summary()}); `salm-mtp validate-data FILE` says "
-                "what is wrong with each")
+        """Why the set ``key`` (``_check_sets``; ``name``: its config key) holds no usable example, in one line."""
+        return self._precheck.why_unusable(key, name, self.skip_log.summary())
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group: batches differ across it, not inside TP."""
