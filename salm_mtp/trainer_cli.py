@@ -183,7 +183,8 @@ def parse_error(exc: BaseException):
     keys = re.findall(r'Parser key "([^"]+)":', text)
     lines = [ln.strip() for ln in text.splitlines()]
     last = max((i for i, ln in enumerate(lines) if ln.startswith("Parser key")), default=-1)
-    noise = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Parser key")
+    noise = ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Parser key",
+             "Does not validate against any", "- Problem with given class_path")
     what = next((ln.lstrip("- ") for ln in lines[last + 1:] if ln and not ln.startswith(noise)), lines[0])
     fix = "see `salm-mtp fit --help` for the keys and their types"
     if re.search(r"Expected a <class 'str'>\. Got value: (True|False)$", what):

@@ -55,6 +55,8 @@ INPUT_CASES = {
     "name read as a boolean": ("{{name: off, path: {path}}}", "",
                                "error: data.inputs: name: Expected a <class 'str'>. Got value: False; YAML reads off, no, "
                                "yes, on, true and false as booleans: quote the value"),
+    "unknown key": ("{{name: asr, path: {path}, wieght: 2}}", "",
+                    "error: data.inputs: Option 'wieght' is not accepted; see `salm-mtp fit --help`"),
     "duplicate names": ("{{name: asr, path: {path}}}", "{{name: asr, path: {path}}}",
                         "error: data.inputs: source names must be unique, repeated: ['asr']; rename them"),
 }
