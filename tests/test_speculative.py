@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import pytest
@@ -306,7 +307,7 @@ def test_num_drafts_checked(module, tok_dir):
         mtp_decode(_module(tok_dir, mtp_layers=0), batch, 4)
 
 
-def test_evaluate_decode_mtp(tok_dir, sine_corpus, tmp_path):
+def test_evaluate_decode_mtp(tok_dir, sine_corpus, tmp_path, caplog):
     """evaluate(decode="mtp") writes the MTP hypotheses (== greedy's) and the live figures."""
     from salm_mtp.evaluation.report import format_table
     from salm_mtp.evaluation.run import evaluate
@@ -326,8 +327,10 @@ def test_evaluate_decode_mtp(tok_dir, sine_corpus, tmp_path):
     on_disk = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert on_disk["spec_identical_to_greedy"] is True
     assert "tokens per verification forward" in format_table(m)
-    with pytest.raises(ValueError, match="needs a model with an MTP head"):
-        evaluate(_module(tok_dir, mtp_layers=0), manifest, str(tmp_path / "x"), decode="mtp", progress=False)
+    with caplog.at_level(logging.WARNING, logger="salm_mtp.decoding.modes"):  # no head: greedy, said so
+        plain = evaluate(_module(tok_dir, mtp_layers=0), manifest, str(tmp_path / "x"), decode="mtp", progress=False)
+    assert plain["decode"] == "greedy" and "spec_tokens_per_forward" not in plain
+    assert "--decode mtp: this model has no MTP head to draft with: decoding with greedy (the same tokens)" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ answer (CTC) drafts
@@ -435,7 +438,7 @@ def test_modes_need_what_they_draft_with(tok_dir, ctc_module):
 
 
 @pytest.mark.parametrize("decode", ["ctc", "auto"])
-def test_evaluate_decode_ctc_modes(ctc_module, sine_corpus, tmp_path, decode):
+def test_evaluate_decode_ctc_modes(ctc_module, sine_corpus, tmp_path, decode, caplog):
     """evaluate(decode="ctc" | "auto") writes greedy's hypotheses, the CTC draft figures and RTFx; auto picks ctc+mtp
     on a model with both heads."""
     from salm_mtp.evaluation.report import format_table
@@ -451,6 +454,10 @@ def test_evaluate_decode_ctc_modes(ctc_module, sine_corpus, tmp_path, decode):
     assert m["spec_ctc_drafted"] >= asr > 0 and 0 <= m["spec_ctc_acceptance"] <= 1
     assert m["rtfx"] > 0 and m["spec_rtfx"] > 0 and m["greedy_rtfx"] > 0
     assert "CTC draft acceptance (live)" in format_table(m)
-    with pytest.raises(ValueError, match="--decode ctc needs a model with a CTC head"):
-        evaluate(_module(ctc_module.salm_arguments["tokenizer_path"], mtp_layers=1), manifest, str(tmp_path / "x"),
-                 decode="ctc", progress=False)
+    with caplog.at_level(logging.WARNING, logger="salm_mtp.decoding.modes"):  # no CTC head: the head's drafts
+        only_mtp = evaluate(_module(ctc_module.salm_arguments["tokenizer_path"], mtp_layers=1), manifest,
+                            str(tmp_path / "x"), decode="ctc+mtp", progress=False)
+    assert only_mtp["decode"] == "mtp" and only_mtp["spec_identical_to_greedy"] is True
+    assert "--decode ctc+mtp: this model has no CTC head to draft with: decoding with mtp" in caplog.text
+    with pytest.raises(ValueError, match="--decode 'fast': use one of auto, greedy, mtp, ctc, ctc\\+mtp"):
+        evaluate(ctc_module, manifest, str(tmp_path / "y"), decode="fast", progress=False)

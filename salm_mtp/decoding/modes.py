@@ -8,6 +8,7 @@ where the algorithm is described).
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import torch
@@ -19,6 +20,8 @@ from salm_mtp.decoding.stats import SpecStats
 from salm_mtp.generate import (_eos_id, _lengths_after_eos, _pad_id, _row_groups, encode_prompts, inference,
                                left_padding_exact)
 from salm_mtp.modules.merge import MergedInputs
+
+log = logging.getLogger(__name__)
 
 MODES = ("mtp", "ctc", "ctc+mtp")
 """Speculative decoding modes: drafts from the MTP head, from the encoder's CTC transcript (ASR rows), or both
@@ -46,13 +49,20 @@ def auto_mode(module) -> str:
 
 
 def resolve_mode(module, requested: str) -> str:
-    """``requested`` (greedy, a MODES entry, or auto) as the mode ``module`` runs; ValueError naming what it lacks."""
+    """``requested`` (greedy, a MODES entry, or auto) as the mode ``module`` runs: a mode whose drafts the model
+    lacks falls back to what it has (ctc+mtp without a CTC head -> mtp, without an MTP head -> ctc; ctc or mtp alone
+    -> greedy), said in one warning; every mode gives greedy's tokens. ValueError for an unknown mode."""
+    if requested not in ("auto", "greedy", *MODES):
+        raise ValueError(f"--decode {requested!r}: use one of auto, greedy, {', '.join(MODES)}")
     mode = auto_mode(module) if requested == "auto" else requested
-    supported = supported_modes(module)
-    if mode not in supported:
-        raise ValueError(f"--decode {mode} needs a model with {'an MTP head' if 'mtp' in mode else 'a CTC head'} "
-                         f"(this one can decode with {', '.join(supported)}); use one of those or --decode auto")
-    return mode
+    has = {"ctc": getattr(module.audio, "ctc_head", None) is not None, "mtp": module.num_mtp_depths > 0}
+    kept = [p for p in mode.split("+") if p != "greedy" and has[p]]
+    runs = "+".join(kept) or "greedy"
+    if runs != mode:
+        lacks = " and no ".join({"ctc": "CTC head", "mtp": "MTP head"}[p] for p in mode.split("+") if not has[p])
+        log.warning("--decode %s: this model has no %s to draft with: decoding with %s (the same tokens)", mode,
+                    lacks, runs)
+    return runs
 
 
 def decode_row_groups(module, prompt: MergedInputs, D: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
