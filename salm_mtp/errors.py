@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class SalmError(Exception):
@@ -56,6 +58,19 @@ def as_config_error(exc: BaseException) -> SalmError | None:
         if isinstance(e, (ValueError, TypeError, FileNotFoundError)) and _raised_here(e):
             return ConfigError(str(e).strip())
     return None
+
+
+@contextmanager
+def config_errors_in_one_line() -> Iterator[None]:
+    """Run the block; an exception that ``as_config_error`` traces to a configuration mistake is raised as that one-line
+    error instead (the ``salm-mtp`` entry point prints it, exit 2); any other keeps its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - classified below, re-raised unchanged when it is not a config mistake
+        found = as_config_error(e)
+        if found is None:
+            raise
+        raise found from None
 
 
 def _raised_here(exc: BaseException) -> bool:

@@ -54,7 +54,7 @@ def rank_zero_rows(part: dict, device: torch.device) -> dict:
 
 
 @contextmanager
-def gathered_root(module: FSDPModule):
+def gathered_for_decoding(module: FSDPModule):
     """The FSDP2 units the decoder calls outside their ``forward`` gathered for the block: the root's own parameters
     (embeddings, lm_head, final norm, CTC head) and the MTP head (its depths run through ``forward_depth``). The
     other units (backbone blocks, encoder layers, adapter) gather themselves in their forwards."""
@@ -93,19 +93,21 @@ class LiveAcceptance(L.Callback):
         self.utterances, self.mode, self.max_new_tokens = utterances, mode, max_new_tokens
         self.stats: SpecStats | None = None
         self.seen = self.mismatched = 0
-        self._skipped = False
+        self._resolved: tuple[str | None] | None = None  # (the mode run, None: nothing to measure), found once
 
     def _usable_mode(self, pl_module) -> str | None:
-        try:
-            mode = resolve_mode(pl_module, self.mode)
-            if mode == "greedy":
-                raise ValueError("the model has neither an MTP head nor a CTC head to draft with")
-        except ValueError as e:
-            if not self._skipped:
+        """The mode to measure, resolved at the first validation batch (a fallback or a refusal is said once: the
+        model's heads do not change during a fit); None when the model has nothing to draft with."""
+        if self._resolved is None:
+            try:
+                mode = resolve_mode(pl_module, self.mode)
+                if mode == "greedy":
+                    raise ValueError("the model has neither an MTP head nor a CTC head to draft with")
+            except ValueError as e:
                 rank_zero_warn(f"LiveAcceptance: {e}; nothing measured")
-                self._skipped = True
-            return None
-        return mode
+                mode = None
+            self._resolved = (mode,)
+        return self._resolved[0]
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.stats, self.seen, self.mismatched = None, 0, 0
@@ -124,7 +126,7 @@ class LiveAcceptance(L.Callback):
         rows = part["input_ids"].shape[0]
         if rows == 0:
             return
-        with gathered_root(pl_module) if sharded else nullcontext():
+        with gathered_for_decoding(pl_module) if sharded else nullcontext():
             tokens, lengths, stats = speculative_decode(pl_module, part, mode, self.max_new_tokens,
                                                         answer_ids=answer_ids_of(trainer))
             ref, ref_len = greedy_decode(pl_module, part, self.max_new_tokens)

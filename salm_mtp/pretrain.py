@@ -22,11 +22,11 @@ import os
 import lightning as L
 import torch
 
-from salm_mtp.errors import config_error
-from salm_mtp.io.weights import save_encoder_hf
 from salm_mtp.config import EncoderConfig, OptimConfig
 from salm_mtp.data.datamodule import SALMDataModule
 from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer
+from salm_mtp.errors import config_error
+from salm_mtp.io.weights import save_encoder_hf
 from salm_mtp.loss import ctc_sum
 from salm_mtp.malloc import keep_freed_memory_if_alone
 from salm_mtp.metrics import wer

@@ -24,7 +24,6 @@ from dataclasses import asdict, replace
 
 import torch
 
-from salm_mtp.errors import config_error
 from salm_mtp.config import (
     AdapterConfig,
     EncoderConfig,
@@ -36,6 +35,7 @@ from salm_mtp.config import (
     ParallelConfig,
 )
 from salm_mtp.data.tokenizer import ensure_audio_placeholder, load_tokenizer
+from salm_mtp.errors import config_error
 from salm_mtp.loss import ctc_sum
 from salm_mtp.io.fill import fill_pretrained
 from salm_mtp.materialize import copy_parameters, init_parameters, is_materialized, materialize, meta_parameters

@@ -60,15 +60,10 @@ class SALMCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Build the model, data module and trainer; what their configuration checks raise (wrapped by jsonargparse
         in union and instantiation errors) is one ``error: <key>: ...`` line, exit 2 (errors.as_config_error)."""
-        from salm_mtp.errors import as_config_error
+        from salm_mtp.errors import config_errors_in_one_line
 
-        try:
+        with config_errors_in_one_line():
             super().instantiate_classes()
-        except Exception as e:  # noqa: BLE001
-            found = as_config_error(e)
-            if found is None:
-                raise
-            raise found from None
 
     def _explicit_model_keys(self, sub: str) -> set[str] | None:
         """The model keys the user gave (in --config files or as flags), re-parsed without defaults; None when
@@ -98,8 +93,9 @@ class SALMCLI(LightningCLI):
             return
         path = self.config[sub].get("ckpt_path")
         record = resume.checkpoint_record(path) if path else None
-        if sub == "fit" and record:
-            check_steps_left(self.config[sub].get("trainer", {}).get("max_steps"), record.get("global_step"), path)
+        if sub == "fit":
+            check_steps_left(self.config[sub].get("trainer", {}).get("max_steps"),
+                             record.get("global_step") if record else None, path)
         saved = resume.checkpoint_hparams(path, record) if record else None
         if not saved:
             return
@@ -126,8 +122,6 @@ class SALMCLI(LightningCLI):
         root = cfg.get("trainer", {}).get("default_root_dir")
         if root and int(os.environ.get("RANK", "0")) == 0:
             check_writable_dir(str(root), "trainer.default_root_dir")
-        if self.subcommand == "fit":
-            check_steps_left(cfg.get("trainer", {}).get("max_steps"), None, "")
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with a checkpoint reader that takes sharded directories in one process too."""

@@ -219,9 +219,7 @@ class SALMDataModule(pl.LightningDataModule):
         if len(sets) == 1:
             return sets[0]
         streams = [Endless(c, self.cfg.seed, s.name, shuffle=self.cfg.shuffle,
-                           why_empty=partial(self.why_unusable, f"train/{s.name}",
-                                             f"data.inputs[{s.name!r}] {s.files()}"))
-                   for c, s in zip(sets, specs)]
+                           why_empty=partial(self.why_unusable, f"train/{s.name}")) for c, s in zip(sets, specs)]
         return mix(streams, [s.weight for s in specs], self.cfg.seed)
 
     def _budget_sampler(self, cuts: CutSet, shuffle: bool, world_size: int, rank: int,
@@ -242,8 +240,15 @@ class SALMDataModule(pl.LightningDataModule):
             checker = self.checker()
             self._precheck.run(partial(checker.check_metadata, with_header=True), self._check_sets(), self._on_bad)
 
-    def why_unusable(self, key: str, name: str) -> str:
-        """Why the set ``key`` (``_check_sets``; ``name``: its config key) holds no usable example, in one line."""
+    def why_unusable(self, key: str) -> str:
+        """Why the set ``key`` (``_check_sets``: a split, or ``split/<source name>``) holds no usable example, in one
+        line naming its config key and files."""
+        split, _, source = key.partition("/")
+        if source:
+            spec = next(s for s in (self.cfg.inputs if split == "train" else self.cfg.val_inputs) if s.name == source)
+            name = f"data.{'inputs' if split == 'train' else 'val_inputs'}[{source!r}] {spec.files()}"
+        else:
+            name = f"data.{split}_manifest {getattr(self.cfg, f'{split}_manifest')!r}"
         return self._precheck.why_unusable(key, name, self.skip_log.summary())
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
@@ -298,10 +303,7 @@ class SALMDataModule(pl.LightningDataModule):
         # lhotse refuses more buckets than cuts: tiny (test) sets get one bucket per cut
         num_buckets = sum(1 for _ in islice(cuts, self.cfg.num_buckets))
         if num_buckets == 0:
-            only = (self.cfg.inputs or [None])[0]
-            key, name = (("train", f"data.train_manifest {self.cfg.train_manifest!r}") if only is None else
-                         (f"train/{only.name}", f"data.inputs[{only.name!r}] {only.files()}"))
-            raise SalmError(self.why_unusable(key, name))
+            raise SalmError(self.why_unusable(f"train/{self.cfg.inputs[0].name}" if self.cfg.inputs else "train"))
         if num_buckets < self.cfg.num_buckets:
             n = num_buckets
             log.warning("data.num_buckets=%d > %d training cuts: using %d", self.cfg.num_buckets, n, n)

@@ -99,7 +99,7 @@ class InputConfig:
                                "see data/README.md for what each type reads")
         if (self.path is None) == (not self.paths):
             raise config_error(key, "set exactly one of path and paths", "give one file as path or a list as paths")
-        if isinstance(self.weight, bool) or not (self.weight > 0 and math.isfinite(self.weight)):
+        if not (self.weight > 0 and math.isfinite(self.weight)):  # (a number: checked above)
             raise config_error(f"{key}.weight", f"must be a finite number > 0, got {self.weight}",
                                "give each source a positive share, e.g. weight: 0.5")
         if self.loss_turns not in LOSS_TURNS:

@@ -4,7 +4,6 @@ loader with the run's data settings; the index that puts rows back in manifest o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
 from lhotse import CutSet
@@ -15,7 +14,6 @@ from salm_mtp.data.dataset import reference_answer
 from salm_mtp.data.manifest import load_cuts
 from salm_mtp.data.mix import SOURCE_TYPES, PerTurn, source_cuts
 from salm_mtp.data.policy import BadCut, SkipLog
-from salm_mtp.data.prompt import PromptConfig
 from salm_mtp.errors import MissingInputError, check_ckpt_path
 
 
@@ -166,8 +164,9 @@ def manifest_index(manifest: str, limit: int | None = None) -> ManifestIndex:
         except (IndexError, ValueError):
             task, ref = None, None
         index.add(cut.id, (i, task, ref))
-        if cut.supervisions and cut_groups(cut):
-            index.groups.setdefault(cut.id, cut_groups(cut))
+        groups = cut_groups(cut)
+        if groups:
+            index.groups.setdefault(cut.id, groups)
     return index
 
 
@@ -195,16 +194,3 @@ def turn_index(manifest: str, input_type: str, limit: int | None = None) -> Mani
         conv = conversation_of(cut)
         index.add(cut.id, (i, conv.kind, conv.answer))
     return index
-
-
-def batches(manifest: str, tokenizer, batch_size: int, limit: int | None = None,
-            prompt: PromptConfig | None = None, num_workers: int = 0,
-            data: DataConfig | None = None, asr_first_order: bool = False) -> tuple[Iterator[dict], int]:
-    """(iterator over collated batches in manifest order, or ASR cuts first as ``salm-mtp evaluate --decode ctc*``
-    serves them when ``asr_first_order``, number of cuts): ``eval_datamodule``'s test loader."""
-    if prompt is not None:
-        data = replace(data if data is not None else DataConfig(), prompt=prompt)
-    dm = eval_datamodule(tokenizer, manifest, data, batch_size, limit, num_workers)
-    if asr_first_order:
-        asr_first(dm)
-    return iter(dm.test_dataloader()), len(manifest_index(manifest, limit).rows)

@@ -16,12 +16,12 @@ from salm_mtp import metrics
 from salm_mtp.data.datamodule import DataConfig
 from salm_mtp.data.mix import detect_source_type
 from salm_mtp.data.prompt import PromptConfig
+from salm_mtp.decoding.modes import resolve_mode
+from salm_mtp.errors import SalmError
 from salm_mtp.evaluation.data import (ManifestIndex, SkipRows, asr_first, eval_datamodule, eval_loader, manifest_index,
                                       turn_index)
-from salm_mtp.decoding.modes import resolve_mode
 from salm_mtp.evaluation.decode import DecodeSettings, Totals, add_failed, evaluate_batch
 from salm_mtp.evaluation.report import pct
-from salm_mtp.errors import SalmError
 from salm_mtp.evaluation.score import summarise
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,11 @@ class CheckpointError(SalmError, ValueError):
     """A checkpoint directory does not hold what the model needs, or one of its files cannot be read."""
 
 
-def _safe_open(file: str):
-    """``safe_open(file)``, its failure (a truncated or corrupt file) a CheckpointError naming the file."""
-    safetensors_header(file)  # names a cut-short file before the memory map does
+def _safe_open(file: str, header_checked: bool = False):
+    """``safe_open(file)``, its failure (a truncated or corrupt file) a CheckpointError naming the file; the header is
+    checked first (``safetensors_header`` names a cut-short file before the memory map does) unless the caller has."""
+    if not header_checked:
+        safetensors_header(file)
     try:
         return safe_open(file, "pt")
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: all mean the file is unusable
@@ -148,7 +150,8 @@ class TensorReader:
     def _handle(self, key: str):
         file = self.files[key]
         if file not in self._open:
-            self._open[file] = _safe_open(file).__enter__()
+            self._header(file)  # read once per file: the row reads use it too
+            self._open[file] = _safe_open(file, header_checked=True).__enter__()
         return self._open[file]
 
     def shape(self, source: Source) -> tuple[int, ...]:

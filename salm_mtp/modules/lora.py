@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from salm_mtp.errors import config_error
 from salm_mtp.config import LoRAConfig
+from salm_mtp.errors import config_error
 
 ADAPTER_DIR = "lora_adapter"
 """Sub-directory of an export holding the adapter alone in peft's format (``export_hf(..., lora="adapter")``)."""

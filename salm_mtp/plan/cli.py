@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from salm_mtp.errors import as_config_error, config_error
+from salm_mtp.errors import config_error, config_errors_in_one_line
 from salm_mtp.plan.build import build_parser
 from salm_mtp.plan.planner import config_files, plan_from_config
 from salm_mtp.plan.report import format_plan
@@ -31,13 +31,8 @@ def main(args: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if args is None else list(args)
     cfg = build_parser().parse_args(argv)
     check_options(cfg)
-    try:
+    with config_errors_in_one_line():  # a check of the config met while planning: one line
         plan = plan_from_config(cfg, config_files(argv))
-    except Exception as e:  # noqa: BLE001 - a check of the config inside: one line (salm-mtp prints SalmError)
-        found = as_config_error(e)
-        if found is None:
-            raise
-        raise found from None
     print(format_plan(plan))
     out = cfg.out
     if out:
